@@ -1,0 +1,109 @@
+"""The ``lora-compress`` command line: thin click commands over the library; no math here."""
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+
+import click
+
+from .errors import LoraCompressError
+
+
+def user_errors(command):
+    """Turn LoraCompressError into one line on stderr and exit code 2."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LoraCompressError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and notices (our bars stay unless --quiet)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def command_line() -> str:
+    """The command as typed, for manifests and model cards."""
+    return "lora-compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@click.group()
+@click.version_option(package_name="lora-compress")
+def main():
+    """Compress Hugging Face checkpoints into low-rank factors and measure what it cost."""
+    quiet_libraries()
+
+
+model_argument = click.argument("model")
+gguf_option = click.option("--gguf-file", help="Name of a GGUF file inside MODEL's folder.")
+
+
+@main.command()
+@model_argument
+@gguf_option
+@click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
+@user_errors
+def inspect(model, gguf_file, include, exclude):
+    """List targeted layers: shapes, parameters, break-even rank."""
+    from .inspection import inspect_model
+
+    click.echo(inspect_model(model, gguf_file, tuple(include), tuple(exclude)))
+
+
+@main.command()
+@model_argument
+@click.option("--out", required=True, type=click.Path(), help="Output folder (must not exist unless --force).")
+@click.option("--rank", type=int, help="Same rank for every targeted layer.")
+@click.option("--ratio", type=float, help="Keep this fraction of each layer's parameters.")
+@click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
+@click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
+@click.option("--svd", default="auto", show_default=True, help="SVD solver: auto, full or randomized.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@gguf_option
+@user_errors
+def compress(model, out, rank, ratio, energy, include, exclude, svd, seed, force, quiet, gguf_file):
+    """Factor MODEL's linear layers and write a self-contained folder OUT."""
+    from .compress import CompressConfig
+    from .pipeline import compress as compress_checkpoint
+    from .tables import compression_table
+
+    config = CompressConfig(rank=rank, ratio=ratio, energy=energy, include=tuple(include),
+                            exclude=tuple(exclude), svd=svd, seed=seed)
+    report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force,
+                                 command=command_line(), progress=not quiet)
+    click.echo(compression_table(report))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@model_argument
+@click.argument("compressed", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.Path(), help="Real text to evaluate on.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the figures as JSON here.")
+@click.option("--max-tokens", default=4096, show_default=True, help="Causal LMs: tokens of --text used.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@gguf_option
+@user_errors
+def evaluate(model, compressed, text_file, json_path, max_tokens, quiet, gguf_file):
+    """Compare COMPRESSED with its dense MODEL on real text."""
+    from .evaluate import EvalConfig
+    from .pipeline import evaluate_folder, write_json
+    from .tables import evaluation_table
+
+    figures = evaluate_folder(model, compressed, text_file, gguf_file=gguf_file,
+                              config=EvalConfig(max_tokens=max_tokens), progress=not quiet)
+    click.echo(evaluation_table(figures))
+    if json_path:
+        write_json(figures, json_path)

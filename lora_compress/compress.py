@@ -1,0 +1,198 @@
+"""Factor a model's targeted layers in place: rank choice per layer, then the swap.
+
+    compress_(model, CompressConfig(ratio=0.5))  →  CompressionReport
+
+Rank options (exactly one): ``rank`` (same r everywhere), ``ratio`` (keep fraction p of each
+layer's parameters, r = floor(p·m·n/(m+n))), ``energy`` (smallest r keeping fraction E of Σσ²).
+A layer whose rank would not save parameters (r ≥ m·n/(m+n)) stays dense and is reported so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import svd as svdmath
+from .errors import LoraCompressError
+from .layers import dense_weight, is_conv1d
+from .patch import factor_module_
+from .targets import find_targets
+
+RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to compress and how; validated on creation."""
+
+    rank: int | None = None  # one rank for every targeted layer
+    ratio: float | None = None  # keep this fraction of each layer's parameters
+    energy: float | None = None  # keep this fraction of each layer's Σσ²
+    budget: float | None = None  # keep this fraction of all targeted parameters, ranks per layer
+    method: str = "svd"  # svd (plain) or an activation-aware method
+    include: tuple[str, ...] = ()  # regexes on module names; empty = all linear layers
+    exclude: tuple[str, ...] = ()  # regexes on module names to leave dense
+    svd: str = "auto"  # full | randomized | auto
+    seed: int = 0  # seed of the randomized SVD
+    factor_all: bool = False  # factor even layers whose rank saves no parameters
+
+    def __post_init__(self):
+        chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            given = ", ".join(f"--{n}" for n in chosen) or "none"
+            raise LoraCompressError(f"give exactly one of --rank, --ratio, --energy, --budget (got {given})")
+        if self.rank is not None and self.rank <= 0:
+            raise LoraCompressError(f"--rank {self.rank} must be a positive integer")
+        for name in ("ratio", "energy", "budget"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value <= 1):
+                raise LoraCompressError(f"--{name} {value} is outside (0, 1]; pass a fraction such as 0.5")
+        if self.svd not in svdmath.SVD_METHODS:
+            raise LoraCompressError(f"--svd {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
+
+    def settings(self) -> dict:
+        """The config as plain JSON-able data."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class LayerResult:
+    """What happened to one targeted layer."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in) in nn.Linear orientation
+    rank: int | None  # None: left dense
+    bias: bool
+    conv1d: bool
+    energy_kept: float | None = None  # of W (or W·L when whitened)
+    note: str = ""
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def params(self) -> int:
+        """Weight parameters after compression (bias not counted)."""
+        return self.dense_params if self.rank is None else self.rank * sum(self.shape)
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer outcome of compress_, with totals over the targeted layers' weights."""
+
+    config: CompressConfig
+    layers: list[LayerResult] = field(default_factory=list)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(layer.dense_params for layer in self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def manifest_layers(self) -> dict:
+        return {layer.name: {"shape": list(layer.shape), "rank": layer.rank, "bias": layer.bias,
+                             "conv1d": layer.conv1d, "energy_kept": layer.energy_kept, "note": layer.note}
+                for layer in self.layers}
+
+
+def check_finite_float(name: str, weight: torch.Tensor) -> None:
+    """Reject integer/quantised and non-finite weights with a message naming the layer."""
+    if not weight.is_floating_point():
+        raise LoraCompressError(f"{name}.weight is {weight.dtype} (quantised); dequantise the model first")
+    if not bool(torch.isfinite(weight).all()):
+        raise LoraCompressError(f"{name}.weight contains NaN or inf; repair or re-download the checkpoint")
+
+
+def compress_(model: nn.Module, config: CompressConfig, progress: bool = True) -> CompressionReport:
+    """Factor every targeted layer of ``model`` in place with plain truncated SVD.
+
+    Args:
+        model: a transformers model (or any nn.Module with nn.Linear / Conv1D layers).
+        config: rank option, targets and SVD settings.
+        progress: show a progress bar over layers.
+
+    Returns:
+        A CompressionReport listing each targeted layer's rank (None when left dense).
+
+    Example:
+        >>> report = compress_(model, CompressConfig(ratio=0.5))
+        >>> report.params / report.dense_params
+        0.49...
+
+    Raises:
+        LoraCompressError: a bad rank for some layer, a pattern matching nothing, a bad weight.
+    """
+    if config.budget is not None or config.method != "svd":
+        raise LoraCompressError("--budget and activation-aware methods need calibration text; pass --calib FILE")
+    targets = find_targets(model, config.include, config.exclude)
+    _check_fixed_rank(targets, config.rank)
+    report = CompressionReport(config)
+    for name, module in tqdm(targets.items(), desc="factoring", unit="layer", disable=not progress):
+        report.layers.append(factor_layer_(model, name, module, config))
+    return report
+
+
+def _check_fixed_rank(targets: dict[str, nn.Module], rank: int | None) -> None:
+    if rank is None:
+        return
+    for name, module in targets.items():
+        out_features, in_features = dense_weight(module).shape
+        if rank > min(out_features, in_features):
+            raise LoraCompressError(f"--rank {rank} is larger than {name} ({out_features}×{in_features}) allows "
+                                    f"({min(out_features, in_features)}); choose a lower rank or --exclude it")
+
+
+def layer_rank(config: CompressConfig, shape: tuple[int, int], singular_values=None) -> int:
+    """The rank the config asks for on a layer of ``shape`` (energy needs the spectrum)."""
+    if config.rank is not None:
+        return config.rank
+    if config.ratio is not None:
+        rank = svdmath.rank_for_ratio(*shape, config.ratio)
+        if rank < 1:
+            smallest = math.ceil(sum(shape) / (shape[0] * shape[1]) * 1000) / 1000
+            raise LoraCompressError(f"--ratio {config.ratio} leaves rank 0 for a {shape[0]}×{shape[1]} layer; "
+                                    f"use --ratio {smallest} or more")
+        return rank
+    return svdmath.rank_for_energy(singular_values, config.energy)
+
+
+def new_layer_result(name: str, module: nn.Module) -> LayerResult:
+    """A LayerResult for a still-dense module, with its shape and kind."""
+    weight = dense_weight(module)
+    return LayerResult(name, tuple(weight.shape), None, getattr(module, "bias", None) is not None,
+                       is_conv1d(module))
+
+
+@torch.no_grad()
+def factor_layer_(model: nn.Module, name: str, module: nn.Module, config: CompressConfig,
+                  whitening: torch.Tensor | None = None, rank: int | None = None) -> LayerResult:
+    """Factor one layer (plain or whitened SVD) and swap it in, unless that saves nothing."""
+    result = new_layer_result(name, module)
+    weight = dense_weight(module)
+    check_finite_float(name, weight)
+    if rank is None and config.energy is None:
+        rank = layer_rank(config, result.shape)
+    svd_kind = "full" if rank is None else config.svd
+    factors = svdmath.factorize(weight, rank or min(result.shape), whitening=whitening, svd=svd_kind,
+                                seed=config.seed)
+    if rank is None:
+        rank = layer_rank(config, result.shape, factors.singular_values)
+        factors = _truncate(factors, rank)
+    limit = svdmath.break_even_rank(*result.shape)
+    if rank > limit and not config.factor_all:
+        result.note = f"rank {rank} would not save parameters (break-even {limit}); left dense"
+        return result
+    factor_module_(model, name, factors)
+    result.rank, result.energy_kept = rank, factors.energy_kept
+    return result
+
+
+def _truncate(factors: svdmath.Factors, rank: int) -> svdmath.Factors:
+    return svdmath.Factors(factors.B[:, :rank], factors.A[:rank], factors.singular_values,
+                           svdmath.energy_kept(factors.singular_values, rank))

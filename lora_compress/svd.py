@@ -1,0 +1,163 @@
+"""Pure tensor math: truncated SVD of a weight into LoRA-style factors.
+
+    W (out×in)  ≈  lora_B (out×r)  ·  lora_A (r×in)
+
+Scale convention: Σ goes into B (``B = U_r Σ_r``, ``A = V_rᵀ``), so A has orthonormal rows
+for plain SVD. With whitening (SVD-LLM), the SVD is of ``W·L`` where ``L Lᵀ = XᵀX`` is the
+Cholesky factor of the calibration inputs' Gram matrix, and ``A = V_rᵀ L⁻¹``; this rank-r
+pair minimises ``‖(W − BA) Xᵀ‖_F``.
+
+Nothing here knows about nn.Module: tensors in, tensors out, computed in float32 or
+float64 under ``torch.no_grad()`` and cast back by the caller.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SVD_METHODS = ("auto", "full", "randomized")
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A rank-r factorisation ``W ≈ B·A`` and what the truncation kept."""
+
+    B: torch.Tensor  # (out, r)
+    A: torch.Tensor  # (r, in)
+    singular_values: torch.Tensor  # (k,) all σ of W (or of W·L when whitened), descending
+    energy_kept: float  # Σ_{i≤r} σ_i² / Σ σ_i²
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def break_even_rank(out_features: int, in_features: int) -> int:
+    """Largest rank whose factors hold fewer parameters than the dense matrix.
+
+    r·(m+n) < m·n  ⇔  r < m·n/(m+n).
+    """
+    m, n = out_features, in_features
+    return math.ceil(m * n / (m + n)) - 1
+
+
+def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
+    """Rank that keeps a fraction ``ratio`` of the matrix's parameters: floor(p·m·n/(m+n))."""
+    m, n = out_features, in_features
+    return int(math.floor(ratio * m * n / (m + n) + 1e-9))
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose σ² sum reaches fraction ``energy`` of the total."""
+    power = singular_values.double().pow(2)
+    cumulative = torch.cumsum(power, 0) / power.sum().clamp_min(1e-300)
+    return min(int(torch.searchsorted(cumulative, energy - 1e-12).item()) + 1, len(power))
+
+
+def energy_kept(singular_values: torch.Tensor, rank: int) -> float:
+    """Fraction of Σσ² kept by the top ``rank`` singular values."""
+    power = singular_values.double().pow(2)
+    return float(power[:rank].sum() / power.sum().clamp_min(1e-300))
+
+
+def cholesky_factor(gram: torch.Tensor, initial_ridge: float = 1e-6, max_tries: int = 12):
+    """Lower-triangular L with ``L Lᵀ = gram + λ·mean(diag)·I``, growing λ until it works.
+
+    Returns ``(L, ridge)``; ``ridge`` is the relative λ used (0.0 when none was needed).
+    """
+    gram = gram.double()
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    ridge = 0.0
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(gram + ridge * scale * eye)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return L, ridge
+        ridge = initial_ridge if ridge == 0.0 else ridge * 10
+    raise ValueError("calibration Gram matrix is not positive definite even with a ridge")
+
+
+def _full_svd(matrix: torch.Tensor):
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return U, S, Vh
+
+
+def _randomized_svd(matrix: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int):
+    """Halko et al. range finder with power iterations, seeded; returns the top ``rank`` triplets."""
+    m, n = matrix.shape
+    k = min(rank + oversample, m, n)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=generator, dtype=matrix.dtype).to(matrix.device)  # (n, k)
+    Q, _ = torch.linalg.qr(matrix @ omega)  # (m, k)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(matrix.T @ Q)  # (n, k)
+        Q, _ = torch.linalg.qr(matrix @ Z)  # (m, k)
+    Ub, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)  # (k, k), (k,), (k, n)
+    return Q @ Ub, S, Vh
+
+
+def choose_svd(shape: tuple[int, int], rank: int, svd: str = "auto") -> str:
+    """``auto`` uses the randomized SVD when the rank is well below the smaller dimension."""
+    if svd not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {svd!r}; choose one of {', '.join(SVD_METHODS)}")
+    if svd != "auto":
+        return svd
+    return "randomized" if rank + 16 < min(shape) // 2 else "full"
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, svd: str = "auto", seed: int = 0,
+                  oversample: int = 16, power_iters: int = 4):
+    """Top-``rank`` SVD of ``matrix`` as ``(U_r, S_r, Vh_r, S_all)``.
+
+    ``S_all`` holds every singular value for the full SVD; for the randomized SVD it holds the
+    top ``rank + oversample`` estimates plus, as its last entry, the energy of the rest
+    (so energy fractions stay exact: Σσ² = ‖matrix‖_F²).
+    """
+    if choose_svd(tuple(matrix.shape), rank, svd) == "full":
+        U, S, Vh = _full_svd(matrix)
+        return U[:, :rank], S[:rank], Vh[:rank], S
+    U, S, Vh = _randomized_svd(matrix, rank, oversample, power_iters, seed)
+    rest = (matrix.pow(2).sum() - S.pow(2).sum()).clamp_min(0).sqrt()
+    return U[:, :rank], S[:rank], Vh[:rank], torch.cat([S, rest.reshape(1)])
+
+
+@torch.no_grad()
+def factorize(weight: torch.Tensor, rank: int, *, whitening: torch.Tensor | None = None,
+              svd: str = "auto", seed: int = 0, compute_dtype=torch.float32) -> Factors:
+    """Best rank-``rank`` factors of ``weight`` (out×in), optionally activation-aware.
+
+    Args:
+        weight: the dense matrix W, (out, in), any float dtype.
+        rank: kept rank, 1 ≤ rank ≤ min(out, in).
+        whitening: lower-triangular L (in×in) with ``L Lᵀ = XᵀX``; None for plain SVD.
+        svd: ``full``, ``randomized`` or ``auto``.
+        seed: seed of the randomized SVD.
+        compute_dtype: float32 or float64; the factors come back in ``weight.dtype``.
+
+    Returns:
+        Factors with B (out×r) and A (r×in).
+
+    Example:
+        >>> W = torch.randn(10, 2) @ torch.randn(2, 10)
+        >>> f = factorize(W, 2)
+        >>> torch.allclose(f.B @ f.A, W, atol=1e-4)
+        True
+    """
+    out_features, in_features = weight.shape
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(f"rank {rank} is outside 1..{min(out_features, in_features)} for a "
+                         f"{out_features}×{in_features} weight; choose a rank in that range")
+    dtype = torch.float64 if whitening is not None else compute_dtype
+    W = weight.to(dtype)
+    target = W @ whitening.to(dtype) if whitening is not None else W  # (out, in)
+    U, S, Vh, S_all = truncated_svd(target, rank, svd=svd, seed=seed)
+    B = U * S  # (out, r)
+    A = Vh if whitening is None else _unwhiten(Vh, whitening.to(dtype))  # (r, in)
+    return Factors(B.to(weight.dtype), A.to(weight.dtype), S_all.float(), energy_kept(S_all, rank))
+
+
+def _unwhiten(Vh: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """A = V_rᵀ L⁻¹, by a triangular solve rather than an explicit inverse."""
+    return torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # (r, in)

@@ -1,0 +1,117 @@
+"""Fixtures: tiny random Llama, BERT and GPT-2 checkpoints saved with safetensors, and the real models."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
+        "nothing to do: once or twice she had peeped into the book her sister was reading, but it had "
+        "no pictures or conversations in it, and what is the use of a book, thought Alice, without "
+        "pictures or conversations?\n\n") * 8
+
+
+def _tiny_tokenizer(folder: Path):
+    """A word-level tokenizer built offline with the tokenizers library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(TEXT.replace(",", " , ").replace(":", " : ").replace("?", " ? ").split()))
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    return len(vocab)
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_llama(folder: Path, vocab: int = 64, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+def build_bert(folder: Path, vocab: int = 64):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256)
+    return BertModel(config).eval()
+
+
+def build_gpt2(folder: Path, vocab: int = 64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(config).eval()
+
+
+BUILDERS = {"llama": build_llama, "bert": build_bert, "gpt2": build_gpt2}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders with config.json, model.safetensors and a tokenizer for each tiny architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    folders = {}
+    for name, build in BUILDERS.items():
+        folder = root / name
+        vocab = _tiny_tokenizer(folder)
+        folders[name] = _save(build(folder, vocab=vocab), folder)
+    return folders
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def tiny_model(request, tiny_models) -> Path:
+    """Each tiny architecture in turn."""
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _real(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} missing: run python scripts/prepare_examples.py")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from prepare_examples import MINILM
+    return _real(MINILM)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from prepare_examples import SMOLLM2
+    return _real(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def real_text_dir() -> Path:
+    from prepare_examples import TEXT
+    return _real(TEXT)
