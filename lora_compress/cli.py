@@ -51,12 +51,19 @@ gguf_option = click.option("--gguf-file", help="Name of a GGUF file inside MODEL
 @gguf_option
 @click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
+@click.option("--spectrum", is_flag=True, help="Per layer type: ranks keeping 90/95/99% of the energy.")
+@click.option("--plot", type=click.Path(), help="With --spectrum: write spectrum/energy PNGs into this folder.")
+@click.option("--calib", type=click.Path(), help="With --spectrum: also whitened spectra from this calibration text.")
 @user_errors
-def inspect(model, gguf_file, include, exclude):
-    """List targeted layers: shapes, parameters, break-even rank."""
+def inspect(model, gguf_file, include, exclude, spectrum, plot, calib):
+    """List targeted layers: shapes, parameters, break-even rank (or, with --spectrum, their spectra)."""
     from .inspection import inspect_model
+    from .spectra import inspect_spectra
 
-    click.echo(inspect_model(model, gguf_file, tuple(include), tuple(exclude)))
+    if spectrum or plot or calib:
+        click.echo(inspect_spectra(model, gguf_file, tuple(include), tuple(exclude), plot, calib))
+    else:
+        click.echo(inspect_model(model, gguf_file, tuple(include), tuple(exclude)))
 
 
 @main.command()
@@ -93,13 +100,15 @@ def compress(model, out, rank, ratio, energy, include, exclude, svd, seed, force
 @click.option("--text", "text_file", required=True, type=click.Path(), help="Real text to evaluate on.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the figures as JSON here.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Causal LMs: tokens of --text used.")
+@click.option("--no-report", is_flag=True, help="Do not write COMPRESSED/report/ (report.md, report.json, plots).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gguf_option
 @user_errors
-def evaluate(model, compressed, text_file, json_path, max_tokens, quiet, gguf_file):
-    """Compare COMPRESSED with its dense MODEL on real text."""
+def evaluate(model, compressed, text_file, json_path, max_tokens, no_report, quiet, gguf_file):
+    """Compare COMPRESSED with its dense MODEL on real text; update COMPRESSED/report/."""
     from .evaluate import EvalConfig
     from .pipeline import evaluate_folder, write_json
+    from .report import write_report
     from .tables import evaluation_table
 
     figures = evaluate_folder(model, compressed, text_file, gguf_file=gguf_file,
@@ -107,3 +116,62 @@ def evaluate(model, compressed, text_file, json_path, max_tokens, quiet, gguf_fi
     click.echo(evaluation_table(figures))
     if json_path:
         write_json(figures, json_path)
+    if not no_report:
+        click.echo(f"wrote {write_report(compressed, evaluation=figures, evaluate_command=command_line())}")
+
+
+@main.command()
+@click.option("--base", required=True, help="The checkpoint the fine-tune started from.")
+@click.option("--tuned", required=True, help="The fine-tuned checkpoint (same architecture).")
+@click.option("--out", required=True, type=click.Path(), help="Adapter folder to write (must not exist unless --force).")
+@click.option("--rank", type=int, help="Same rank for every changed layer (capped at a layer's smaller dimension).")
+@click.option("--energy", type=float, help="Keep this fraction of each delta's squared singular values.")
+@click.option("--budget", type=float, help="Adapter weights as a fraction of the changed layers' dense weights.")
+@click.option("--calib", type=click.Path(), help="Text file: also factor activation-aware; keep what checks better.")
+@click.option("--include", multiple=True, help="Regex on module names to factor (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex on module names never factored; saved whole if changed.")
+@click.option("--svd", default="auto", show_default=True, help="SVD solver for --rank: auto, full or randomized.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD and of the check inputs.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def extract(base, tuned, out, rank, energy, budget, calib, include, exclude, svd, seed, force, quiet):
+    """Write the fine-tune TUNED − BASE as a PEFT LoRA adapter folder OUT."""
+    from .peft_export import ExtractConfig, extract as extract_adapter
+    from .tables import extraction_table
+
+    config = ExtractConfig(rank=rank, energy=energy, budget=budget, include=tuple(include),
+                           exclude=tuple(exclude), svd=svd, seed=seed)
+    report = extract_adapter(base, tuned, out, config, calib=calib, force=force, command=command_line(),
+                             progress=not quiet)
+    click.echo(extraction_table(report))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--dense", is_flag=True, required=True, help="Write a plain transformers checkpoint (the only format).")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist unless --force).")
+@click.option("--base", help="For a PEFT adapter FOLDER: the base model (default: the one its config names).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@user_errors
+def export(folder, dense, out, base, force):
+    """Export FOLDER (compressed, or a PEFT LoRA adapter) as a plain dense checkpoint."""
+    from .peft_export import export_dense
+
+    export_dense(folder, out, base=base, force=force, command=command_line())
+    click.echo(f"wrote {out} (loads with transformers' from_pretrained alone)")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--plot", type=click.Path(), help="Draw quality (perplexity or cosine) vs parameters to this PNG.")
+@user_errors
+def compare(runs, plot):
+    """One table across compressed folders RUNS of one base model (e.g. a rank sweep)."""
+    from .report import compare_runs, comparison_plot, comparison_table
+
+    loaded = compare_runs(list(runs))
+    click.echo(comparison_table(loaded))
+    if plot:
+        click.echo(f"wrote {comparison_plot(loaded, plot)}")

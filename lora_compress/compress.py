@@ -22,6 +22,8 @@ from .patch import factor_module_
 from .targets import find_targets
 
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
+METHODS = ("svd", "whiten", "sequential")  # plain SVD, then the activation-aware ones (aware.py)
+CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is given and none is named
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,15 @@ class CompressConfig:
     ratio: float | None = None  # keep this fraction of each layer's parameters
     energy: float | None = None  # keep this fraction of each layer's Σσ²
     budget: float | None = None  # keep this fraction of all targeted parameters, ranks per layer
-    method: str = "svd"  # svd (plain) or an activation-aware method
+    method: str = "auto"  # svd | whiten | sequential; auto = sequential with calib, else svd
     include: tuple[str, ...] = ()  # regexes on module names; empty = all linear layers
     exclude: tuple[str, ...] = ()  # regexes on module names to leave dense
     svd: str = "auto"  # full | randomized | auto
     seed: int = 0  # seed of the randomized SVD
     factor_all: bool = False  # factor even layers whose rank saves no parameters
+    calib: str | None = None  # calibration text (file, or a datasets name), recorded in the manifest
+    calib_samples: int = 32  # calibration sequences
+    calib_len: int = 256  # tokens per calibration sequence
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
@@ -52,6 +57,19 @@ class CompressConfig:
                 raise LoraCompressError(f"--{name} {value} is outside (0, 1]; pass a fraction such as 0.5")
         if self.svd not in svdmath.SVD_METHODS:
             raise LoraCompressError(f"--svd {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
+        self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        if self.method == "auto":
+            object.__setattr__(self, "method", CALIBRATED_DEFAULT if self.calib else "svd")
+        if self.method not in METHODS:
+            raise LoraCompressError(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if self.calib_samples < 1 or self.calib_len < 2:
+            raise LoraCompressError(f"--calib-samples {self.calib_samples} / --calib-len {self.calib_len} are too "
+                                    f"small; pass at least 1 sample of at least 2 tokens")
+        if self.budget is not None and self.method == "svd":
+            raise LoraCompressError("--budget needs calibration text and an activation-aware method; "
+                                    "pass --calib FILE (and --method whiten or sequential, not svd)")
 
     def settings(self) -> dict:
         """The config as plain JSON-able data."""
@@ -86,6 +104,7 @@ class CompressionReport:
 
     config: CompressConfig
     layers: list[LayerResult] = field(default_factory=list)
+    calibration: dict | None = None  # calibrated methods: settings, sensitivity, peak memory, seconds
 
     @property
     def dense_params(self) -> int:
@@ -109,13 +128,16 @@ def check_finite_float(name: str, weight: torch.Tensor) -> None:
         raise LoraCompressError(f"{name}.weight contains NaN or inf; repair or re-download the checkpoint")
 
 
-def compress_(model: nn.Module, config: CompressConfig, progress: bool = True) -> CompressionReport:
-    """Factor every targeted layer of ``model`` in place with plain truncated SVD.
+def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
+              tokens: torch.Tensor | None = None) -> CompressionReport:
+    """Factor every targeted layer of ``model`` in place (plain SVD, or activation-aware with ``tokens``).
 
     Args:
         model: a transformers model (or any nn.Module with nn.Linear / Conv1D layers).
-        config: rank option, targets and SVD settings.
+        config: rank option, targets, method and SVD settings.
         progress: show a progress bar over layers.
+        tokens: calibration token ids (samples, length), needed by every method but ``svd``
+            (see :func:`lora_compress.calibrate.calibration_tokens`).
 
     Returns:
         A CompressionReport listing each targeted layer's rank (None when left dense).
@@ -128,8 +150,12 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True) -
     Raises:
         LoraCompressError: a bad rank for some layer, a pattern matching nothing, a bad weight.
     """
-    if config.budget is not None or config.method != "svd":
-        raise LoraCompressError("--budget and activation-aware methods need calibration text; pass --calib FILE")
+    if config.method != "svd":
+        if tokens is None:
+            raise LoraCompressError(f"--method {config.method} needs calibration text; pass --calib FILE")
+        from .aware import compress_calibrated_  # aware.py builds on this module's dataclasses
+
+        return compress_calibrated_(model, config, tokens, progress)
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
     report = CompressionReport(config)

@@ -13,9 +13,12 @@ import torch
 
 from .checkpoint import (atomic_folder, copy_side_files, load, load_dense, load_tokenizer, model_class,
                          read_manifest, resolve_source, write_compressed, FORMAT_VERSION, check_output_folder)
+from .card import compressed_card, write_card
 from .compress import CompressConfig, CompressionReport, compress_
 from .counting import weight_bytes
+from .drift import block_drift, drift_batches
 from .evaluate import EvalConfig, evaluate
+from .report import write_report
 from .text import read_text
 
 
@@ -67,6 +70,8 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
     with atomic_folder(Path(out), force) as tmp:
         copy_side_files(source, dense, tokenizer, tmp)
         write_compressed(tmp, dense, manifest)
+        write_card(tmp, compressed_card(manifest), load_path=str(out))
+        write_report(tmp, manifest)
     return report
 
 
@@ -75,14 +80,17 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path, *, gg
     """Evaluate the compressed folder against its dense checkpoint on a text file.
 
     Returns the figures of :func:`lora_compress.evaluate.evaluate` plus ``disk`` (weight bytes)
-    and ``ranks`` (per targeted layer, None = dense).
+    and ``ranks`` (per targeted layer, None = dense) and ``blocks`` (output drift per block,
+    see :func:`lora_compress.drift.block_drift`).
     """
     text = read_text(text_file)
     manifest = read_manifest(Path(folder))
     source = resolve_source(model, gguf_file or manifest.get("gguf_file"))
     dense = load_dense(source)
     compressed = load(folder)
-    figures = evaluate(dense, compressed, load_tokenizer(source), text, list(manifest["layers"]), config, progress)
+    tokenizer = load_tokenizer(source)
+    figures = evaluate(dense, compressed, tokenizer, text, list(manifest["layers"]), config, progress)
+    figures["blocks"] = block_drift(dense, compressed, drift_batches(tokenizer, text, figures["kind"] == "causal-lm"))
     dense_bytes = weight_bytes(source.folder)
     compressed_bytes = weight_bytes(Path(folder))
     figures["disk"] = {"dense_bytes": dense_bytes, "compressed_bytes": compressed_bytes,

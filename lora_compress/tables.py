@@ -45,4 +45,23 @@ def evaluation_table(figures: dict) -> str:
         rows.append(["perplexity", _fmt(ppl["dense"]), _fmt(ppl["compressed"]), f"{ppl['compressed'] / ppl['dense']:.3f}"])
     table = render(rows, ["", "dense", "compressed", "compressed/dense"])
     drift = "  ".join(f"{k}={_fmt(v)}" for k, v in figures["drift"].items())
+    if figures.get("blocks"):
+        from .drift import describe
+
+        drift += f"\ndrift per block: {describe(figures['blocks'])}"
     return f"{table}\n\ndrift: {drift}\ncounted: {params['counted']}"
+
+
+def extraction_table(report) -> str:
+    """Per-layer ranks of an extracted adapter, its size, notes and output errors (an ExtractionReport)."""
+    rows = [[layer.name, f"{layer.shape[0]}×{layer.shape[1]}", layer.rank, f"{layer.energy_kept:.4f}",
+             f"{layer.params:,}"] for layer in report.layers]
+    lines = [render(rows, ["layer", "out×in", "rank", "energy kept", "params"]), "",
+             f"adapter weights: {report.params:,} for {len(report.layers)} layers "
+             f"({report.params / report.dense_params:.1%} of their dense deltas); method: {report.method}"]
+    lines += [f"note: {note}" for note in report.notes]
+    for variant, errors in report.output_error.items():
+        label = "base alone" if variant == "base" else f"base + adapter ({variant})"
+        lines.append(f"{label}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in errors.items()))
+    lines.append(f"output errors vs tuned, measured on {report.check_inputs}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Activation-aware compression: calibration statistics → per-layer ranks → factors.
+
+Methods (``CompressConfig.method``):
+
+- ``whiten``: SVD-LLM's closed form. With C = XᵀX = L·Lᵀ of the dense model's inputs to the
+  layer, SVD of W·L, B = U_r Σ_r, A = V_rᵀ L⁻¹: the rank-r minimiser of ‖(W − BA)Xᵀ‖_F.
+- ``sequential``: block by block, each layer sees the inputs X_c that the already compressed
+  layers produce, and is fitted to the dense model's outputs on the dense inputs X_d:
+  the rank-r minimiser of ‖BA·X_cᵀ − W·X_dᵀ‖ is the whitened SVD (C = X_cᵀX_c) of the
+  least-squares target W* = W·(X_dᵀX_c)·C⁻¹, so errors do not pile up through depth.
+  Rows are weighted by the output-gradient second moments g (two-sided whitening:
+  SVD of diag(√g)·W*·L, B divided back by √g), so the kept directions are those the loss
+  is sensitive to.
+
+With ``budget``, ranks come from :func:`lora_compress.allocate.allocate` on a common-scale
+cost: the Fisher-weighted whitened truncation loss Σ_{i>r} σ_i²(diag(√g)·W·L), an estimate
+of the loss increase of cutting that layer to rank r.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import svd as svdmath
+from .allocate import LayerCost, allocate
+from .calibrate import Statistics, collect_statistics, peak_memory_mb, run_sequential
+from .compress import CompressConfig, CompressionReport, check_finite_float, layer_rank, new_layer_result
+from .layers import dense_weight
+from .patch import factor_module_
+from .targets import find_targets
+
+SENSITIVITY = ("fisher-weighted whitened truncation loss: sum over dropped i of sigma_i^2 of "
+               "diag(sqrt(g))·W·L, g = per-output-channel mean squared gradient of the calibration loss, "
+               "L L^T = X^T X of the layer's calibration inputs")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a calibrated method factors a layer."""
+
+    sequential: bool  # compressed-stream inputs, block by block
+    correct: bool  # fit the dense outputs (least-squares target W*), not W on the current inputs
+    weighted: bool  # two-sided whitening with the output-gradient second moments
+
+
+RECIPES = {
+    "whiten": Recipe(sequential=False, correct=False, weighted=False),
+    "sequential": Recipe(sequential=True, correct=True, weighted=True),
+}
+BEST_METHOD = "sequential"  # the best measured on held-out text (benchmarks/quality.md)
+FISHER_FLOOR = 1e-2  # weights g/mean(g) are floored here so no output channel is ignored
+
+
+def channel_weights(fisher: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel weights g/mean(g), floored at FISHER_FLOOR."""
+    fisher = fisher.double()
+    return (fisher / fisher.mean().clamp_min(1e-300)).clamp_min(FISHER_FLOOR)
+
+
+@torch.no_grad()
+def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None, svd: str = "auto", seed: int = 0) -> svdmath.Factors:
+    """Rank-``rank`` factors minimising Σ_j w_j ‖(B·A·X_cᵀ − W·X_dᵀ)_j‖².
+
+    Args:
+        weight: W, (out, in).
+        gram: C = X_cᵀX_c of the inputs the factors will see, (in, in).
+        cross: X_dᵀX_c with the dense inputs, (in, in); None means X_d = X_c (plain whitening).
+        weights: per-output-channel weights w, (out,); None means all ones.
+
+    Returns:
+        Factors (B, A) in ``weight.dtype``; singular values are those of diag(√w)·W*·L.
+    """
+    L, _ = svdmath.cholesky_factor(gram)  # (in, in), L Lᵀ = C (+ ridge when singular)
+    target = weight.double()  # (out, in)
+    if cross is not None:
+        target = torch.cholesky_solve(cross.double().T @ target.T, L).T  # W* = W·cross·C⁻¹
+    scale = weights.double().sqrt().unsqueeze(1) if weights is not None else None  # (out, 1)
+    factors = svdmath.factorize(target * scale if scale is not None else target, rank, whitening=L,
+                                svd=svd, seed=seed)
+    if scale is None:
+        return factors
+    B = (factors.B.double() / scale).to(weight.dtype)  # (out, r)
+    return svdmath.Factors(B, factors.A.to(weight.dtype), factors.singular_values, factors.energy_kept)
+
+
+@torch.no_grad()
+def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """σ_i² of diag(√w)·W·L, descending, via the eigenvalues of the smaller Gram of that matrix."""
+    L, _ = svdmath.cholesky_factor(gram)
+    W = weight.double() if weights is None else weight.double() * weights.double().sqrt().unsqueeze(1)
+    M = W @ L  # (out, in)
+    square = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(square).flip(0).clamp_min(0)
+
+
+def layer_costs(targets: dict[str, nn.Module], stats: Statistics) -> dict[str, LayerCost]:
+    """The common-scale cost curve of every target (see SENSITIVITY)."""
+    costs = {}
+    for name, module in targets.items():
+        weight = dense_weight(module)
+        fisher = stats.fisher.get(name)
+        weights = None if fisher is None else fisher.double() / stats.tokens
+        costs[name] = LayerCost.from_spectrum(tuple(weight.shape), weighted_spectrum(weight, stats.gram(name), weights))
+    return costs
+
+
+def _plan(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
+    """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
+    if config.budget is not None:
+        return allocate(layer_costs(targets, stats), config.budget)
+    ranks = {}
+    for name, module in targets.items():
+        shape = tuple(dense_weight(module).shape)
+        spectrum = weighted_spectrum(dense_weight(module), stats.gram(name)).sqrt() if config.energy else None
+        rank = layer_rank(config, shape, spectrum)
+        ranks[name] = rank if rank <= svdmath.break_even_rank(*shape) or config.factor_all else None
+    return ranks
+
+
+class _Factorer:
+    """Factors layers one at a time by a recipe and records what happened."""
+
+    def __init__(self, model, config, targets, ranks, stats):
+        self.model, self.config, self.targets, self.ranks, self.stats = model, config, targets, ranks, stats
+        self.recipe = RECIPES[config.method]
+        self.results = {name: new_layer_result(name, module) for name, module in targets.items()}
+
+    def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
+        rank, result = self.ranks[name], self.results[name]
+        if rank is None:
+            result.note = "left dense by the budget" if self.config.budget else "rank would not save parameters; left dense"
+            return
+        weight = dense_weight(self.targets[name])
+        check_finite_float(name, weight)
+        fisher = self.stats.fisher.get(name) if self.recipe.weighted and self.stats else None
+        weights = channel_weights(fisher) if fisher is not None else None
+        factors = aware_factors(weight, min(rank, min(weight.shape)), gram, cross if self.recipe.correct else None,
+                                weights, self.config.svd, self.config.seed)
+        factor_module_(self.model, name, factors)
+        result.rank, result.energy_kept = factors.rank, factors.energy_kept
+
+    def group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor) -> None:
+        for name in names:
+            self(name, gram, cross)
+
+
+def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch.Tensor,
+                         progress: bool = True) -> CompressionReport:
+    """Factor the targeted layers of ``model`` in place by an activation-aware method.
+
+    Args:
+        model: a transformers model (causal LM or encoder).
+        config: rank option (``budget`` allocates ranks per layer) and ``method``.
+        tokens: calibration token ids, (samples, length).
+
+    Returns:
+        The CompressionReport, with ``calibration`` (settings, sensitivity, peak memory, seconds).
+    """
+    from .compress import _check_fixed_rank
+
+    start, recipe = time.perf_counter(), RECIPES[config.method]
+    targets = find_targets(model, config.include, config.exclude)
+    _check_fixed_rank(targets, config.rank)
+    fisher = config.budget is not None or recipe.weighted
+    needs_stats = fisher or config.energy is not None or not recipe.sequential
+    stats = collect_statistics(model, tokens, targets, fisher=fisher, progress=progress) if needs_stats else None
+    ranks = _plan(config, targets, stats)
+    factorer = _Factorer(model, config, targets, ranks, stats)
+    if recipe.sequential:
+        stats.grams.clear() if stats else None  # only the Fisher moments are used from here on
+        rest = run_sequential(model, tokens, targets, factorer.group, progress)
+        if rest:
+            rest_stats = collect_statistics(model, tokens, rest, fisher=False, progress=False)
+            for name in rest:
+                factorer(name, rest_stats.gram(name))
+    else:
+        for name in tqdm(targets, desc="factoring", unit="layer", disable=not progress):
+            factorer(name, stats.gram(name))
+    report = CompressionReport(config, [factorer.results[n] for n in targets])
+    report.calibration = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]),
+                          "tokens": int(tokens.numel()), "text": config.calib,
+                          "sensitivity": SENSITIVITY if config.budget is not None else None,
+                          "peak_memory_mb": round(peak_memory_mb(), 1),
+                          "seconds": round(time.perf_counter() - start, 1)}
+    return report

@@ -1,0 +1,439 @@
+"""Healing: fine-tune a compressed model's factors to match its dense teacher (distillation).
+
+    teacher (dense, frozen) ─► features h_t ─► cached once ─► teacher head ─► p_t
+    student (factored)      ─► features h_s ────────────────► student head ─► p_s
+
+    loss "kl":     KL(p_t ‖ p_s), mean per token               (causal LMs; the default there)
+    loss "hidden": ‖h_s − h_t‖² / ‖h_t‖² over the batch          (encoders; the default there)
+
+Features are the last hidden states (the input of the LM head), so the teacher runs once over
+the calibration text and never again. What is trained (``train``): "AB" both factors of every
+LowRankLinear; "B" only lora_B; "lora" a small extra LoRA (b·a, b starts at zero) on top of each
+factored layer, concatenated into the factors at the end (rank grows by ``lora_rank``).
+Every other parameter stays bit-identical.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (Source, atomic_folder, check_output_folder, copy_side_files, factored_modules, load,
+                         load_dense, load_tokenizer, read_manifest, resolve_source, write_compressed)
+from .errors import LoraCompressError
+from .layers import LowRankLinear
+from .patch import replace_module
+from .text import read_text
+
+TRAIN_SETS = ("AB", "B", "lora")
+LOSSES = ("auto", "kl", "hidden", "kl+hidden")
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """How to heal; validated on creation. Give ``steps``, ``minutes`` or both (first reached stops)."""
+
+    steps: int | None = None  # optimizer steps; the learning-rate schedule spans them
+    minutes: float | None = None  # training wall-clock budget; spans the schedule when steps is None
+    lr: float = 1e-4  # peak AdamW learning rate
+    train: str = "AB"  # AB | B | lora: which parameters learn
+    lora_rank: int = 8  # rank of the extra LoRA when train == "lora"
+    loss: str = "auto"  # auto (kl for causal LMs, hidden for encoders) | kl | hidden | kl+hidden
+    seq_len: int = 256  # tokens per calibration sequence
+    batch_size: int = 4  # sequences per step
+    warmup: int = 10  # steps of linear warm-up, then cosine decay to 10% of lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    clip: float = 1.0  # gradient-norm clipping
+    held_out: float = 0.1  # fraction of the calibration sequences kept out of training
+    seed: int = 0  # batch order and extra-LoRA init
+    checkpointing: bool = False  # gradient checkpointing: less activation memory, more time
+
+    def __post_init__(self):
+        if self.steps is None and self.minutes is None:
+            raise LoraCompressError("give --steps or --minutes (or both) to bound healing")
+        for name in ("steps", "minutes", "lr", "lora_rank", "seq_len", "batch_size", "clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LoraCompressError(f"--{name.replace('_', '-')} {value} must be positive")
+        if self.train not in TRAIN_SETS:
+            raise LoraCompressError(f"--train {self.train!r} is unknown; choose one of {', '.join(TRAIN_SETS)}")
+        if self.loss not in LOSSES:
+            raise LoraCompressError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        if not 0 < self.held_out < 1:
+            raise LoraCompressError(f"held_out {self.held_out} is outside (0, 1); pass a fraction such as 0.1")
+        if self.warmup < 0 or self.weight_decay < 0:
+            raise LoraCompressError("--warmup and --weight-decay must not be negative")
+
+    def settings(self) -> dict:
+        """The config as plain JSON-able data."""
+        return asdict(self)
+
+
+@dataclass
+class HealStep:
+    """What the optional callback of :func:`heal_` sees after each optimizer step."""
+
+    step: int
+    minutes: float  # training wall time so far
+    loss: float
+    model: nn.Module
+
+
+@dataclass
+class HealReport:
+    """The outcome of a healing run: held-out loss before/after, loss history, why it stopped."""
+
+    config: HealConfig
+    loss: str  # the loss actually used (auto resolved)
+    held_out_before: float = math.nan
+    held_out_after: float = math.nan
+    history: list[dict] = field(default_factory=list)  # {"step", "minutes", "loss"} per step
+    stopped: str = ""  # steps | time | nan
+    note: str = ""
+    minutes: float = 0.0  # training wall time
+    teacher_minutes: float = 0.0  # the one teacher pass over the calibration text
+    trained_params: int = 0
+    tokens: dict = field(default_factory=dict)  # {"train": n, "held_out": n}
+
+    @property
+    def steps(self) -> int:
+        return self.history[-1]["step"] if self.history else 0
+
+    def manifest(self, **extra) -> dict:
+        """The manifest's ``healing`` entry (``extra``: calib file, teacher, command)."""
+        settings = {**self.config.settings(), "loss": self.loss, **extra}
+        return {"settings": settings, "history": self.history, "held_out_before": self.held_out_before,
+                "held_out_after": self.held_out_after, "stopped": self.stopped, "note": self.note,
+                "steps": self.steps, "minutes": self.minutes, "teacher_minutes": self.teacher_minutes,
+                "trained_params": self.trained_params, "tokens": self.tokens}
+
+
+@dataclass
+class _Data:
+    """Calibration sequences with the teacher's cached features, split train / held-out."""
+
+    train_ids: torch.Tensor  # (N, T)
+    train_targets: torch.Tensor  # (N, T, C) float32
+    held_ids: torch.Tensor  # (M, T)
+    held_targets: torch.Tensor  # (M, T, C) float32
+    head: nn.Module | None  # the teacher's output embedding (KL losses only)
+
+
+def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealConfig, *,
+         teacher: str | None = None, force: bool = False, command: str | None = None,
+         progress: bool = True) -> HealReport:
+    """Heal a compressed folder against its dense teacher and write the result to ``out``.
+
+    The teacher is the manifest's ``base_model`` unless ``teacher`` names another checkpoint.
+    ``out`` has the same format as ``folder``; its manifest gains a ``healing`` entry.
+
+    Example:
+        >>> report = heal("out/smol-80", "asyoulik.txt", "out/smol-80-healed", HealConfig(minutes=15))
+        >>> report.held_out_before, report.held_out_after
+
+    Raises:
+        LoraCompressError: not a compressed folder, text too short, teacher missing or different,
+            ``out`` exists (without ``force``). Nothing is written then.
+    """
+    folder, out = Path(folder), Path(out)
+    manifest = read_manifest(folder)
+    check_output_folder(out, force)
+    text = read_text(calib, "--calib")
+    source = Source(folder.resolve(), str(folder))
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise LoraCompressError(f"{folder} has no tokenizer; copy the base model's tokenizer files into it")
+    model, dense = load(folder), _load_teacher(teacher, manifest)
+    report = heal_(model, dense, tokenizer, text, config, progress=progress)
+    del dense
+    healing = report.manifest(calib=str(calib), teacher=teacher or manifest["base_model"], command=command)
+    if "healing" in manifest:
+        healing["previous"] = manifest["healing"]
+    manifest = {**manifest, "healing": healing, "layers": _layers_with_ranks(manifest["layers"], model)}
+    with atomic_folder(out, force) as tmp:
+        copy_side_files(source, model, tokenizer, tmp)
+        write_compressed(tmp, model, manifest)
+    return report
+
+
+def _load_teacher(teacher: str | None, manifest: dict) -> nn.Module:
+    name = teacher or manifest["base_model"]
+    try:
+        return load_dense(resolve_source(name, None if teacher else manifest.get("gguf_file")))
+    except LoraCompressError as error:
+        raise LoraCompressError(f"teacher {name}: {error} (or pass --teacher with the dense model)") from None
+
+
+def _layers_with_ranks(layers: dict, model: nn.Module) -> dict:
+    """The manifest's layer table with each factored layer's current rank (grown by train=lora)."""
+    modules = factored_modules(model)
+    return {name: {**layer, "rank": modules[name].rank if name in modules else layer["rank"]}
+            for name, layer in layers.items()}
+
+
+def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: HealConfig, *,
+          progress: bool = True, callback: Callable[[HealStep], None] | None = None) -> HealReport:
+    """Fine-tune ``model``'s factors in place so its outputs match ``teacher``'s on ``text``.
+
+    Args:
+        model: a compressed model (with LowRankLinear layers), e.g. from :func:`load`.
+        teacher: the dense model it was compressed from (left unchanged).
+        tokenizer: their tokenizer.
+        text: calibration text; the last ``held_out`` fraction of its sequences is never trained on.
+        config: steps / time budget, learning rate, trained set, loss.
+        callback: called with a :class:`HealStep` after every optimizer step.
+
+    Returns:
+        A HealReport. On a NaN loss training stops and the last weights with a finite loss are kept.
+
+    Raises:
+        LoraCompressError: no factored layers, text too short, teacher shapes differ, or the loss is
+            not finite before training.
+    """
+    _check_pair(model, teacher, config)
+    report = HealReport(config, _loss_kind(config.loss, model))
+    start = time.perf_counter()
+    data = _prepare_data(teacher, tokenizer, text, config, report.loss, progress)
+    report.teacher_minutes = (time.perf_counter() - start) / 60
+    report.tokens = {"train": data.train_ids.numel(), "held_out": data.held_ids.numel()}
+    dtype, grad_flags = next(model.parameters()).dtype, {p: p.requires_grad for p in model.parameters()}
+    model.float()  # train in float32 whatever the storage dtype; casting back is exact for frozen tensors
+    torch.manual_seed(config.seed)
+    params, extra = _trainable(model, config)
+    report.trained_params = sum(p.numel() for p in params)
+    report.held_out_before = _held_out_loss(model, data, report.loss, config.batch_size)
+    if not math.isfinite(report.held_out_before):
+        raise LoraCompressError("the compressed model's loss is not finite before healing; compress it again")
+    try:
+        _train(model, params, data, config, report, progress, callback)
+        report.held_out_after = _held_out_loss(model, data, report.loss, config.batch_size)
+    finally:
+        extra.merge_(model) if extra else None
+        _restore(model, dtype, grad_flags)
+    return report
+
+
+def _restore(model: nn.Module, dtype: torch.dtype, grad_flags: dict) -> None:
+    model.to(dtype)
+    model.activation_checkpointing_disable() if model.is_activation_checkpointing else None
+    for p in model.parameters():
+        p.requires_grad_(grad_flags.get(p, True))
+    model.eval()
+
+
+def _loss_kind(loss: str, model: nn.Module) -> str:
+    has_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    if loss == "auto":
+        return "kl" if has_head else "hidden"
+    if "kl" in loss and not has_head:
+        raise LoraCompressError(f"--loss {loss} needs an LM head, which this model lacks; use --loss hidden")
+    return loss
+
+
+def _check_pair(model: nn.Module, teacher: nn.Module, config: HealConfig) -> None:
+    """A compressed student, and a teacher whose untouched tensors have the student's shapes."""
+    factored = factored_modules(model)
+    if not factored:
+        raise LoraCompressError("the model has no factored layers to heal; compress it first")
+    shapes = {n: p.shape for n, p in teacher.named_parameters()}
+    for name, param in model.named_parameters():
+        if not name.rpartition(".")[0] in factored and name in shapes and shapes[name] != param.shape:
+            raise LoraCompressError(f"teacher's {name} is {tuple(shapes[name])} but the compressed model's is "
+                                    f"{tuple(param.shape)}; pass --teacher with the model it was compressed from")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.seq_len > positions:
+        raise LoraCompressError(f"--seq-len {config.seq_len} exceeds the model's {positions} positions; "
+                                f"pass --seq-len {positions} or less")
+
+
+def _sequences(tokenizer, text: str, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping ``seq_len``-token sequences of ``text``: (train, held-out), the held-out last."""
+    ids = tokenizer(text, return_tensors="pt", truncation=False)["input_ids"][0]  # (N,)
+    count = len(ids) // config.seq_len
+    if count < 2:
+        raise LoraCompressError(f"--calib holds {len(ids):,} tokens; healing needs at least 2 × --seq-len "
+                                f"{config.seq_len} (one to train on, one held out); pass a longer text")
+    sequences = ids[: count * config.seq_len].view(count, config.seq_len)  # (count, T)
+    held = max(1, round(count * config.held_out))
+    return sequences[:-held], sequences[-held:]
+
+
+def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (the LM head's input for causal LMs): (B, T) → (B, T, C)."""
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state if _uses_cache(model) \
+        else model.base_model(input_ids=ids).last_hidden_state
+
+
+def _uses_cache(model: nn.Module) -> bool:
+    return "use_cache" in model.config.to_dict()
+
+
+@torch.no_grad()
+def _prepare_data(teacher, tokenizer, text, config, loss, progress) -> _Data:
+    train_ids, held_ids = _sequences(tokenizer, text, config)
+    teacher.eval()
+    batches = list(torch.cat([train_ids, held_ids]).split(config.batch_size))
+    cached = torch.cat([features(teacher, ids).float()  # (B, T, C)
+                        for ids in tqdm(batches, desc="teacher pass", unit="batch", disable=not progress)])
+    head = teacher.get_output_embeddings() if "kl" in loss else None
+    return _Data(train_ids, cached[: len(train_ids)], held_ids, cached[len(train_ids):], head)
+
+
+def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, target: torch.Tensor,
+                 loss: str) -> torch.Tensor:
+    """The distillation loss of ``model`` on ``ids`` against the teacher's cached features ``target``."""
+    hidden = features(model, ids).float()  # (B, T, C)
+    total = hidden.new_zeros(())
+    if "hidden" in loss:
+        total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
+    if "kl" in loss:
+        logp = model.get_output_embeddings()(hidden).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
+        with torch.no_grad():
+            logq = head(target.to(head.weight.dtype)).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
+        total = total + F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+    return total
+
+
+@torch.no_grad()
+def _held_out_loss(model: nn.Module, data: _Data, loss: str, batch_size: int) -> float:
+    """Mean distillation loss over the held-out sequences."""
+    losses = [distill_loss(model, data.head, ids, target, loss).item() * len(ids)
+              for ids, target in zip(data.held_ids.split(batch_size), data.held_targets.split(batch_size))]
+    return sum(losses) / len(data.held_ids)
+
+
+class _ExtraLora:
+    """A rank-k LoRA added to each factored layer's output through forward hooks (scale 1)."""
+
+    def __init__(self, modules: dict[str, LowRankLinear], rank: int):
+        self.a = {n: nn.Parameter(torch.randn(rank, m.in_features) / m.in_features ** 0.5)  # (k, in)
+                  for n, m in modules.items()}
+        self.b = {n: nn.Parameter(torch.zeros(m.out_features, rank)) for n, m in modules.items()}  # (out, k)
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def add_lora(module, args, output):
+            return output + F.linear(F.linear(args[0], self.a[name]), self.b[name])
+        return add_lora
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.a.values()) + list(self.b.values())
+
+    @torch.no_grad()
+    def merge_(self, model: nn.Module) -> None:
+        """Remove the hooks; each layer becomes [B, b]·[A; a] (rank r + k), the old factors unchanged."""
+        for handle in self.handles:
+            handle.remove()
+        for name, module in factored_modules(model).items():
+            B = torch.cat([module.lora_B, self.b[name].to(module.lora_B)], dim=1)  # (out, r + k)
+            A = torch.cat([module.lora_A, self.a[name].to(module.lora_A)], dim=0)  # (r + k, in)
+            replace_module(model, name, LowRankLinear.from_factors(B, A, module.bias))
+
+
+def _trainable(model: nn.Module, config: HealConfig) -> tuple[list[nn.Parameter], _ExtraLora | None]:
+    """Freeze everything, then unfreeze the trained set; returns it (and the extra LoRA, if any)."""
+    model.requires_grad_(False)
+    modules = factored_modules(model)
+    _distillation_mode(model, config.checkpointing)
+    if config.train == "lora":
+        extra = _ExtraLora(modules, config.lora_rank)
+        return extra.parameters(), extra
+    params = [m.lora_B for m in modules.values()]
+    if config.train == "AB":
+        params += [m.lora_A for m in modules.values()]
+    for param in params:
+        param.requires_grad_(True)
+    return params, None
+
+
+def _distillation_mode(model: nn.Module, checkpointing: bool) -> None:
+    """Eval mode (no dropout: the teacher ran without it); checkpointed blocks alone flagged as
+    training, because transformers checkpoints a block only then."""
+    model.eval()
+    if not checkpointing:
+        return
+    try:
+        model.activation_checkpointing_enable()
+    except ValueError:
+        raise LoraCompressError(f"{type(model).__name__} does not support gradient checkpointing; "
+                                f"drop --checkpointing") from None
+    for module in model.modules():
+        module.training = module.training or getattr(module, "gradient_checkpointing", False) is True
+
+
+def _lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to 0.1 as progress goes 0 → 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _batches(count: int, size: int, generator: torch.Generator):
+    """Endless seeded shuffles of range(count), ``size`` indices at a time."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for i in range(0, count - size + 1 if count >= size else 1, size):
+            yield order[i: i + size]
+
+
+def _train(model, params, data: _Data, config: HealConfig, report: HealReport, progress, callback) -> None:
+    """The optimisation loop; fills report.history / stopped / note / minutes."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    good = [p.detach().clone() for p in params]  # the last weights whose loss was finite
+    batches = _batches(len(data.train_ids), config.batch_size, torch.Generator().manual_seed(config.seed))
+    budget = config.minutes * 60 if config.minutes else math.inf
+    bar = tqdm(total=config.steps, desc="healing", unit="step", disable=not progress)
+    start, last, step = time.perf_counter(), 0.0, 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if config.steps and step >= config.steps:
+            report.stopped = "steps"
+            break
+        if elapsed + last > budget:  # the next step would overrun the budget
+            report.stopped = "time"
+            break
+        fraction = step / config.steps if config.steps else elapsed / budget
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, fraction, config.warmup)
+        index = next(batches)
+        loss = distill_loss(model, data.head, data.train_ids[index], data.train_targets[index], report.loss)
+        if not torch.isfinite(loss):
+            _stop_on_nan(params, good, report, step)
+            break
+        _copy(good, params)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
+        if not torch.isfinite(norm):
+            _stop_on_nan(params, good, report, step)
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last = time.perf_counter() - start - elapsed
+        report.history.append({"step": step, "minutes": (elapsed + last) / 60, "loss": loss.item()})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", minutes=f"{(elapsed + last) / 60:.1f}")
+        if callback:
+            callback(HealStep(step, (elapsed + last) / 60, loss.item(), model))
+    bar.close()
+    report.minutes = (time.perf_counter() - start) / 60
+
+
+@torch.no_grad()
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    for target, source in zip(targets, sources):
+        target.copy_(source)
+
+
+def _stop_on_nan(params, good, report: HealReport, step: int) -> None:
+    _copy(params, good)
+    report.stopped = "nan"
+    report.note = (f"the loss (or its gradient) became NaN at step {step + 1}; kept the weights after "
+                   f"step {step}, the last with a finite loss; lower --lr")
