@@ -6,13 +6,18 @@
 """
 __version__ = "0.1.0"
 
+from .allocate import allocate
+from .calibrate import calibration_tokens
 from .checkpoint import apply_adapters, load
 from .compress import CompressConfig, CompressionReport, compress_
 from .errors import LoraCompressError
 from .evaluate import EvalConfig, evaluate
+from .heal import HealConfig, HealReport, heal, heal_
 from .layers import LowRankLinear
+from .peft_export import ExtractConfig, ExtractionReport, export_dense, extract, merge_adapter_
 from .pipeline import compress, evaluate_folder
 from .svd import factorize
 
-__all__ = ["CompressConfig", "CompressionReport", "EvalConfig", "LoraCompressError", "LowRankLinear",
-           "apply_adapters", "compress", "compress_", "evaluate", "evaluate_folder", "factorize", "load"]
+__all__ = ["allocate", "calibration_tokens", "CompressConfig", "CompressionReport", "EvalConfig", "ExtractConfig", "ExtractionReport", "HealConfig",
+           "HealReport", "LoraCompressError", "LowRankLinear", "apply_adapters", "compress", "compress_", "evaluate",
+           "evaluate_folder", "export_dense", "extract", "factorize", "heal", "heal_", "load", "merge_adapter_"]

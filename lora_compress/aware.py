@@ -29,6 +29,7 @@ from . import svd as svdmath
 from .allocate import LayerCost, allocate
 from .calibrate import Statistics, collect_statistics, peak_memory_mb, run_sequential
 from .compress import CompressConfig, CompressionReport, check_finite_float, layer_rank, new_layer_result
+from .errors import LoraCompressError
 from .layers import dense_weight
 from .patch import factor_module_
 from .targets import find_targets
@@ -63,7 +64,7 @@ def channel_weights(fisher: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: torch.Tensor | None = None,
-                  weights: torch.Tensor | None = None, svd: str = "auto", seed: int = 0) -> svdmath.Factors:
+                  weights: torch.Tensor | None = None, cholesky: torch.Tensor | None = None) -> svdmath.Factors:
     """Rank-``rank`` factors minimising Σ_j w_j ‖(B·A·X_cᵀ − W·X_dᵀ)_j‖².
 
     Args:
@@ -71,27 +72,44 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
         gram: C = X_cᵀX_c of the inputs the factors will see, (in, in).
         cross: X_dᵀX_c with the dense inputs, (in, in); None means X_d = X_c (plain whitening).
         weights: per-output-channel weights w, (out,); None means all ones.
+        cholesky: L with L·Lᵀ = C when already computed (layers sharing inputs share it).
 
     Returns:
         Factors (B, A) in ``weight.dtype``; singular values are those of diag(√w)·W*·L.
     """
-    L, _ = svdmath.cholesky_factor(gram)  # (in, in), L Lᵀ = C (+ ridge when singular)
+    L = svdmath.cholesky_factor(gram)[0] if cholesky is None else cholesky  # (in, in)
     target = weight.double()  # (out, in)
     if cross is not None:
         target = torch.cholesky_solve(cross.double().T @ target.T, L).T  # W* = W·cross·C⁻¹
     scale = weights.double().sqrt().unsqueeze(1) if weights is not None else None  # (out, 1)
-    factors = svdmath.factorize(target * scale if scale is not None else target, rank, whitening=L,
-                                svd=svd, seed=seed)
-    if scale is None:
-        return factors
-    B = (factors.B.double() / scale).to(weight.dtype)  # (out, r)
-    return svdmath.Factors(B, factors.A.to(weight.dtype), factors.singular_values, factors.energy_kept)
+    M = (target * scale if scale is not None else target) @ L  # (out, in)
+    B, Vh, power = _top_pairs(M, rank)  # (out, r), (r, in), (k,)
+    A = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
+    B = B / scale if scale is not None else B
+    return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), power.sqrt().float(),
+                           svdmath.energy_kept(power.sqrt(), rank))
+
+
+def _top_pairs(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_r·Σ_r, V_rᵀ and all σ² of M, from the eigendecomposition of its smaller Gram (float64).
+
+    Faster than an SVD for these shapes and exact in float64 for the kept directions.
+    """
+    if M.shape[1] <= M.shape[0]:
+        power, V = torch.linalg.eigh(M.T @ M)  # ascending, (in,), (in, in)
+        V = V.flip(1)[:, :rank]  # (in, r)
+        return M @ V, V.T, power.flip(0).clamp_min(0)
+    power, U = torch.linalg.eigh(M @ M.T)  # (out,), (out, out)
+    power, U = power.flip(0).clamp_min(0), U.flip(1)[:, :rank]  # U: (out, r)
+    sigma = power[:rank].sqrt().clamp_min(1e-150)  # (r,)
+    return U * sigma, (U.T @ M) / sigma.unsqueeze(1), power
 
 
 @torch.no_grad()
-def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor | None = None,
+                      cholesky: torch.Tensor | None = None) -> torch.Tensor:
     """σ_i² of diag(√w)·W·L, descending, via the eigenvalues of the smaller Gram of that matrix."""
-    L, _ = svdmath.cholesky_factor(gram)
+    L = svdmath.cholesky_factor(gram)[0] if cholesky is None else cholesky
     W = weight.double() if weights is None else weight.double() * weights.double().sqrt().unsqueeze(1)
     M = W @ L  # (out, in)
     square = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
@@ -100,12 +118,15 @@ def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, weights: torch.T
 
 def layer_costs(targets: dict[str, nn.Module], stats: Statistics) -> dict[str, LayerCost]:
     """The common-scale cost curve of every target (see SENSITIVITY)."""
-    costs = {}
+    costs, factors = {}, {}
     for name, module in targets.items():
-        weight = dense_weight(module)
+        weight, owner = dense_weight(module), stats.owner[name]
         fisher = stats.fisher.get(name)
         weights = None if fisher is None else fisher.double() / stats.tokens
-        costs[name] = LayerCost.from_spectrum(tuple(weight.shape), weighted_spectrum(weight, stats.gram(name), weights))
+        if owner not in factors:
+            factors[owner] = svdmath.cholesky_factor(stats.grams[owner])[0]
+        power = weighted_spectrum(weight, stats.gram(name), weights, cholesky=factors[owner])
+        costs[name] = LayerCost.from_spectrum(tuple(weight.shape), power)
     return costs
 
 
@@ -129,6 +150,7 @@ class _Factorer:
         self.model, self.config, self.targets, self.ranks, self.stats = model, config, targets, ranks, stats
         self.recipe = RECIPES[config.method]
         self.results = {name: new_layer_result(name, module) for name, module in targets.items()}
+        self.last = (None, None)  # (gram, its Cholesky factor): layers sharing inputs come in a row
 
     def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         rank, result = self.ranks[name], self.results[name]
@@ -139,8 +161,10 @@ class _Factorer:
         check_finite_float(name, weight)
         fisher = self.stats.fisher.get(name) if self.recipe.weighted and self.stats else None
         weights = channel_weights(fisher) if fisher is not None else None
+        if gram is not self.last[0]:
+            self.last = (gram, svdmath.cholesky_factor(gram)[0])
         factors = aware_factors(weight, min(rank, min(weight.shape)), gram, cross if self.recipe.correct else None,
-                                weights, self.config.svd, self.config.seed)
+                                weights, cholesky=self.last[1])
         factor_module_(self.model, name, factors)
         result.rank, result.energy_kept = factors.rank, factors.energy_kept
 
@@ -164,6 +188,10 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     from .compress import _check_fixed_rank
 
     start, recipe = time.perf_counter(), RECIPES[config.method]
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions and tokens.shape[1] > positions:
+        raise LoraCompressError(f"--calib-len {tokens.shape[1]} is longer than the model's {positions} positions; "
+                                f"pass --calib-len {positions} or less")
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
     fisher = config.budget is not None or recipe.weighted

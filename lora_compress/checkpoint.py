@@ -83,7 +83,9 @@ def weight_files(folder: Path) -> list[Path]:
         LoraCompressError: no config.json, no weights, or an index naming a missing shard.
     """
     if not (folder / "config.json").is_file():
-        raise LoraCompressError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+        gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
+        hint = f" (or --gguf-file {gguf.name} to read the GGUF file there)" if gguf else ""
+        raise LoraCompressError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder{hint}")
     if (folder / INDEX).is_file():
         index = _read_json(folder / INDEX)
         shards = sorted(set(index.get("weight_map", {}).values()))
@@ -252,6 +254,11 @@ def write_compressed(folder: Path, model: nn.Module, manifest: dict) -> None:
     metadata = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}
     save_model(model, str(folder / WEIGHTS), metadata=metadata)
     save_file(adapter_tensors(model), str(folder / ADAPTERS), metadata=metadata)
+    write_manifest(folder, manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """``lora_compress.json`` as indented JSON."""
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -289,19 +296,29 @@ def load(folder: str | os.PathLike) -> nn.Module:
     dtype = getattr(torch, manifest["dtype"])
     model = model_class(config)._from_config(config, dtype=dtype)
     _install_factored(model, manifest["layers"], dtype)
-    check_weight_files([folder / WEIGHTS])
-    _load_weights(model, folder / WEIGHTS)
+    files = weight_files(folder)
+    check_weight_files(files)
+    _load_weights(model, files)
     return model.eval()
 
 
-def _load_weights(model: nn.Module, path: Path):
+def _load_weights(model: nn.Module, paths: list[Path]) -> None:
+    """Load one file or every shard; a name no file provides, or one the model lacks, is an error."""
     from safetensors.torch import load_model
 
-    try:
-        return load_model(model, str(path), strict=True)
-    except RuntimeError as error:
-        raise LoraCompressError(f"{path} does not match its manifest ({str(error).splitlines()[0]}); "
-                                f"compress the model again") from None
+    missing, unexpected = None, set()
+    for path in paths:
+        try:
+            shard_missing, shard_unexpected = load_model(model, str(path), strict=False)
+        except RuntimeError as error:  # shapes differ from the manifest's ranks
+            raise LoraCompressError(f"{path} does not match its manifest ({str(error).splitlines()[0]}); "
+                                    f"compress the model again") from None
+        missing = set(shard_missing) if missing is None else missing & set(shard_missing)
+        unexpected |= set(shard_unexpected)
+    if missing or unexpected:
+        problem = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
+        raise LoraCompressError(f"{paths[0].parent} does not match its manifest ({problem}); "
+                                f"compress the model again")
 
 
 def _install_factored(model: nn.Module, layers: dict, dtype: torch.dtype) -> None:

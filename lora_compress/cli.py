@@ -54,14 +54,17 @@ gguf_option = click.option("--gguf-file", help="Name of a GGUF file inside MODEL
 @click.option("--spectrum", is_flag=True, help="Per layer type: ranks keeping 90/95/99% of the energy.")
 @click.option("--plot", type=click.Path(), help="With --spectrum: write spectrum/energy PNGs into this folder.")
 @click.option("--calib", type=click.Path(), help="With --spectrum: also whitened spectra from this calibration text.")
+@click.option("--calib-samples", default=32, show_default=True, help="Calibration sequences.")
+@click.option("--calib-len", default=256, show_default=True, help="Tokens per calibration sequence.")
 @user_errors
-def inspect(model, gguf_file, include, exclude, spectrum, plot, calib):
+def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_samples, calib_len):
     """List targeted layers: shapes, parameters, break-even rank (or, with --spectrum, their spectra)."""
     from .inspection import inspect_model
     from .spectra import inspect_spectra
 
     if spectrum or plot or calib:
-        click.echo(inspect_spectra(model, gguf_file, tuple(include), tuple(exclude), plot, calib))
+        click.echo(inspect_spectra(model, gguf_file, tuple(include), tuple(exclude), plot, calib,
+                                   calib_samples, calib_len))
     else:
         click.echo(inspect_model(model, gguf_file, tuple(include), tuple(exclude)))
 
@@ -72,26 +75,44 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib):
 @click.option("--rank", type=int, help="Same rank for every targeted layer.")
 @click.option("--ratio", type=float, help="Keep this fraction of each layer's parameters.")
 @click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
+@click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
+              "layer (needs --calib).")
+@click.option("--method", default="auto", show_default=True,
+              help="svd, whiten (SVD-LLM) or sequential; auto = sequential with --calib, else svd.")
+@click.option("--calib", help="Calibration text: a UTF-8 file (.txt, or .jsonl with a text field).")
+@click.option("--calib-samples", default=32, show_default=True, help="Calibration sequences.")
+@click.option("--calib-len", default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
 @click.option("--svd", default="auto", show_default=True, help="SVD solver: auto, full or randomized.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Cast the model to this dtype first (default: the checkpoint's).")
+@click.option("--stream", is_flag=True, help="Plain SVD: read and write one tensor at a time (memory ≈ one "
+              "layer + 1 GiB); implied under torchrun, which splits the layers across processes.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gguf_option
 @user_errors
-def compress(model, out, rank, ratio, energy, include, exclude, svd, seed, force, quiet, gguf_file):
+def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
+             svd, seed, device, dtype, stream, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .compress import CompressConfig
+    from .distributed import is_main_process
     from .pipeline import compress as compress_checkpoint
     from .tables import compression_table
 
-    config = CompressConfig(rank=rank, ratio=ratio, energy=energy, include=tuple(include),
-                            exclude=tuple(exclude), svd=svd, seed=seed)
-    report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force,
-                                 command=command_line(), progress=not quiet)
-    click.echo(compression_table(report))
-    click.echo(f"wrote {out}")
+    config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
+                            calib_samples=calib_samples, calib_len=calib_len, include=tuple(include),
+                            exclude=tuple(exclude), svd=svd, seed=seed, device=device)
+    if calib and config.method == "svd":
+        click.echo("warning: --calib is unused by --method svd (plain SVD needs no calibration text)", err=True)
+    report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
+                                 progress=not quiet, stream=stream, dtype=dtype)
+    if is_main_process():
+        click.echo(compression_table(report))
+        click.echo(f"wrote {out}")
 
 
 @main.command()
@@ -175,3 +196,37 @@ def compare(runs, plot):
     click.echo(comparison_table(loaded))
     if plot:
         click.echo(f"wrote {comparison_plot(loaded, plot)}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--calib", required=True, type=click.Path(), help="Calibration text (the last 10% is held out).")
+@click.option("--out", required=True, type=click.Path(), help="Healed folder to write (must not exist unless --force).")
+@click.option("--steps", type=int, help="Optimizer steps (the schedule spans them).")
+@click.option("--minutes", type=float, help="Training wall-clock budget [default: 10 when --steps is not given].")
+@click.option("--lr", default=1e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--train", default="AB", show_default=True, type=click.Choice(["AB", "B", "lora"]),
+              help="What learns: both factors, lora_B only, or an extra LoRA merged in at the end.")
+@click.option("--lora-rank", default=8, show_default=True, help="Rank of the extra LoRA (--train lora).")
+@click.option("--loss", default="auto", show_default=True, help="kl, hidden or kl+hidden; auto = kl for LMs.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--batch-size", default=4, show_default=True, help="Sequences per step.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the batch order.")
+@click.option("--checkpointing", is_flag=True, help="Gradient checkpointing: less memory, slower steps.")
+@click.option("--teacher", help="Dense model to match [default: the manifest's base model].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def heal(folder, calib, out, steps, minutes, lr, train, lora_rank, loss, seq_len, batch_size, seed, checkpointing,
+         teacher, force, quiet):
+    """Fine-tune compressed FOLDER's factors to match its dense teacher; write OUT."""
+    from .heal import HealConfig, heal as heal_folder
+    from .tables import healing_table
+
+    minutes = 10.0 if minutes is None and steps is None else minutes
+    config = HealConfig(steps=steps, minutes=minutes, lr=lr, train=train, lora_rank=lora_rank, loss=loss,
+                        seq_len=seq_len, batch_size=batch_size, seed=seed, checkpointing=checkpointing)
+    report = heal_folder(folder, calib, out, config, teacher=teacher, force=force, command=command_line(),
+                         progress=not quiet)
+    click.echo(healing_table(report))
+    click.echo(f"wrote {out}")

@@ -43,6 +43,7 @@ class CompressConfig:
     calib: str | None = None  # calibration text (file, or a datasets name), recorded in the manifest
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
+    device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
@@ -58,6 +59,7 @@ class CompressConfig:
         if self.svd not in svdmath.SVD_METHODS:
             raise LoraCompressError(f"--svd {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
         self._check_calibration()
+        check_device(self.device)
 
     def _check_calibration(self) -> None:
         if self.method == "auto":
@@ -118,6 +120,15 @@ class CompressionReport:
         return {layer.name: {"shape": list(layer.shape), "rank": layer.rank, "bias": layer.bias,
                              "conv1d": layer.conv1d, "energy_kept": layer.energy_kept, "note": layer.note}
                 for layer in self.layers}
+
+
+def check_device(device: str) -> None:
+    """Reject a device that is unknown or absent on this machine, naming the fix."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise LoraCompressError(f"--device {device!r} is unknown; choose cpu or cuda (cuda:N for one GPU)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraCompressError(f"--device {device} was asked but CUDA is not available here "
+                                f"(torch {torch.__version__}); pass --device cpu or install a CUDA build of torch")
 
 
 def check_finite_float(name: str, weight: torch.Tensor) -> None:
@@ -200,23 +211,39 @@ def factor_layer_(model: nn.Module, name: str, module: nn.Module, config: Compre
                   whitening: torch.Tensor | None = None, rank: int | None = None) -> LayerResult:
     """Factor one layer (plain or whitened SVD) and swap it in, unless that saves nothing."""
     result = new_layer_result(name, module)
-    weight = dense_weight(module)
-    check_finite_float(name, weight)
+    factors = factor_weight(result, dense_weight(module), config, whitening, rank)
+    if factors is not None:
+        factor_module_(model, name, factors)
+    return result
+
+
+@torch.no_grad()
+def factor_weight(result: LayerResult, weight: torch.Tensor, config: CompressConfig,
+                  whitening: torch.Tensor | None = None, rank: int | None = None) -> svdmath.Factors | None:
+    """Factors of one (out, in) weight on ``config.device``, or None when its rank saves nothing.
+
+    Fills in ``result`` (rank, energy kept, or the note saying why it stays dense). A fixed rank
+    past break-even is skipped before any SVD is computed.
+    """
+    check_finite_float(result.name, weight)
     if rank is None and config.energy is None:
         rank = layer_rank(config, result.shape)
+    limit = svdmath.break_even_rank(*result.shape)
+    if rank is not None and rank > limit and not config.factor_all:
+        result.note = f"rank {rank} would not save parameters (break-even {limit}); left dense"
+        return None
     svd_kind = "full" if rank is None else config.svd
-    factors = svdmath.factorize(weight, rank or min(result.shape), whitening=whitening, svd=svd_kind,
-                                seed=config.seed)
+    whitening = whitening.to(config.device) if whitening is not None else None
+    factors = svdmath.factorize(weight.to(config.device), rank or min(result.shape), whitening=whitening,
+                                svd=svd_kind, seed=config.seed)
     if rank is None:
         rank = layer_rank(config, result.shape, factors.singular_values)
         factors = _truncate(factors, rank)
-    limit = svdmath.break_even_rank(*result.shape)
     if rank > limit and not config.factor_all:
         result.note = f"rank {rank} would not save parameters (break-even {limit}); left dense"
-        return result
-    factor_module_(model, name, factors)
+        return None
     result.rank, result.energy_kept = rank, factors.energy_kept
-    return result
+    return factors
 
 
 def _truncate(factors: svdmath.Factors, rank: int) -> svdmath.Factors:

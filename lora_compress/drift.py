@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+DRIFT_TOKENS = 512  # causal LMs: tokens of text in the one drift forward
+
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's stack of repeated blocks: the longest ModuleList of one module class (None if none)."""
@@ -101,7 +103,7 @@ def block_drift(dense: nn.Module, compressed: nn.Module, batches: list[dict]) ->
     return {"stack": stack, "tokens": tokens, "cumulative": cumulative.errors(), "local": local.errors()}
 
 
-def drift_batches(tokenizer, text: str, causal: bool, tokens: int = 512, paragraphs: int = 32,
+def drift_batches(tokenizer, text: str, causal: bool, tokens: int = DRIFT_TOKENS, paragraphs: int = 32,
                   max_length: int = 128) -> list[dict]:
     """Inputs for :func:`block_drift` from real text.
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .calibrate import forward
 from .checkpoint import (Source, atomic_folder, check_output_folder, copy_side_files, factored_modules, load,
                          load_dense, load_tokenizer, read_manifest, resolve_source, write_compressed)
 from .errors import LoraCompressError
@@ -244,9 +245,10 @@ def _check_pair(model: nn.Module, teacher: nn.Module, config: HealConfig) -> Non
         raise LoraCompressError("the model has no factored layers to heal; compress it first")
     shapes = {n: p.shape for n, p in teacher.named_parameters()}
     for name, param in model.named_parameters():
-        if not name.rpartition(".")[0] in factored and name in shapes and shapes[name] != param.shape:
-            raise LoraCompressError(f"teacher's {name} is {tuple(shapes[name])} but the compressed model's is "
-                                    f"{tuple(param.shape)}; pass --teacher with the model it was compressed from")
+        if name.rpartition(".")[0] not in factored and shapes.get(name) != param.shape:
+            found = tuple(shapes[name]) if name in shapes else "missing"
+            raise LoraCompressError(f"the teacher's {name} is {found}, the compressed model's {tuple(param.shape)}; "
+                                    f"pass --teacher with the model it was compressed from")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and config.seq_len > positions:
         raise LoraCompressError(f"--seq-len {config.seq_len} exceeds the model's {positions} positions; "
@@ -267,12 +269,7 @@ def _sequences(tokenizer, text: str, config: HealConfig) -> tuple[torch.Tensor, 
 
 def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Last hidden states (the LM head's input for causal LMs): (B, T) → (B, T, C)."""
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state if _uses_cache(model) \
-        else model.base_model(input_ids=ids).last_hidden_state
-
-
-def _uses_cache(model: nn.Module) -> bool:
-    return "use_cache" in model.config.to_dict()
+    return forward(model.base_model, ids).last_hidden_state
 
 
 @torch.no_grad()

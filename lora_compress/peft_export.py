@@ -151,8 +151,10 @@ def _check_same_architecture(base: nn.Module, tuned: nn.Module) -> None:
         raise LoraCompressError(f"the vocabulary differs (base {vocab_base} tokens, tuned {vocab_tuned}); a LoRA "
                                 f"cannot add tokens: resize the base's embeddings to match first")
     base_params, tuned_params = dict(base.named_parameters()), dict(tuned.named_parameters())
-    for name in sorted(base_params.keys() ^ tuned_params.keys())[:1]:
-        raise LoraCompressError(f"parameter {name} is in only one of base and tuned; pass checkpoints of one architecture")
+    only_one = sorted(base_params.keys() ^ tuned_params.keys())
+    if only_one:
+        raise LoraCompressError(f"parameter {only_one[0]} is in only one of base and tuned; pass checkpoints of one "
+                                f"architecture")
     for name, param in base_params.items():
         if param.shape != tuned_params[name].shape:
             raise LoraCompressError(f"{name} is {tuple(param.shape)} in base but {tuple(tuned_params[name].shape)} "
@@ -200,9 +202,9 @@ def _changed_elsewhere(base: nn.Module, tuned_params: dict, targets: set[str], d
 
 
 @torch.no_grad()
-def factor_deltas(weights: dict[str, torch.Tensor], config: ExtractConfig, grams=None,
+def factor_deltas(weights: dict[str, torch.Tensor], config: ExtractConfig, gram=None,
                   progress: bool = True) -> tuple[dict[str, svdmath.Factors], dict[str, str]]:
-    """Rank-chosen factors of each delta (activation-aware when ``grams`` maps names to XᵀX).
+    """Rank-chosen factors of each delta; activation-aware when ``gram(name)`` gives a layer's XᵀX.
 
     Returns:
         ``(factors, notes)``: factors per layer (layers given rank 0 by --budget left out) and
@@ -210,7 +212,7 @@ def factor_deltas(weights: dict[str, torch.Tensor], config: ExtractConfig, grams
     """
     full = {}
     for name, delta in tqdm(weights.items(), desc="factoring", unit="layer", disable=not progress):
-        whitening = svdmath.cholesky_factor(grams(name))[0] if grams else None
+        whitening = svdmath.cholesky_factor(gram(name))[0] if gram else None
         smallest = min(delta.shape)
         rank = smallest if config.rank is None else min(config.rank, smallest)
         svd = "full" if config.rank is None else config.svd

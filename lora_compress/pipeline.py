@@ -12,14 +12,21 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (atomic_folder, copy_side_files, load, load_dense, load_tokenizer, model_class,
-                         read_manifest, resolve_source, write_compressed, FORMAT_VERSION, check_output_folder)
+                         read_manifest, resolve_source, write_compressed, write_manifest, FORMAT_VERSION,
+                         check_output_folder)
 from .card import compressed_card, write_card
+from .calibrate import calibration_tokens, read_calibration_text
 from .compress import CompressConfig, CompressionReport, compress_
 from .counting import weight_bytes
-from .drift import block_drift, drift_batches
+from .errors import LoraCompressError
+from .drift import DRIFT_TOKENS, block_drift, drift_batches
+from .distributed import join, launched, leave
 from .evaluate import EvalConfig, evaluate
+from . import streaming
 from .report import write_report
 from .text import read_text
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def versions() -> dict:
@@ -47,12 +54,17 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
         "versions": versions(),
         "targeted_params": {"dense": report.dense_params, "compressed": report.params},
         "layers": report.manifest_layers(),
+        "calibration": report.calibration,
     }
 
 
 def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: str | None = None,
-             force: bool = False, command: str | None = None, progress: bool = True) -> CompressionReport:
+             force: bool = False, command: str | None = None, progress: bool = True,
+             stream: bool = False, dtype: str | None = None) -> CompressionReport:
     """Compress a checkpoint (folder, GGUF or Hub id) into a self-contained folder ``out``.
+
+    ``stream`` (plain SVD only; implied under torchrun) reads and writes one tensor at a time, see
+    :mod:`lora_compress.streaming`; ``dtype`` (float32, float16, bfloat16) casts the model first.
 
     Example:
         >>> report = compress("models/minilm", "out/minilm-50", CompressConfig(ratio=0.5))
@@ -62,17 +74,65 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
         LoraCompressError: bad input of any kind; nothing is written then.
     """
     check_output_folder(Path(out), force)
+    if stream or launched():
+        return _compress_streamed(model, out, config, force=force, command=command, progress=progress,
+                                  dtype=dtype)
+    calib_text = read_calibration_text(config.calib) if config.calib and config.method != "svd" else None
     source = resolve_source(model, gguf_file)
-    dense = load_dense(source)
+    dense = load_dense(source, parse_dtype(dtype) or "auto")
     tokenizer = load_tokenizer(source)
-    report = compress_(dense, config, progress=progress)
+    tokens = calibration_batch(tokenizer, calib_text, config) if calib_text is not None else None
+    report = compress_(dense, config, progress=progress, tokens=tokens)
     manifest = build_manifest(source, dense, config, report, command)
     with atomic_folder(Path(out), force) as tmp:
-        copy_side_files(source, dense, tokenizer, tmp)
         write_compressed(tmp, dense, manifest)
-        write_card(tmp, compressed_card(manifest), load_path=str(out))
-        write_report(tmp, manifest)
+        _write_companions(tmp, source, dense, tokenizer, manifest, out)
     return report
+
+
+def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) -> None:
+    """Config, tokenizer, model card and report next to the weights."""
+    copy_side_files(source, model, tokenizer, tmp)
+    write_card(tmp, compressed_card(manifest), load_path=str(out))
+    write_report(tmp, manifest)
+
+
+def _compress_streamed(model: str, out, config: CompressConfig, *, force: bool, command, progress: bool,
+                       dtype: str | None) -> CompressionReport:
+    """Plain SVD, one tensor in memory at a time; under torchrun the layers are split, rank 0 writes."""
+    if config.method != "svd":
+        raise LoraCompressError(f"--stream and torchrun support plain SVD only; drop them for --method {config.method}")
+    group = join(config.device)
+    try:
+        source = resolve_source(model)
+        plan = streaming.plan(source, config, parse_dtype(dtype))
+        if not group.is_writer:
+            return streaming.compress_streaming(plan, config, None, group, progress)
+        with atomic_folder(Path(out), force) as tmp:
+            report = streaming.compress_streaming(plan, config, tmp, group, progress)
+            manifest = build_manifest(source, plan.model, config, report, command)
+            write_manifest(tmp, manifest)
+            _write_companions(tmp, source, plan.model, load_tokenizer(source), manifest, out)
+        return report
+    finally:
+        leave(group)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``float32`` / ``float16`` / ``bfloat16`` as a torch dtype (None stays None: the checkpoint's own)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise LoraCompressError(f"--dtype {name!r} is unknown; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def calibration_batch(tokenizer, text: str, config: CompressConfig) -> torch.Tensor:
+    """The config's calibration sequences, (calib_samples, calib_len) token ids."""
+    if tokenizer is None:
+        raise LoraCompressError("the model folder has no tokenizer to cut --calib text into tokens; "
+                                "copy its tokenizer files next to config.json")
+    return calibration_tokens(tokenizer, text, config.calib_samples, config.calib_len)
 
 
 def evaluate_folder(model: str, folder: str | Path, text_file: str | Path, *, gguf_file: str | None = None,
@@ -90,7 +150,9 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path, *, gg
     compressed = load(folder)
     tokenizer = load_tokenizer(source)
     figures = evaluate(dense, compressed, tokenizer, text, list(manifest["layers"]), config, progress)
-    figures["blocks"] = block_drift(dense, compressed, drift_batches(tokenizer, text, figures["kind"] == "causal-lm"))
+    batches = drift_batches(tokenizer, text, figures["kind"] == "causal-lm",
+                            tokens=min(DRIFT_TOKENS, config.window, config.max_tokens))
+    figures["blocks"] = block_drift(dense, compressed, batches)
     dense_bytes = weight_bytes(source.folder)
     compressed_bytes = weight_bytes(Path(folder))
     figures["disk"] = {"dense_bytes": dense_bytes, "compressed_bytes": compressed_bytes,

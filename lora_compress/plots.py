@@ -108,21 +108,28 @@ def rank_heatmap(layers: dict, title: str, path: Path) -> Path:
     ``layers`` is the manifest's per-layer dict (``shape``, ``rank``; rank None = left dense).
     """
     import numpy as np
+    from matplotlib.colors import ListedColormap
 
     rows, columns, cells = _layer_grid(layers)
-    kept = np.full((len(rows), len(columns)), np.nan)
+    kept = np.full((len(rows), len(columns)), np.nan)  # NaN: no such layer, or left dense
+    dense = np.full_like(kept, np.nan)  # 1 where a layer was left dense
     figure = _figure(2.6 + 1.25 * len(columns), 1.6 + 0.3 * len(rows))
     axis = figure.subplots()
     for (row, kind), name in cells.items():
         i, j, layer = rows.index(row), columns.index(kind), layers[name]
         (out_features, in_features), rank = layer["shape"], layer["rank"]
-        kept[i, j] = 1.0 if rank is None else rank * (out_features + in_features) / (out_features * in_features)
-        axis.text(j, i, "dense" if rank is None else rank, ha="center", va="center", fontsize=8,
-                  color="black" if kept[i, j] > 0.6 else "white")
+        if rank is None:
+            dense[i, j] = 1.0
+            axis.text(j, i, "dense", ha="center", va="center", fontsize=7, color="dimgray")
+            continue
+        kept[i, j] = rank * (out_features + in_features) / (out_features * in_features)
+        axis.text(j, i, rank, ha="center", va="center", fontsize=8, color="black" if kept[i, j] > 0.6 else "white")
+    axis.imshow(dense, cmap=ListedColormap(["gainsboro"]), aspect="auto")
     image = axis.imshow(kept, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), [str(r) for r in rows])
-    axis.set(xlabel="layer type", ylabel="block", title=f"{title}\nrank per layer (number) and parameters kept (colour)")
+    axis.set(xlabel="layer type", ylabel="block",
+             title=f"{title}\nrank per layer (number), parameters kept (colour), grey = left dense")
     figure.colorbar(image, ax=axis, label="weight parameters kept (fraction)")
     return _save(figure, path)
 
@@ -132,11 +139,11 @@ def energy_per_layer(layers: dict, title: str, path: Path) -> Path:
     rows, columns, cells = _layer_grid(layers)
     figure = _figure(9, 4.5)
     axis = figure.subplots()
+    blocks = [row for row in rows if isinstance(row, int)]
     for kind in columns:
-        points = [(row, layers[cells[(row, kind)]]["energy_kept"]) for row in rows
-                  if isinstance(row, int) and (row, kind) in cells and layers[cells[(row, kind)]]["energy_kept"]]
-        if points:
-            axis.plot(*zip(*points), marker="o", ms=3, lw=1, label=kind)
+        energy = [layers[cells[(b, kind)]]["energy_kept"] if (b, kind) in cells else None for b in blocks]
+        if any(e is not None for e in energy):  # None → NaN: a gap in the line where a layer stayed dense
+            axis.plot(blocks, [math.nan if e is None else e for e in energy], marker="o", ms=3, lw=1, label=kind)
     axis.set(xlabel="block", ylabel="energy kept  Σᵢ≤ᵣ σᵢ² / Σ σᵢ²",
              title=f"{title}\nenergy kept per factored layer (dense layers not shown)")
     axis.grid(alpha=0.3)

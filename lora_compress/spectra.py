@@ -8,6 +8,7 @@ A layer's name splits into its block index and its type, e.g. ``model.layers.3.s
 """
 from __future__ import annotations
 
+import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -67,11 +68,12 @@ def layer_spectra(targets: dict, grams=None, progress: bool = True) -> list[Spec
         progress: show a progress bar over layers.
     """
     spectra = []
-    for name, module in tqdm(targets.items(), desc="spectra", unit="layer", disable=not progress):
-        weight = dense_weight(module).double()  # (out, in)
-        if grams is not None:
-            weight = weight @ cholesky_factor(grams(name))[0]  # (out, in)
-        spectra.append(Spectrum(name, tuple(weight.shape), torch.linalg.svdvals(weight)))
+    desc = "whitened spectra" if grams is not None else "spectra"
+    for name, module in tqdm(targets.items(), desc=desc, unit="layer", disable=not progress):
+        weight = dense_weight(module).float()  # (out, in)
+        if grams is not None:  # whitening squares the condition number: float64 there
+            weight = weight.double() @ cholesky_factor(grams(name))[0]  # (out, in)
+        spectra.append(Spectrum(name, tuple(weight.shape), torch.linalg.svdvals(weight).double()))
     return spectra
 
 
@@ -111,26 +113,27 @@ def calibration_grams(model, tokenizer, targets: dict, calib: str, samples: int,
 
 
 def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclude=(), plot=None,
-                    calib: str | None = None, progress: bool = True) -> str:
+                    calib: str | None = None, calib_samples: int = 32, calib_len: int = 256,
+                    progress: bool = True) -> str:
     """What ``lora-compress inspect --spectrum`` prints; with ``plot``, PNGs into that folder.
 
-    Plain spectra always; whitened ones too when ``calib`` names calibration text.
+    Plain spectra always; whitened ones too when ``calib`` names calibration text
+    (``calib_samples`` sequences of ``calib_len`` tokens, as ``compress --calib`` uses).
 
     Raises:
         LoraCompressError: bad model, patterns or calibration text; matplotlib missing for ``plot``.
     """
     from .checkpoint import load_dense, load_tokenizer, resolve_source
-    from .compress import CompressConfig
     from .targets import find_targets
 
     source = resolve_source(model, gguf_file)
     dense = load_dense(source)
     targets = find_targets(dense, include, exclude)
-    name = f"{source.folder.name} ({len(targets)} layers)"
+    name = f"{Path(os.path.normpath(source.name)).name} ({len(targets)} layers)"
+    grams = calibration_grams(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,
+                              progress) if calib else None  # first: a bad --calib fails before the slow part
     results = {"plain": layer_spectra(targets, progress=progress)}
-    if calib:
-        grams = calibration_grams(dense, load_tokenizer(source), targets, calib, CompressConfig.calib_samples,
-                                  CompressConfig.calib_len, progress)
+    if grams is not None:
         results["whitened"] = layer_spectra(targets, grams, progress)
     lines = []
     for kind, spectra in results.items():

@@ -65,3 +65,14 @@ def extraction_table(report) -> str:
         lines.append(f"{label}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in errors.items()))
     lines.append(f"output errors vs tuned, measured on {report.check_inputs}")
     return "\n".join(lines)
+
+
+def healing_table(report) -> str:
+    """Held-out distillation loss before/after healing, and how the run went (a HealReport)."""
+    rows = [["held-out loss", _fmt(report.held_out_before), _fmt(report.held_out_after),
+             f"{report.held_out_after / max(report.held_out_before, 1e-12):.3f}"]]
+    lines = [render(rows, ["", "before", "after", "after/before"]), "",
+             f"{report.steps} steps in {report.minutes:.1f} min (teacher pass {report.teacher_minutes:.1f} min), "
+             f"stopped by {report.stopped}; trained {report.trained_params:,} parameters "
+             f"({report.config.train}, loss {report.loss})"]
+    return "\n".join(lines + ([f"note: {report.note}"] if report.note else []))

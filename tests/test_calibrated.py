@@ -1,0 +1,254 @@
+"""Activation-aware compression: whitening, budgets, ridge, closed-loop refit, and the CLI around them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import build_bert, build_llama
+from lora_compress.allocate import LayerCost, allocate
+from lora_compress.aware import aware_factors, weighted_spectrum
+from lora_compress.calibrate import calibration_tokens, run_sequential
+from lora_compress.checkpoint import load
+from lora_compress.cli import main
+from lora_compress.compress import CompressConfig, compress_
+from lora_compress.errors import LoraCompressError
+from lora_compress.svd import cholesky_factor, factorize
+
+
+def correlated_inputs(tokens=400, features=24, seed=0) -> torch.Tensor:
+    """Inputs with a few strong, correlated directions, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, -2, features, dtype=torch.float64)
+    mixing = torch.linalg.qr(torch.randn(features, features, generator=g, dtype=torch.float64))[0]
+    return torch.randn(tokens, features, generator=g, dtype=torch.float64) * scales @ mixing  # (N, in)
+
+
+def output_error(factors, W, X_c, X_d=None, weights=None) -> float:
+    X_d = X_c if X_d is None else X_d
+    diff = factors.B.double() @ factors.A.double() @ X_c.T - W.double() @ X_d.T  # (out, N)
+    w = torch.ones(W.shape[0], dtype=torch.float64) if weights is None else weights.double()
+    return float((diff.pow(2).sum(1) * w).sum().sqrt())
+
+
+@pytest.fixture
+def layer():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 24, generator=g, dtype=torch.float64), correlated_inputs()
+
+
+@pytest.mark.parametrize("rank", [2, 5, 10])
+def test_whitened_error_beats_plain_svd_and_matches_the_optimum(layer, rank):
+    W, X = layer
+    whitened = aware_factors(W, rank, X.T @ X)
+    plain = factorize(W, rank, compute_dtype=torch.float64)
+    optimum = torch.linalg.svdvals(W @ X.T)[rank:].pow(2).sum().sqrt()  # best rank-r approximation of W·Xᵀ
+    assert output_error(plain, W, X) > 1.05 * output_error(whitened, W, X)
+    assert output_error(whitened, W, X) == pytest.approx(float(optimum), rel=1e-6)
+
+
+def test_weighted_spectrum_is_the_whitened_truncation_loss(layer):
+    W, X = layer
+    power = weighted_spectrum(W, X.T @ X)
+    factors = aware_factors(W, 4, X.T @ X)
+    assert float(power[4:].sum().sqrt()) == pytest.approx(output_error(factors, W, X), rel=1e-6)
+
+
+def test_channel_weights_lower_the_weighted_error(layer):
+    W, X = layer
+    weights = torch.logspace(2, -2, W.shape[0], dtype=torch.float64)
+    weighted = aware_factors(W, 4, X.T @ X, weights=weights)
+    unweighted = aware_factors(W, 4, X.T @ X)
+    assert output_error(weighted, W, X, weights=weights) < output_error(unweighted, W, X, weights=weights)
+
+
+def test_rank_deficient_gram_takes_the_ridge_path(layer):
+    W, _ = layer
+    X = correlated_inputs(tokens=8)  # 8 tokens, 24 features: XᵀX has rank 8
+    gram = X.T @ X
+    assert torch.linalg.cholesky_ex(gram)[1] != 0 or torch.linalg.matrix_rank(gram) < gram.shape[0]
+    _, ridge = cholesky_factor(gram)
+    factors = aware_factors(W, 4, gram)
+    assert ridge > 0
+    assert torch.isfinite(factors.B).all() and torch.isfinite(factors.A).all()
+    assert output_error(factors, W, X) < output_error(factorize(W, 4, compute_dtype=torch.float64), W, X)
+
+
+@pytest.mark.parametrize("rank", [3, 8])
+def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank):
+    W, X_d = layer
+    drift = correlated_inputs(seed=5) * 0.3
+    X_c = X_d + drift  # what a compressed model feeds this layer
+    refit = aware_factors(W, rank, X_c.T @ X_c, cross=X_d.T @ X_c)
+    open_loop = aware_factors(W, rank, X_c.T @ X_c)
+    assert output_error(refit, W, X_c, X_d) < output_error(open_loop, W, X_c, X_d)
+
+
+def random_costs(seed=0) -> dict[str, LayerCost]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(32, 32), (64, 32), (32, 64), (48, 16)] * 3
+    return {f"layer{i}": LayerCost.from_spectrum(s, torch.rand(min(s), generator=g).pow(3) * 10 ** (i % 4))
+            for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.8, 1.0])
+def test_budget_is_met_within_one_rank_step(budget):
+    costs = random_costs()
+    ranks = allocate(costs, budget)
+    dense = sum(c.dense_params for c in costs.values())
+    total = sum(costs[n].params(r) for n, r in ranks.items())
+    assert total <= budget * dense
+    assert budget * dense - total < max(sum(c.shape) for c in costs.values())
+
+
+def test_budget_spends_more_on_costly_layers():
+    cheap = LayerCost.from_spectrum((32, 32), torch.linspace(1, 0.01, 32))
+    costly = LayerCost.from_spectrum((32, 32), 1000 * torch.linspace(1, 0.01, 32))
+    ranks = allocate({"cheap": cheap, "costly": costly}, 0.5)
+    assert (ranks["costly"] or 32) > (ranks["cheap"] or 32)
+
+
+def test_budget_below_rank_one_everywhere_names_the_smallest_feasible():
+    costs = random_costs()
+    with pytest.raises(LoraCompressError, match=r"smallest feasible budget is 0\.0[0-9]+"):
+        allocate(costs, 0.001)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.5, -0.2])
+def test_budget_outside_unit_interval_is_refused(budget):
+    with pytest.raises(LoraCompressError, match="outside"):
+        CompressConfig(budget=budget, method="sequential")
+
+
+def test_budget_with_plain_svd_is_refused():
+    with pytest.raises(LoraCompressError, match="--budget needs calibration"):
+        CompressConfig(budget=0.5, method="svd")
+
+
+def test_method_defaults_to_sequential_with_calibration_text():
+    assert CompressConfig(ratio=0.5).method == "svd"
+    assert CompressConfig(ratio=0.5, calib="text.txt").method == "sequential"
+
+
+class WordTokenizer:
+    def __call__(self, text, **kwargs):
+        return {"input_ids": torch.arange(len(text.split())).unsqueeze(0)}
+
+
+def test_too_short_calibration_text_says_how_many_tokens():
+    with pytest.raises(LoraCompressError, match=r"has 5 tokens but .* needs 8"):
+        calibration_tokens(WordTokenizer(), "one two three four five", 2, 4)
+
+
+def test_calibration_samples_are_spread_over_the_text():
+    tokens = calibration_tokens(WordTokenizer(), " ".join(["w"] * 100), 4, 10)
+    assert tokens.shape == (4, 10)
+    assert tokens[0, 0] == 0 and tokens[-1, -1] == 99
+
+
+def tiny_tokens(samples=8, length=24) -> torch.Tensor:
+    return torch.randint(2, 60, (samples, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_sequential_groups_layers_that_share_inputs():
+    model = build_llama(None, vocab=64)
+    seen = []
+    from lora_compress.targets import find_targets
+
+    run_sequential(model, tiny_tokens(), find_targets(model), lambda names, gram, cross: seen.append(names), False)
+    short = [[n.split(".")[-1] for n in group] for group in seen[:4]]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert len(seen) == 8
+
+
+@pytest.mark.parametrize("build", [build_llama, build_bert], ids=["llama", "bert"])
+@pytest.mark.parametrize("method", ["whiten", "sequential"])
+def test_calibrated_methods_meet_the_budget_and_beat_plain_svd(build, method):
+    ids = tiny_tokens(2, 24)
+    dense = build(None, vocab=64)
+    reference = _output(dense, ids)
+    errors = {}
+    for name in ("svd", method):
+        model = build(None, vocab=64)
+        config = CompressConfig(ratio=0.5, method=name)
+        compress_(model, config, progress=False, tokens=tiny_tokens() if name != "svd" else None)
+        errors[name] = float((_output(model, ids) - reference).norm() / reference.norm())
+    assert errors[method] < errors["svd"]
+    model = build(None, vocab=64)
+    report = compress_(model, CompressConfig(budget=0.6, method=method), progress=False, tokens=tiny_tokens())
+    steps = max(sum(layer.shape) for layer in report.layers)
+    assert 0.6 * report.dense_params - steps < report.params <= 0.6 * report.dense_params
+    assert report.calibration["tokens"] == 8 * 24
+
+
+def _output(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_method_without_tokens_asks_for_calibration_text():
+    with pytest.raises(LoraCompressError, match="--calib"):
+        compress_(build_llama(None, vocab=64), CompressConfig(ratio=0.5, method="whiten"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    from conftest import TEXT
+    path.write_text(TEXT * 4)
+    return path
+
+
+def test_cli_budget_writes_ranks_and_calibration_and_reloads(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--budget", "0.6", "--calib",
+                                       str(calib_file), "--calib-samples", "4", "--calib-len", "16",
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "lora_compress.json").read_text())
+    assert manifest["method"] == "sequential"
+    assert manifest["calibration"]["tokens"] == 64 and manifest["calibration"]["sensitivity"]
+    ranks = [layer["rank"] for layer in manifest["layers"].values()]
+    assert len(set(ranks)) > 1
+    model = load(out)
+    assert {n: m.rank for n, m in model.named_modules() if hasattr(m, "lora_A")} == \
+        {n: r for n, r in zip(manifest["layers"], ranks) if r is not None}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"), (b"", "empty"), (b"\xff\xfe\x00bad", "not UTF-8"), (b"too short", "needs"),
+])
+def test_cli_bad_calibration_file_exits_2_without_output(tiny_models, tmp_path, content, message):
+    path = tmp_path / "calib.txt"
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--budget", "0.6", "--calib",
+                                       str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2
+    assert message in result.output and "error:" in result.output
+    assert not out.exists()
+
+
+def test_cli_calib_with_plain_svd_warns_it_is_unused(tiny_models, calib_file, tmp_path):
+    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--ratio", "0.5", "--method", "svd",
+                                       "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "warning: --calib is unused" in result.output
+
+
+def test_cli_budget_too_small_names_smallest_feasible(tiny_models, calib_file, tmp_path):
+    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--budget", "0.01", "--calib",
+                                       str(calib_file), "--calib-samples", "4", "--calib-len", "16",
+                                       "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2
+    assert "smallest feasible budget" in result.output
+
+
+def test_calibration_longer_than_the_model_positions_is_refused():
+    model = build_bert(None, vocab=64)  # 256 positions
+    with pytest.raises(LoraCompressError, match="--calib-len 300 is longer"):
+        compress_(model, CompressConfig(ratio=0.5, method="whiten"), progress=False, tokens=tiny_tokens(2, 300))

@@ -1,0 +1,210 @@
+"""Healing: distillation lowers the held-out loss, touches only the trained set, is reproducible,
+respects its budgets, and refuses bad input with one clear line."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lora_compress as lc
+from lora_compress.checkpoint import MANIFEST, Source, factored_modules, load_tokenizer
+from lora_compress.cli import main
+from lora_compress.errors import LoraCompressError
+from lora_compress.heal import HealConfig, heal, heal_
+from helpers import dense
+
+healing = importlib.import_module("lora_compress.heal")  # the module; lc.heal is the function
+
+FAST = dict(seq_len=32, batch_size=2, lr=1e-2, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_models, tmp_path_factory) -> dict:
+    """Each tiny model compressed to 30% of its targeted parameters (plain SVD)."""
+    root = tmp_path_factory.mktemp("compressed")
+    folders = {}
+    for arch, folder in tiny_models.items():
+        folders[arch] = root / arch
+        lc.compress(str(folder), folders[arch], lc.CompressConfig(ratio=0.3), progress=False)
+    return folders
+
+
+def _pair(compressed, tiny_models, arch="llama"):
+    folder = compressed[arch]
+    return lc.load(folder), dense(tiny_models[arch]), load_tokenizer(Source(folder, str(folder)))
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_healing_lowers_the_held_out_loss(arch, compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models, arch)
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=20, **FAST), progress=False)
+    assert report.loss == ("hidden" if arch == "bert" else "kl")
+    assert report.held_out_before > 0
+    assert report.held_out_after < 0.5 * report.held_out_before
+    assert [h["step"] for h in report.history] == list(range(1, 21)) and report.stopped == "steps"
+
+
+@pytest.mark.parametrize("train", ["B", "AB"])
+def test_parameters_outside_the_trained_set_are_bit_identical(train, compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models)
+    before = _tensors(model)
+    heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=3, train=train, **FAST), progress=False)
+    trained = ("lora_B",) if train == "B" else ("lora_A", "lora_B")
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "healing changed nothing"
+    assert all(k.endswith(trained) for k in changed)
+    assert all(p.requires_grad for p in model.parameters())  # frozen flags restored
+
+
+def test_the_extra_lora_grows_the_rank_and_keeps_the_old_factors(compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models)
+    before = {n: (m.lora_A.clone(), m.lora_B.clone()) for n, m in factored_modules(model).items()}
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=5, train="lora", lora_rank=2,
+                                                                               **FAST), progress=False)
+    assert report.held_out_after < report.held_out_before
+    for name, module in factored_modules(model).items():
+        A, B = before[name]
+        assert module.rank == A.shape[0] + 2
+        assert torch.equal(module.lora_A[: A.shape[0]], A) and torch.equal(module.lora_B[:, : A.shape[0]], B)
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+def test_the_same_seed_gives_the_same_result(compressed, tiny_models, text_file):
+    results = []
+    for seed in (0, 0, 1):
+        model, teacher, tokenizer = _pair(compressed, tiny_models)
+        heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=4, seed=seed, **FAST), progress=False)
+        results.append(lc.checkpoint.adapter_tensors(model))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert not all(torch.equal(results[0][k], results[2][k]) for k in results[0])
+
+
+def test_gradient_checkpointing_gives_the_same_weights(compressed, tiny_models, text_file):
+    results = []
+    for checkpointing in (False, True):
+        model, teacher, tokenizer = _pair(compressed, tiny_models)
+        heal_(model, teacher, tokenizer, text_file.read_text(),
+              HealConfig(steps=3, checkpointing=checkpointing, **FAST), progress=False)
+        assert not model.is_activation_checkpointing
+        results.append(lc.checkpoint.adapter_tensors(model))
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+
+
+def test_the_time_budget_stops_training(compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models)
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(minutes=0.01, **FAST), progress=False)
+    assert report.stopped == "time" and report.steps >= 1
+    assert report.minutes < 0.02
+    assert report.history[-1]["minutes"] <= report.minutes
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_weights(compressed, tiny_models, text_file, monkeypatch):
+    model, teacher, tokenizer = _pair(compressed, tiny_models)
+    reference = _pair(compressed, tiny_models)[0]
+    text = text_file.read_text()
+    heal_(reference, teacher, tokenizer, text, HealConfig(steps=2, **FAST), progress=False)
+    real, calls = healing.distill_loss, []
+
+    def loss_turning_nan(*args):
+        loss = real(*args)
+        calls.append(torch.is_grad_enabled())
+        return loss * float("nan") if sum(calls) == 3 else loss
+    monkeypatch.setattr(healing, "distill_loss", loss_turning_nan)
+    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=10, **FAST), progress=False)
+    assert report.stopped == "nan" and report.steps == 2 and "NaN at step 3" in report.note
+    expected, got = lc.checkpoint.adapter_tensors(reference), lc.checkpoint.adapter_tensors(model)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_heal_writes_a_folder_that_loads_with_the_healing_recorded(compressed, text_file, tmp_path):
+    out = tmp_path / "healed"
+    report = heal(compressed["gpt2"], text_file, out, HealConfig(steps=3, **FAST), progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    healed = manifest["healing"]
+    assert healed["held_out_before"] == report.held_out_before and healed["held_out_after"] == report.held_out_after
+    assert [h["step"] for h in healed["history"]] == [1, 2, 3] and set(healed["history"][0]) == {"step", "minutes", "loss"}
+    assert healed["settings"]["steps"] == 3 and healed["settings"]["calib"] == str(text_file)
+    original = json.loads((compressed["gpt2"] / MANIFEST).read_text())
+    assert manifest["layers"] == original["layers"]
+    model = lc.load(out)
+    assert not torch.equal(lc.checkpoint.adapter_tensors(model)["transformer.h.0.attn.c_attn.lora_B"],
+                           lc.checkpoint.adapter_tensors(lc.load(compressed["gpt2"]))["transformer.h.0.attn.c_attn.lora_B"])
+
+
+def test_heal_with_an_extra_lora_records_the_grown_ranks(compressed, text_file, tmp_path):
+    out = tmp_path / "healed"
+    heal(compressed["llama"], text_file, out, HealConfig(steps=2, train="lora", lora_rank=3, **FAST), progress=False)
+    original = json.loads((compressed["llama"] / MANIFEST).read_text())["layers"]
+    layers = json.loads((out / MANIFEST).read_text())["layers"]
+    assert all(layers[n]["rank"] == original[n]["rank"] + 3 for n in original if original[n]["rank"])
+    assert {n: m.rank for n, m in factored_modules(lc.load(out)).items()} == \
+        {n: layer["rank"] for n, layer in layers.items() if layer["rank"]}
+
+
+def test_cli_heal_prints_the_losses_and_writes_the_folder(compressed, text_file, tmp_path):
+    out = tmp_path / "healed"
+    result = CliRunner().invoke(main, ["heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
+                                       "--steps", "2", "--seq-len", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "held-out loss" in result.output and "stopped by steps" in result.output
+    assert "--steps 2" in json.loads((out / MANIFEST).read_text())["healing"]["settings"]["command"]
+
+
+def test_cli_heal_help_lists_the_options():
+    result = CliRunner().invoke(main, ["heal", "--help"])
+    assert result.exit_code == 0
+    assert all(option in result.output for option in ("--calib", "--steps", "--minutes", "--train", "--teacher"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda c, d, t, o: [str(d), "--calib", str(t), "--out", str(o)], "no lora_compress.json"),
+    (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "missing.txt"), "--out", str(o)], "does not exist"),
+    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--seq-len", "200"], "at least 2 × --seq-len"),
+    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(c)], "already exists"),
+    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--teacher", str(d.parent / "gpt2")],
+     "pass --teacher with the model it was compressed from"),
+    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--lr", "0"], "--lr 0.0 must be positive"),
+])
+def test_cli_heal_refuses_bad_input_with_one_line(args, message, compressed, tiny_models, text_file, tmp_path):
+    out = tmp_path / "healed"
+    argv = args(compressed["llama"], tiny_models["llama"], text_file, out)
+    result = CliRunner().invoke(main, ["heal", *argv, "--steps", "1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.startswith("error: ")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".healed*"))
+
+
+def test_config_needs_a_bound_and_known_choices():
+    with pytest.raises(LoraCompressError, match="--steps or --minutes"):
+        HealConfig()
+    with pytest.raises(LoraCompressError, match="--train 'C' is unknown"):
+        HealConfig(steps=1, train="C")
+    with pytest.raises(LoraCompressError, match="--loss 'mse' is unknown"):
+        HealConfig(steps=1, loss="mse")
+
+
+def test_kl_loss_on_an_encoder_is_refused(compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models, "bert")
+    with pytest.raises(LoraCompressError, match="needs an LM head"):
+        heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=1, loss="kl", **FAST))
+
+
+@pytest.mark.real
+def test_healing_smollm2_lowers_its_held_out_loss(smollm2_dir, real_text_dir):
+    """Plain SVD at 90% of the parameters, a few steps on a slice of As You Like It."""
+    model, teacher = dense(smollm2_dir), dense(smollm2_dir)
+    lc.compress_(model, lc.CompressConfig(ratio=0.9, include=(r"layers\.(0|1)\.",)), progress=False)
+    tokenizer = load_tokenizer(Source(smollm2_dir, str(smollm2_dir)))
+    text = (real_text_dir / "asyoulik.txt").read_text()[:12000]
+    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, seq_len=128, batch_size=2, lr=1e-4, warmup=1),
+                   progress=False)
+    assert report.held_out_after < 0.9 * report.held_out_before
