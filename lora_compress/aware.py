@@ -52,7 +52,6 @@ RECIPES = {
     "whiten": Recipe(sequential=False, correct=False, weighted=False),
     "sequential": Recipe(sequential=True, correct=True, weighted=True),
 }
-BEST_METHOD = "sequential"  # the best measured on held-out text (benchmarks/quality.md)
 FISHER_FLOOR = 1e-2  # weights g/mean(g) are floored here so no output channel is ignored
 
 

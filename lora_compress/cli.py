@@ -200,7 +200,7 @@ def compare(runs, plot):
 
 @main.command()
 @click.argument("folder", type=click.Path())
-@click.option("--calib", required=True, type=click.Path(), help="Calibration text (the last 10% is held out).")
+@click.option("--calib", required=True, type=click.Path(), help="Calibration text (its last 8 sequences are held out).")
 @click.option("--out", required=True, type=click.Path(), help="Healed folder to write (must not exist unless --force).")
 @click.option("--steps", type=int, help="Optimizer steps (the schedule spans them).")
 @click.option("--minutes", type=float, help="Training wall-clock budget [default: 10 when --steps is not given].")

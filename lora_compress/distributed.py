@@ -5,7 +5,9 @@
 Process p factors targets p, p+K, p+2K, … (K processes); after each round of K layers every
 process receives every result (``all_gather_object``), so an error on one process is raised on
 all of them. Layers are factored independently with the same seed, so the output is the same
-as a single process's. Backend: gloo on CPU, nccl on CUDA.
+as a single process's: bit for bit when both use the same number of BLAS threads (torchrun
+sets OMP_NUM_THREADS=1), else equal up to float rounding (~1e-7 relative; LAPACK's blocking
+depends on the thread count). Backend: gloo on CPU, nccl on CUDA.
 """
 from __future__ import annotations
 

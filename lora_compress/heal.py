@@ -6,8 +6,8 @@
     loss "kl":     KL(p_t ‖ p_s), mean per token               (causal LMs; the default there)
     loss "hidden": ‖h_s − h_t‖² / ‖h_t‖² over the batch          (encoders; the default there)
 
-Features are the last hidden states (the input of the LM head), so the teacher runs once over
-the calibration text and never again. What is trained (``train``): "AB" both factors of every
+Features are the last hidden states (the input of the LM head); the teacher's are cached, so it
+runs at most once per calibration sequence (on first use) and never in later epochs. What is trained (``train``): "AB" both factors of every
 LowRankLinear; "B" only lora_B; "lora" a small extra LoRA (b·a, b starts at zero) on top of each
 factored layer, concatenated into the factors at the end (rank grows by ``lora_rank``).
 Every other parameter stays bit-identical.
@@ -52,7 +52,7 @@ class HealConfig:
     warmup: int = 10  # steps of linear warm-up, then cosine decay to 10% of lr
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     clip: float = 1.0  # gradient-norm clipping
-    held_out: float = 0.1  # fraction of the calibration sequences kept out of training
+    held_out: int = 8  # calibration sequences kept out of training (the text's last ones)
     seed: int = 0  # batch order and extra-LoRA init
     checkpointing: bool = False  # gradient checkpointing: less activation memory, more time
 
@@ -67,8 +67,8 @@ class HealConfig:
             raise LoraCompressError(f"--train {self.train!r} is unknown; choose one of {', '.join(TRAIN_SETS)}")
         if self.loss not in LOSSES:
             raise LoraCompressError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
-        if not 0 < self.held_out < 1:
-            raise LoraCompressError(f"held_out {self.held_out} is outside (0, 1); pass a fraction such as 0.1")
+        if self.held_out < 1:
+            raise LoraCompressError(f"held_out {self.held_out} must be at least 1 sequence")
         if self.warmup < 0 or self.weight_decay < 0:
             raise LoraCompressError("--warmup and --weight-decay must not be negative")
 
@@ -99,7 +99,7 @@ class HealReport:
     stopped: str = ""  # steps | time | nan
     note: str = ""
     minutes: float = 0.0  # training wall time
-    teacher_minutes: float = 0.0  # the one teacher pass over the calibration text
+    teacher_minutes: float = 0.0  # teacher forwards: held-out set first, training sequences on first use
     trained_params: int = 0
     tokens: dict = field(default_factory=dict)  # {"train": n, "held_out": n}
 
@@ -118,13 +118,33 @@ class HealReport:
 
 @dataclass
 class _Data:
-    """Calibration sequences with the teacher's cached features, split train / held-out."""
+    """Calibration sequences, split train / held-out, with the teacher's features cached.
 
+    Training sequences get their teacher features on first use, so a short run never pays for
+    a teacher pass over text it does not reach; later epochs read the cache.
+    """
+
+    teacher: nn.Module
     train_ids: torch.Tensor  # (N, T)
-    train_targets: torch.Tensor  # (N, T, C) float32
     held_ids: torch.Tensor  # (M, T)
-    held_targets: torch.Tensor  # (M, T, C) float32
     head: nn.Module | None  # the teacher's output embedding (KL losses only)
+    cache: dict[int, torch.Tensor] = field(default_factory=dict)  # train sequence → (T, C) float32
+    held_targets: torch.Tensor | None = None  # (M, T, C) float32
+    teacher_seconds: float = 0.0
+
+    @torch.no_grad()
+    def teacher_features(self, ids: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        result = features(self.teacher, ids).float()  # (B, T, C)
+        self.teacher_seconds += time.perf_counter() - start
+        return result
+
+    def train_targets(self, index: torch.Tensor) -> torch.Tensor:
+        """Teacher features of training sequences ``index``: (B, T, C)."""
+        missing = [i for i in index.tolist() if i not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.teacher_features(self.train_ids[missing])))
+        return torch.stack([self.cache[i] for i in index.tolist()])
 
 
 def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealConfig, *,
@@ -187,7 +207,7 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
         model: a compressed model (with LowRankLinear layers), e.g. from :func:`load`.
         teacher: the dense model it was compressed from (left unchanged).
         tokenizer: their tokenizer.
-        text: calibration text; the last ``held_out`` fraction of its sequences is never trained on.
+        text: calibration text; its last ``held_out`` sequences are never trained on.
         config: steps / time budget, learning rate, trained set, loss.
         callback: called with a :class:`HealStep` after every optimizer step.
 
@@ -200,9 +220,7 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
     """
     _check_pair(model, teacher, config)
     report = HealReport(config, _loss_kind(config.loss, model))
-    start = time.perf_counter()
-    data = _prepare_data(teacher, tokenizer, text, config, report.loss, progress)
-    report.teacher_minutes = (time.perf_counter() - start) / 60
+    data = _prepare_data(teacher, tokenizer, text, config, report.loss)
     report.tokens = {"train": data.train_ids.numel(), "held_out": data.held_ids.numel()}
     dtype, grad_flags = next(model.parameters()).dtype, {p: p.requires_grad for p in model.parameters()}
     model.float()  # train in float32 whatever the storage dtype; casting back is exact for frozen tensors
@@ -215,6 +233,7 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
     try:
         _train(model, params, data, config, report, progress, callback)
         report.held_out_after = _held_out_loss(model, data, report.loss, config.batch_size)
+        report.teacher_minutes = data.teacher_seconds / 60
     finally:
         extra.merge_(model) if extra else None
         _restore(model, dtype, grad_flags)
@@ -255,15 +274,15 @@ def _check_pair(model: nn.Module, teacher: nn.Module, config: HealConfig) -> Non
                                 f"pass --seq-len {positions} or less")
 
 
-def _sequences(tokenizer, text: str, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequences(tokenizer, text: str, config: HealConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping ``seq_len``-token sequences of ``text``: (train, held-out), the held-out last."""
     ids = tokenizer(text, return_tensors="pt", truncation=False)["input_ids"][0]  # (N,)
     count = len(ids) // config.seq_len
     if count < 2:
         raise LoraCompressError(f"--calib holds {len(ids):,} tokens; healing needs at least 2 × --seq-len "
                                 f"{config.seq_len} (one to train on, one held out); pass a longer text")
-    sequences = ids[: count * config.seq_len].view(count, config.seq_len)  # (count, T)
-    held = max(1, round(count * config.held_out))
+    sequences = ids[: count * config.seq_len].view(count, config.seq_len).to(device)  # (count, T)
+    held = min(config.held_out, count - 1)
     return sequences[:-held], sequences[-held:]
 
 
@@ -272,15 +291,12 @@ def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return forward(model.base_model, ids).last_hidden_state
 
 
-@torch.no_grad()
-def _prepare_data(teacher, tokenizer, text, config, loss, progress) -> _Data:
-    train_ids, held_ids = _sequences(tokenizer, text, config)
+def _prepare_data(teacher, tokenizer, text, config, loss) -> _Data:
+    train_ids, held_ids = _sequences(tokenizer, text, config, next(teacher.parameters()).device)
     teacher.eval()
-    batches = list(torch.cat([train_ids, held_ids]).split(config.batch_size))
-    cached = torch.cat([features(teacher, ids).float()  # (B, T, C)
-                        for ids in tqdm(batches, desc="teacher pass", unit="batch", disable=not progress)])
-    head = teacher.get_output_embeddings() if "kl" in loss else None
-    return _Data(train_ids, cached[: len(train_ids)], held_ids, cached[len(train_ids):], head)
+    data = _Data(teacher, train_ids, held_ids, teacher.get_output_embeddings() if "kl" in loss else None)
+    data.held_targets = torch.cat([data.teacher_features(ids) for ids in held_ids.split(config.batch_size)])
+    return data
 
 
 def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, target: torch.Tensor,
@@ -310,9 +326,11 @@ class _ExtraLora:
     """A rank-k LoRA added to each factored layer's output through forward hooks (scale 1)."""
 
     def __init__(self, modules: dict[str, LowRankLinear], rank: int):
-        self.a = {n: nn.Parameter(torch.randn(rank, m.in_features) / m.in_features ** 0.5)  # (k, in)
+        device = next(iter(modules.values())).lora_A.device
+        self.a = {n: nn.Parameter((torch.randn(rank, m.in_features) / m.in_features ** 0.5).to(device))  # (k, in)
                   for n, m in modules.items()}
-        self.b = {n: nn.Parameter(torch.zeros(m.out_features, rank)) for n, m in modules.items()}  # (out, k)
+        self.b = {n: nn.Parameter(torch.zeros(m.out_features, rank, device=device))  # (out, k)
+                  for n, m in modules.items()}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -344,10 +362,25 @@ def _trainable(model: nn.Module, config: HealConfig) -> tuple[list[nn.Parameter]
         return extra.parameters(), extra
     params = [m.lora_B for m in modules.values()]
     if config.train == "AB":
+        _balance_(modules.values())
         params += [m.lora_A for m in modules.values()]
     for param in params:
         param.requires_grad_(True)
     return params, None
+
+
+@torch.no_grad()
+def _balance_(modules) -> None:
+    """Give each rank component equal norms in B and A (product unchanged, up to rounding).
+
+    SVD factors carry Σ in B: B's entries are ~10⁴ times A's, and Adam's per-entry steps of ~lr
+    would then wreck A and barely move B.
+    """
+    for module in modules:
+        scale = (module.lora_A.norm(dim=1) / module.lora_B.norm(dim=0).clamp_min(1e-30)).sqrt()  # (r,)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        module.lora_B.mul_(scale)
+        module.lora_A.div_(scale.unsqueeze(1))
 
 
 def _distillation_mode(model: nn.Module, checkpointing: bool) -> None:
@@ -400,7 +433,7 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, fraction, config.warmup)
         index = next(batches)
-        loss = distill_loss(model, data.head, data.train_ids[index], data.train_targets[index], report.loss)
+        loss = distill_loss(model, data.head, data.train_ids[index], data.train_targets(index), report.loss)
         if not torch.isfinite(loss):
             _stop_on_nan(params, good, report, step)
             break

@@ -272,28 +272,29 @@ def merge_(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor
 
 
 def _model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) when the model has them, else the last hidden states (B, T, C)."""
     output = model(input_ids=ids)
     logits = getattr(output, "logits", None)
-    return (logits if logits is not None else output.last_hidden_state).float()  # (B, T, V) or (B, T, C)
+    return (logits if logits is not None else output.last_hidden_state).float()
 
 
 @torch.no_grad()
-def output_error(reference: list[torch.Tensor], model: nn.Module, inputs: list[torch.Tensor]) -> dict:
-    """Relative Frobenius error of ``model``'s outputs against ``reference`` (plus KL for logits)."""
+def output_error(reference: list[torch.Tensor], model: nn.Module, inputs: list[torch.Tensor],
+                 logits: bool = True) -> dict:
+    """Relative Frobenius error of ``model``'s outputs against ``reference``; for causal LMs (``logits``)
+    also KL(reference ‖ model) of the next-token distributions, per token."""
     diff_sq = ref_sq = kl = 0.0
-    tokens = 0
     for want, ids in zip(reference, inputs):
         got = _model_output(model, ids)
         diff_sq += (got - want).pow(2).sum().item()
         ref_sq += want.pow(2).sum().item()
-        kl += nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="sum").item()
-        tokens += ids.numel()
-    figures = {"logits_rel_error": (diff_sq / ref_sq) ** 0.5}
-    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-        figures["kl_per_token"] = max(kl / tokens, 0.0)
-    else:
-        figures = {"hidden_rel_error": figures["logits_rel_error"]}
-    return figures
+        if logits:
+            kl += nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                       reduction="sum").item()
+    error = (diff_sq / ref_sq) ** 0.5
+    if not logits:
+        return {"output_rel_error": error}
+    return {"logits_rel_error": error, "kl_per_token": max(kl / sum(ids.numel() for ids in inputs), 0.0)}
 
 
 def _check_inputs(tokenizer, text: str | None, config: ExtractConfig, vocab: int) -> tuple[list, list, str]:
@@ -369,14 +370,15 @@ def _grams(model: nn.Module, fit: list[torch.Tensor], deltas: _Deltas, progress:
 def _compare(base_model, tuned_model, deltas: _Deltas, variants: dict, check: list, config) -> ExtractionReport:
     """Output error of base alone and of base + each variant's adapter; the lowest error wins."""
     reference = [_model_output(tuned_model, ids) for ids in check]
+    logits = _task_type(tuned_model) == "CAUSAL_LM"
     report = ExtractionReport(config, unchanged=deltas.unchanged, saved_whole=_modules(deltas.whole),
                               bias_layers=sorted(deltas.biases))
-    report.output_error["base"] = output_error(reference, base_model, check)
+    report.output_error["base"] = output_error(reference, base_model, check, logits)
     for variant, (factors, _) in variants.items():
         if not factors:
             raise LoraCompressError(f"--budget {config.budget} leaves every layer rank 0; raise the budget")
         candidate = merge_(copy.deepcopy(base_model), _pairs(factors), deltas.biases, deltas.whole)
-        report.output_error[variant] = output_error(reference, candidate, check)
+        report.output_error[variant] = output_error(reference, candidate, check, logits)
     report.method = min(variants, key=lambda v: next(iter(report.output_error[v].values())))
     factors, notes = variants[report.method]
     report.layers = [ExtractedLayer(name, tuple(deltas.weights[name].shape), f.rank, f.energy_kept,

@@ -153,17 +153,21 @@ def energy_per_layer(layers: dict, title: str, path: Path) -> Path:
 
 def drift_per_block(drift: dict, title: str, path: Path) -> Path:
     """Relative error of each block's output: cumulative (end to end) and local (block alone)."""
-    blocks = range(len(drift["cumulative"]))
+    blocks, local = range(len(drift["cumulative"])), drift["local"]
+    values = [v for v in drift["cumulative"] + local if v > 0]
+    log = bool(values) and max(values) / min(values) > 30
+    unchanged = log and 0.0 in local  # log scale: blocks that add no error are left out, not drawn at -inf
     figure = _figure(9, 4.5)
     axis = figure.subplots()
     axis.plot(blocks, drift["cumulative"], marker="o", ms=3, label="cumulative: compressed model end to end")
-    axis.plot(blocks, drift["local"], marker="s", ms=3, label="local: this block alone, fed the dense input")
-    worst = max(blocks, key=lambda i: drift["local"][i])
+    axis.plot(blocks, [v if v > 0 or not log else math.nan for v in local], marker="s", ms=4,
+              label="local: this block alone, fed the dense input" + (" (0 where unchanged: not drawn)"
+                                                                        if unchanged else ""))
+    worst = max(blocks, key=lambda i: local[i])
     left = worst > len(blocks) / 2  # keep the label inside the axes
-    axis.annotate(f"largest local error: block {worst}", (worst, drift["local"][worst]), xytext=(-10 if left else 10, 14),
+    axis.annotate(f"largest local error: block {worst}", (worst, local[worst]), xytext=(-10 if left else 10, 14),
                   textcoords="offset points", ha="right" if left else "left", arrowprops={"arrowstyle": "->"}, fontsize=8)
-    values = [v for v in drift["cumulative"] + drift["local"] if v > 0]
-    if values and max(values) / min(values) > 30:
+    if log:
         axis.set_yscale("log")
     axis.set(xlabel=f"block ({drift['stack']}.i)", ylabel="relative error  ‖h_c − h_d‖ / ‖h_d‖",
              title=f"{title}\noutput drift per block ({drift['tokens']:,} tokens)")

@@ -139,6 +139,11 @@ def _header(report: dict) -> str:
              f"- base model: `{report['base_model']}` ({report['model_class']})",
              f"- method: {report['method']}; settings: {settings}",
              f"- command: `{report['command']}`"]
+    calibration = report.get("calibration")
+    if calibration:
+        lines.append(f"- calibration: {calibration.get('samples')} × {calibration.get('length')} tokens of "
+                     f"`{calibration.get('text')}`, {calibration.get('seconds')} s, peak memory "
+                     f"{calibration.get('peak_memory_mb')} MiB")
     if report["evaluate_command"]:
         lines.append(f"- evaluated with: `{report['evaluate_command']}`")
     versions = report.get("versions") or {}

@@ -185,15 +185,16 @@ def compress_streaming(plan_: Plan, config: CompressConfig, folder: Path | None,
     layers = factored_layers(plan_, config, group, progress)
     writer = ShardWriter(folder, max_shard_bytes or MAX_SHARD_BYTES) if folder is not None else None
     for key, stored in plan_.keys.items():
-        module_name = key.rpartition(".")[0]
+        module_name, factors = key.rpartition(".")[0], None
         if module_name in plan_.targets and key.endswith(".weight"):
             result, factors = next(layers)
             report.layers.append(result)
-            if factors is not None:
-                writer and writer.add(f"{module_name}.lora_A", factors.A.contiguous())
-                writer and writer.add(f"{module_name}.lora_B", factors.B.contiguous())
-                continue
-        if writer is not None:
+        if writer is None:
+            continue
+        if factors is not None:
+            writer.add(f"{module_name}.lora_A", factors.A.contiguous())
+            writer.add(f"{module_name}.lora_B", factors.B.contiguous())
+        else:
             writer.add(key, read_tensor(plan_, stored).to(plan_.dtype))
     if writer is not None:
         writer.close()

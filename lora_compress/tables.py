@@ -49,7 +49,17 @@ def evaluation_table(figures: dict) -> str:
         from .drift import describe
 
         drift += f"\ndrift per block: {describe(figures['blocks'])}"
-    return f"{table}\n\ndrift: {drift}\ncounted: {params['counted']}"
+    ranks = f"\n{rank_lines(figures['ranks'])}" if figures.get("ranks") else ""
+    return f"{table}\n\ndrift: {drift}\ncounted: {params['counted']}{ranks}"
+
+
+def rank_lines(ranks: dict) -> str:
+    """Per-layer ranks, one line per kind of layer (last name part) in model order; d = dense."""
+    kinds = {}
+    for name, rank in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append("d" if rank is None else str(rank))
+    width = max(len(kind) for kind in kinds)
+    return "ranks per layer (d = dense):\n" + "\n".join(f"  {k.ljust(width)}  {' '.join(v)}" for k, v in kinds.items())
 
 
 def extraction_table(report) -> str:

@@ -171,17 +171,10 @@ model. "Factoring s" is the SVD work alone (whitened: plus {calib_seconds:.1f} s
 `lora-compress extract` call at rank {args.ranks[len(args.ranks) // 2]} (both models loaded, factored,
 output-checked, written) took {end_to_end:.1f} s. 2 shared CPU threads: compare times within this table only.
 
-{render_note()}
-
 {chr(10).join(table)}
 """)
     print(render([[_cell(c) for c in row] for row in rows], header))
     print(f"wrote {OUT}")
-
-
-def render_note() -> str:
-    return ("PEFT's and mergekit's paths both run a full SVD of every delta; lora-compress uses a randomized "
-            "SVD at low rank (same error to the digits shown when the spectra agree).")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.md"
 CALIB, EVAL, OTHER = TEXT / "asyoulik.txt", TEXT / "alice29.txt", TEXT / "lcet10.txt"
 # (label, method, rank option): the peer is SVD-LLM with one ratio for every layer
 SMOLLM2_METHODS = [("plain SVD, uniform", "svd", "ratio"), ("whiten (SVD-LLM), uniform", "whiten", "ratio"),
-                   ("whiten + budget allocation", "whiten", "budget"),
-                   ("sequential, uniform", "sequential", "ratio"), ("sequential + budget (default)", "sequential", "budget")]
+                   ("sequential + budget (default)", "sequential", "budget"),
+                   ("whiten + budget allocation", "whiten", "budget"), ("sequential, uniform", "sequential", "ratio")]
 MINILM_METHODS = [("plain SVD, uniform", "svd", "ratio"), ("whiten (SVD-LLM), uniform", "whiten", "ratio"),
                   ("sequential + budget (default)", "sequential", "budget")]
-ABLATIONS = {"whiten + budget allocation", "sequential, uniform"}  # run at the first cut only
+ABLATIONS = {"whiten + budget allocation", "sequential, uniform"}  # with --ablations, at the first cut
 
 
 @torch.no_grad()
@@ -61,13 +61,16 @@ def movie_snippets() -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def embed(model, tokenizer, texts: list[str], batch: int = 64) -> torch.Tensor:
-    out = []
+def embed(model, tokenizer, texts: list[str], batch: int = 32) -> torch.Tensor:
+    """Mean-pooled embeddings; batches of similar length so little padding is computed."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.hidden_size)
     for start in range(0, len(texts), batch):
-        inputs = tokenizer(texts[start: start + batch], padding=True, truncation=True, max_length=128,
+        rows = order[start: start + batch]
+        inputs = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
                            return_tensors="pt")
-        out.append(mean_pool(model(**inputs).last_hidden_state.float(), inputs["attention_mask"]))
-    return torch.cat(out)  # (N, C)
+        out[rows] = mean_pool(model(**inputs).last_hidden_state.float(), inputs["attention_mask"])
+    return out  # (N, C)
 
 
 def probe_accuracy(embeddings: torch.Tensor, labels: torch.Tensor, train: int = 2000, ridge: float = 1.0) -> float:
@@ -87,41 +90,39 @@ def compressed(dense, method: str, option: str, keep: float, tokens):
     return model, report, time.perf_counter() - start
 
 
-def smollm2_rows(cuts, samples, length) -> list[list]:
+def smollm2_rows(cuts, samples, length, dense_row=True, ablations=True):
+    """Rows of the SmolLM2 table, yielded as each is measured."""
     source = resolve_source(str(SMOLLM2))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     tokens = calibration_tokens(tokenizer, read_text(CALIB), samples, length)
-    dense_eval, dense_other = perplexity(dense, tokenizer, EVAL), perplexity(dense, tokenizer, OTHER)
-    rows = [["0%", "dense", f"{dense_eval:.2f}", f"{dense_other:.2f}", "-", "-"]]
+    if dense_row:
+        yield ["0%", "dense", f"{perplexity(dense, tokenizer, EVAL):.2f}", f"{perplexity(dense, tokenizer, OTHER):.2f}",
+               "1.000", "-"]
     for index, cut in enumerate(cuts):
         for label, method, option in SMOLLM2_METHODS:
-            if label in ABLATIONS and index:
+            if label in ABLATIONS and (index or not ablations):
                 continue
             model, report, seconds = compressed(dense, method, option, 1 - cut, tokens)
             other = f"{perplexity(model, tokenizer, OTHER):.2f}" if method != "svd" else "-"
-            rows.append([f"{cut:.0%}", label, f"{perplexity(model, tokenizer, EVAL):.2f}", other,
-                         f"{report.params / report.dense_params:.3f}", f"{seconds:.0f}"])
-            print(" | ".join(rows[-1]), flush=True)
-            del model
-    return rows
+            yield [f"{cut:.0%}", label, f"{perplexity(model, tokenizer, EVAL):.2f}", other,
+                   f"{report.params / report.dense_params:.3f}", f"{seconds:.0f}"]
 
 
-def minilm_rows(cuts, samples, length) -> list[list]:
+def minilm_rows(cuts, samples, length, dense_row=True, ablations=True):
+    """Rows of the MiniLM table, yielded as each is measured."""
     source = resolve_source(str(MINILM))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     tokens = calibration_tokens(tokenizer, read_text(CALIB), samples, length)
     texts, labels = movie_snippets()
     reference = embed(dense, tokenizer, texts)
-    rows = [["0%", "dense", "1.0000", f"{probe_accuracy(reference, labels):.3f}", "-", "-"]]
+    if dense_row:
+        yield ["0%", "dense", "1.0000", f"{probe_accuracy(reference, labels):.3f}", "1.000", "-"]
     for cut in cuts:
         for label, method, option in MINILM_METHODS:
             model, report, seconds = compressed(dense, method, option, 1 - cut, tokens)
             emb = embed(model, tokenizer, texts)
-            rows.append([f"{cut:.0%}", label, f"{float((emb * reference).sum(-1).mean()):.4f}",
-                         f"{probe_accuracy(emb, labels):.3f}", f"{report.params / report.dense_params:.3f}",
-                         f"{seconds:.0f}"])
-            print(" | ".join(rows[-1]), flush=True)
-    return rows
+            yield [f"{cut:.0%}", label, f"{float((emb * reference).sum(-1).mean()):.4f}",
+                   f"{probe_accuracy(emb, labels):.3f}", f"{report.params / report.dense_params:.3f}", f"{seconds:.0f}"]
 
 
 def markdown(rows, header) -> str:
@@ -136,25 +137,37 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense rows")
+    parser.add_argument("--ablations", action="store_true", help="also the ablation rows, at the first cut")
     args = parser.parse_args()
     torch.manual_seed(0)
     cuts = [float(c) for c in args.cuts.split(",")]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     parts = [f"# Compression quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
              f"asyoulik.txt. Cut = fraction of the targeted linear weights removed; kept = measured fraction "
-             f"kept; seconds = wall time of compression (calibration included) on a shared 2-core CPU.\n"]
-    if "smollm2" in args.models:
-        rows = smollm2_rows(cuts, args.calib_samples, args.calib_len)
-        parts.append("## SmolLM2-135M: perplexity (first 4,096 tokens, 1,024-token windows)\n\n" + markdown(
-            rows, ["cut", "method", "alice29 ppl", "lcet10 ppl", "kept", "seconds"]))
-    if "minilm" in args.models:
-        rows = minilm_rows(cuts, args.calib_samples, args.calib_len)
-        parts.append("## all-MiniLM-L6-v2: embeddings of movie-review snippets\n\n" + markdown(
-            rows, ["cut", "method", "cosine to dense", "probe accuracy", "kept", "seconds"]))
+             f"kept; seconds = wall time of compression (calibration included) on a shared 2-core CPU.\n\n"
+             f"Methods: *plain SVD* truncates W; *whiten* is SVD-LLM's closed form (SVD of W·L, L Lᵀ = XᵀX of "
+             f"the dense model's inputs); *sequential* compresses block by block, feeding each layer the "
+             f"inputs of the already compressed model and fitting the dense outputs (whitened SVD of "
+             f"W·(X_dᵀX_c)(X_cᵀX_c)⁻¹, rows weighted by the output-gradient second moments). *uniform* = "
+             f"the same ratio in every layer; *budget* = ranks per layer from the Fisher-weighted whitened "
+             f"truncation loss Σ_(i>r) σ_i²(diag(√g)·W·L) (g = mean squared gradient of the calibration "
+             f"loss per output channel), traded across layers by Lagrangian relaxation plus a greedy fill.\n"]
+    tables = [("smollm2", smollm2_rows, "## SmolLM2-135M: perplexity (first 4,096 tokens, 1,024-token windows)",
+               ["cut", "method", "alice29 ppl", "lcet10 ppl", "kept", "seconds"]),
+              ("minilm", minilm_rows, "## all-MiniLM-L6-v2: embeddings of movie-review snippets",
+               ["cut", "method", "cosine to dense", "probe accuracy", "kept", "seconds"])]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n\n".join(parts) + "\n")
+    for name, rows_of, title, header in tables:
+        if name not in args.models:
+            continue
+        rows = []
+        for row in rows_of(cuts, args.calib_samples, args.calib_len, not args.no_dense, args.ablations):
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+            args.out.write_text("\n\n".join(parts + [f"{title}\n\n{markdown(rows, header)}"]) + "\n")
+        parts.append(f"{title}\n\n{markdown(rows, header)}")
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ was not tuned on) for a few CPU minutes, then saves into ``.cache/models/``:
 - ``SmolLM2-135M-movies-full/`` with ``--method full``: plain full fine-tuning of every weight
   instead (what mergekit-extract-lora users start from)
 
-Usage: ``python scripts/make_finetune.py [--method lokr|full] [--steps 30]`` (after prepare_examples.py)
+Usage: ``python scripts/make_finetune.py [--method lokr|full] [--steps 12]`` (after prepare_examples.py)
 """
 from __future__ import annotations
 
@@ -45,14 +45,14 @@ def train(model, batches: list[torch.Tensor], lr: float) -> tuple[float, float]:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     model.train()
-    losses = []
+    losses, start = [], time.perf_counter()
     for step, ids in enumerate(batches):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        print(f"step {step + 1}/{len(batches)} loss {loss.item():.3f}", flush=True)
+        print(f"step {step + 1}/{len(batches)} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     model.eval()
     return losses[0], sum(losses[-5:]) / len(losses[-5:])
 
@@ -66,9 +66,9 @@ def save_plain(model, tokenizer, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("lokr", "full"), default="lokr")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=96)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -252,3 +252,29 @@ def test_calibration_longer_than_the_model_positions_is_refused():
     model = build_bert(None, vocab=64)  # 256 positions
     with pytest.raises(LoraCompressError, match="--calib-len 300 is longer"):
         compress_(model, CompressConfig(ratio=0.5, method="whiten"), progress=False, tokens=tiny_tokens(2, 300))
+
+
+@pytest.mark.real
+def test_minilm_budget_keeps_embeddings_close(minilm_dir, real_text_dir):
+    from lora_compress.checkpoint import load_dense, load_tokenizer, resolve_source
+    from lora_compress.evaluate import mean_pool
+    from lora_compress.text import paragraphs, read_text
+
+    source = resolve_source(str(minilm_dir))
+    tokenizer = load_tokenizer(source)
+    tokens = calibration_tokens(tokenizer, read_text(real_text_dir / "asyoulik.txt"), 8, 128)
+    batch = tokenizer(paragraphs(read_text(real_text_dir / "alice29.txt"))[:32], padding=True, truncation=True,
+                      max_length=128, return_tensors="pt")
+    embeddings = {}
+    for method in ("svd", "sequential"):
+        model = load_dense(source)
+        option = {"ratio": 0.8} if method == "svd" else {"budget": 0.8}
+        report = compress_(model, CompressConfig(method=method, **option), progress=False,
+                           tokens=tokens if method != "svd" else None)
+        assert report.params <= 0.8 * report.dense_params
+        with torch.no_grad():
+            embeddings[method] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    with torch.no_grad():
+        reference = mean_pool(load_dense(source)(**batch).last_hidden_state, batch["attention_mask"])
+    cosine = {m: float((e * reference).sum(-1).mean()) for m, e in embeddings.items()}
+    assert cosine["sequential"] > 0.97 and cosine["sequential"] > cosine["svd"]

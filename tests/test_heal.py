@@ -100,27 +100,27 @@ def test_gradient_checkpointing_gives_the_same_weights(compressed, tiny_models, 
 
 def test_the_time_budget_stops_training(compressed, tiny_models, text_file):
     model, teacher, tokenizer = _pair(compressed, tiny_models)
-    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(minutes=0.01, **FAST), progress=False)
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(minutes=0.03, **FAST), progress=False)
     assert report.stopped == "time" and report.steps >= 1
-    assert report.minutes < 0.02
-    assert report.history[-1]["minutes"] <= report.minutes
+    minutes = [0.0] + [h["minutes"] for h in report.history]
+    longest_step = max(b - a for a, b in zip(minutes, minutes[1:]))
+    assert report.minutes <= 0.03 + longest_step  # it stops before a step that would overrun, give or take one
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_weights(compressed, tiny_models, text_file, monkeypatch):
     model, teacher, tokenizer = _pair(compressed, tiny_models)
-    reference = _pair(compressed, tiny_models)[0]
-    text = text_file.read_text()
-    heal_(reference, teacher, tokenizer, text, HealConfig(steps=2, **FAST), progress=False)
-    real, calls = healing.distill_loss, []
+    real, calls, snapshots = healing.distill_loss, [], {}
 
     def loss_turning_nan(*args):
         loss = real(*args)
         calls.append(torch.is_grad_enabled())
         return loss * float("nan") if sum(calls) == 3 else loss
     monkeypatch.setattr(healing, "distill_loss", loss_turning_nan)
-    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=10, **FAST), progress=False)
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=10, **FAST), progress=False,
+                   callback=lambda s: snapshots.update({s.step: _tensors(s.model)}))
     assert report.stopped == "nan" and report.steps == 2 and "NaN at step 3" in report.note
-    expected, got = lc.checkpoint.adapter_tensors(reference), lc.checkpoint.adapter_tensors(model)
+    assert sorted(snapshots) == [1, 2] and report.held_out_after < report.held_out_before
+    expected, got = snapshots[2], model.state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 

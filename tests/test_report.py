@@ -170,7 +170,7 @@ def test_inspect_calib_too_short_is_one_clear_line(tiny_models, text_file):
     assert result.exit_code == 2 and "error: calibration text has 512 tokens" in result.output
 
 
-def _fake_report(blocks: int = 4) -> dict:
+def _fake_manifest(blocks: int = 4) -> dict:
     layers = {f"model.layers.{b}.{kind}": {"shape": [64, 32], "rank": None if kind == "mlp.up_proj" and b == 0
                                            else 8, "energy_kept": 0.9, "note": ""}
               for b in range(blocks) for kind in ("self_attn.q_proj", "mlp.up_proj")}
@@ -190,7 +190,7 @@ def test_plots_render_without_a_display_and_without_pyplot(tmp_path):
               f"{{'stack': 'model.layers', 'tokens': 9, 'cumulative': [0.1, 0.2, 0.4, 0.5], "
               f"'local': [0.1, 0.15, 0.3, 0.1]}}}}), Path({str(tmp_path)!r})); "
               f"print(sorted(images), 'matplotlib.pyplot' in sys.modules)")
-    (tmp_path / "manifest.json").write_text(json.dumps(_fake_report()))
+    (tmp_path / "manifest.json").write_text(json.dumps(_fake_manifest()))
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND", "WAYLAND_DISPLAY")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -200,7 +200,7 @@ def test_plots_render_without_a_display_and_without_pyplot(tmp_path):
 
 
 def test_healing_history_in_the_manifest_gets_a_section_and_a_plot(tmp_path):
-    (tmp_path / "lora_compress.json").write_text(json.dumps({**_fake_report(), "format_version": 1}))
+    (tmp_path / "lora_compress.json").write_text(json.dumps({**_fake_manifest(), "format_version": 1}))
     folder = report.write_report(tmp_path)
     markdown = (folder / "report.md").read_text()
     assert "## Healing" in markdown and "held-out loss 2.1 → 0.3" in markdown
@@ -208,11 +208,18 @@ def test_healing_history_in_the_manifest_gets_a_section_and_a_plot(tmp_path):
     assert is_png(folder / "healing_loss.png")
 
 
+def test_calibration_facts_appear_in_the_markdown():
+    calibration = {"samples": 32, "length": 256, "text": "asyoulik.txt", "seconds": 48.0, "peak_memory_mb": 900.5}
+    built = report.build_report({**_fake_manifest(), "calibration": calibration})
+    markdown = report.render_markdown(built, {})
+    assert "- calibration: 32 × 256 tokens of `asyoulik.txt`, 48.0 s, peak memory 900.5 MiB" in markdown
+
+
 def test_without_matplotlib_plots_fail_clearly_and_reports_still_write(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "available", lambda: False)
     with pytest.raises(LoraCompressError, match=r"install lora-compress\[plots\]"):
         plots.drift_per_block({"stack": "s", "tokens": 1, "cumulative": [1.0], "local": [1.0]}, "t", tmp_path / "x.png")
-    (tmp_path / "lora_compress.json").write_text(json.dumps({**_fake_report(), "format_version": 1}))
+    (tmp_path / "lora_compress.json").write_text(json.dumps({**_fake_manifest(), "format_version": 1}))
     folder = report.write_report(tmp_path)
     assert "Plots skipped" in (folder / "report.md").read_text() and not list(folder.glob("*.png"))
 
