@@ -7,10 +7,13 @@
     loss "hidden": ‖h_s − h_t‖² / ‖h_t‖² over the batch          (encoders; the default there)
 
 Features are the last hidden states (the input of the LM head); the teacher's are cached, so it
-runs at most once per calibration sequence (on first use) and never in later epochs. What is trained (``train``): "AB" both factors of every
-LowRankLinear; "B" only lora_B; "lora" a small extra LoRA (b·a, b starts at zero) on top of each
-factored layer, concatenated into the factors at the end (rank grows by ``lora_rank``).
-Every other parameter stays bit-identical.
+runs at most once per calibration sequence (on first use), never again in later epochs.
+
+What learns (``train``): "AB" both factors of every LowRankLinear, first rebalanced so each rank
+component has equal norms in B and A (B·A unchanged); "B" only lora_B; "lora" a small extra
+LoRA (b·a, b starting at zero) on each factored layer, concatenated into the factors at the end
+(rank grows by ``lora_rank``). Every other parameter stays bit-identical. Training runs in eval
+mode (no dropout), in float32, with AdamW, linear warm-up, cosine decay and gradient clipping.
 """
 from __future__ import annotations
 
@@ -226,16 +229,17 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
     model.float()  # train in float32 whatever the storage dtype; casting back is exact for frozen tensors
     torch.manual_seed(config.seed)
     params, extra = _trainable(model, config)
-    report.trained_params = sum(p.numel() for p in params)
-    report.held_out_before = _held_out_loss(model, data, report.loss, config.batch_size)
-    if not math.isfinite(report.held_out_before):
-        raise LoraCompressError("the compressed model's loss is not finite before healing; compress it again")
     try:
+        report.trained_params = sum(p.numel() for p in params)
+        report.held_out_before = _held_out_loss(model, data, report.loss, config.batch_size)
+        if not math.isfinite(report.held_out_before):
+            raise LoraCompressError("the compressed model's loss is not finite before healing; compress it again")
         _train(model, params, data, config, report, progress, callback)
         report.held_out_after = _held_out_loss(model, data, report.loss, config.batch_size)
         report.teacher_minutes = data.teacher_seconds / 60
-    finally:
         extra.merge_(model) if extra else None
+    finally:
+        extra.remove() if extra else None
         _restore(model, dtype, grad_flags)
     return report
 
@@ -341,11 +345,14 @@ class _ExtraLora:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.a.values()) + list(self.b.values())
 
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
     @torch.no_grad()
     def merge_(self, model: nn.Module) -> None:
         """Remove the hooks; each layer becomes [B, b]·[A; a] (rank r + k), the old factors unchanged."""
-        for handle in self.handles:
-            handle.remove()
+        self.remove()
         for name, module in factored_modules(model).items():
             B = torch.cat([module.lora_B, self.b[name].to(module.lora_B)], dim=1)  # (out, r + k)
             A = torch.cat([module.lora_A, self.a[name].to(module.lora_A)], dim=0)  # (r + k, in)

@@ -14,6 +14,7 @@ from .spectra import Spectrum, by_kind, split_name
 from .svd import break_even_rank
 
 DPI = 110
+METRIC_LABELS = {"perplexity": "perplexity", "cosine_mean": "mean cosine similarity to dense embeddings"}
 
 
 def available() -> bool:
@@ -210,8 +211,12 @@ def quality_vs_params(runs: list[dict], metric: str, title: str, path: Path) -> 
     if dense is not None:
         axis.axhline(dense, color="black", ls="--", lw=1, label=f"dense: {dense:.4g}")
         axis.legend(fontsize=8)
-    if metric == "perplexity":
+    values = [r["value"] for r in runs] + ([dense] if dense is not None else [])
+    log = metric == "perplexity" and max(values) / min(values) > 3  # blown-up runs would flatten the rest
+    if log:
         axis.set_yscale("log")
-    axis.set(xlabel="parameters, whole model (millions)", ylabel=metric, title=title)
+    axis.margins(x=0.2)  # room for the run labels
+    axis.set(xlabel="parameters, whole model (millions)", title=title,
+             ylabel=METRIC_LABELS.get(metric, metric) + (" (log scale)" if log else ""))
     axis.grid(alpha=0.3)
     return _save(figure, path)

@@ -180,7 +180,7 @@ def _quality(report: dict, images: dict[str, str]) -> str:
     if "perplexity" in evaluation:
         ppl = evaluation["perplexity"]
         rows.insert(0, ["perplexity", f"{ppl['dense']:.4g} → {ppl['compressed']:.4g} "
-                                      f"(×{ppl['compressed'] / ppl['dense']:.3g})"])
+                                      f"(×{ppl['compressed'] / ppl['dense']:.3f})"])
     seconds = evaluation["seconds"]
     rows.append(["forward seconds", f"{seconds['dense']:.3g} → {seconds['compressed']:.3g}"])
     lines = ["## Quality", "", f"On `{evaluation['text']}` ({evaluation['kind']}).", "", _table(rows, ["figure", "value"])]

@@ -132,3 +132,13 @@ def test_more_processes_than_layers_is_refused(tiny_models, tmp_path):
     assert run.returncode != 0
     assert "2 processes but only 1 layers to factor" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_smollm2_streams_to_the_same_tensors_as_in_memory(smollm2_dir, tmp_path):
+    config = CompressConfig(ratio=0.5, include=(r"layers\.(0|29)\.",))
+    compress(str(smollm2_dir), tmp_path / "memory", config, progress=False)
+    compress(str(smollm2_dir), tmp_path / "stream", config, progress=False, stream=True)
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert memory.keys() == streamed.keys()
+    assert all(torch.equal(memory[key], streamed[key]) for key in memory)

@@ -1,0 +1,170 @@
+"""Healing SmolLM2-135M on a CPU → benchmarks/heal.md.
+
+For each cut: compress SmolLM2 (calibrated on asyoulik.txt) unless the folder exists, heal it on
+asyoulik.txt for --minutes of wall clock (factors snapshotted at each --snapshots mark), and
+measure perplexity on the first 4,096 tokens of alice29.txt (1,024-token windows) before, at
+each snapshot and after. ``compare`` heals one compressed folder a fixed number of steps with
+each trained set (AB, B, lora) and reports the held-out loss and perplexity.
+
+Usage:
+    python scripts/bench_heal.py curve --cut 0.2 [--minutes 15] [--snapshots 5,10] [--method whiten]
+    python scripts/bench_heal.py compare --cut 0.2 [--steps 6]
+    python scripts/bench_heal.py report          # benchmarks/heal.md from the saved results
+Each run saves its figures as JSON under .cache/bench_heal/; ``report`` renders them all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench_quality import perplexity
+from prepare_examples import CACHE, SMOLLM2, TEXT
+
+import lora_compress as lc
+from lora_compress.checkpoint import Source, load_dense, load_tokenizer, resolve_source
+from lora_compress.heal import HealConfig, heal_
+from lora_compress.tables import render
+from lora_compress.text import read_text
+
+OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "heal.md"
+WORK = CACHE / "bench_heal"
+CALIB, EVAL = TEXT / "asyoulik.txt", TEXT / "alice29.txt"
+COMPARE = (("AB", 1e-4), ("AB", 3e-4), ("B", 1e-3), ("lora", 1e-3))  # (trained set, peak lr)
+
+
+def compressed_folder(cut: float, method: str) -> Path:
+    """SmolLM2 with ``cut`` of each targeted layer's parameters removed (made once, then reused)."""
+    folder = WORK / f"smollm2-{method}-{round(cut * 100)}"
+    if not folder.exists():
+        config = lc.CompressConfig(ratio=round(1 - cut, 4), method=method, calib=str(CALIB))
+        lc.compress(str(SMOLLM2), folder, config, command=f"bench_heal.py ({method}, ratio {1 - cut:.2f})")
+    return folder
+
+
+def _snapshotter(marks: list[float], store: dict):
+    """A heal_ callback that copies the factors at the first step past each mark (minutes)."""
+    def callback(step):
+        for mark in marks:
+            if step.minutes >= mark and mark not in store:
+                store[mark] = {"step": step.step, "minutes": step.minutes,
+                               "tensors": {k: v.detach().clone() for k, v in step.model.state_dict().items()
+                                           if k.endswith(("lora_A", "lora_B"))}}
+    return callback
+
+
+def curve(args) -> dict:
+    folder = compressed_folder(args.cut, args.method)
+    tokenizer = load_tokenizer(Source(folder, str(folder)))
+    model, teacher = lc.load(folder), load_dense(resolve_source(str(SMOLLM2)))
+    figures = {"cut": args.cut, "method": json.loads((folder / "lora_compress.json").read_text())["method"],
+               "dense": perplexity(teacher, tokenizer, EVAL), "before": perplexity(model, tokenizer, EVAL)}
+    snapshots = {}
+    config = HealConfig(minutes=args.minutes, lr=args.lr, train=args.train, batch_size=args.batch_size)
+    start = time.perf_counter()
+    report = heal_(model, teacher, tokenizer, read_text(CALIB), config, callback=_snapshotter(args.snapshots, snapshots))
+    figures["heal_wall_minutes"] = (time.perf_counter() - start) / 60
+    figures["after"] = perplexity(model, tokenizer, EVAL)
+    figures["points"] = [{"minutes": 0.0, "step": 0, "perplexity": figures["before"]}]
+    for mark, snap in sorted(snapshots.items()):
+        snapshot = lc.load(folder)
+        snapshot.load_state_dict(snap["tensors"], strict=False)
+        figures["points"].append({"mark": mark, "minutes": snap["minutes"], "step": snap["step"],
+                                  "perplexity": perplexity(snapshot, tokenizer, EVAL)})
+    figures["points"].append({"minutes": report.minutes, "step": report.steps, "perplexity": figures["after"]})
+    figures["report"] = report.manifest()
+    return figures
+
+
+def compare(args) -> dict:
+    folder = compressed_folder(args.cut, args.method)
+    tokenizer = load_tokenizer(Source(folder, str(folder)))
+    teacher, text = load_dense(resolve_source(str(SMOLLM2))), read_text(CALIB)
+    rows = []
+    for train, lr in COMPARE:
+        model = lc.load(folder)
+        config = HealConfig(steps=args.steps, lr=lr, train=train, warmup=2, batch_size=args.batch_size)
+        report = heal_(model, teacher, tokenizer, text, config)
+        rows.append({"train": train, "lr": lr, "held_out_before": report.held_out_before,
+                     "held_out_after": report.held_out_after, "perplexity": perplexity(model, tokenizer, EVAL),
+                     "minutes": report.minutes, "trained_params": report.trained_params, "steps": report.steps})
+    return {"cut": args.cut, "steps": args.steps, "before": perplexity(lc.load(folder), tokenizer, EVAL),
+            "rows": rows}
+
+
+def _curve_section(results: list[dict]) -> list[str]:
+    rows = []
+    for r in sorted(results, key=lambda r: r["cut"]):
+        points = "; ".join(f"{p['minutes']:.1f} min (step {p['step']}): {p['perplexity']:.2f}" for p in r["points"])
+        rep = r["report"]
+        rows.append([f"{r['cut']:.0%}", r["method"], f"{r['dense']:.2f}", f"{r['before']:.2f}",
+                     f"{r['before'] / r['dense']:.2f}×", f"{r['after']:.2f}", f"{r['after'] / r['dense']:.2f}×",
+                     f"{rep['steps']} in {rep['minutes']:.1f} min", f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}",
+                     points])
+    header = ["cut", "method", "dense ppl", "before", "×dense", "after", "×dense", "steps", "held-out KL", "curve"]
+    return [render_markdown(rows, header)]
+
+
+def _compare_section(result: dict) -> list[str]:
+    rows = [[r["train"], f"{r['lr']:g}", f"{r['trained_params']:,}", f"{r['held_out_before']:.3f}",
+             f"{r['held_out_after']:.3f}", f"{r['perplexity']:.2f}", f"{r['minutes']:.1f}"] for r in result["rows"]]
+    header = ["--train", "lr", "trained params", "held-out KL before", "after", "alice ppl after", "minutes"]
+    return [f"{result['cut']:.0%} cut, {result['steps']} steps of 4×256 tokens each; perplexity before: "
+            f"{result['before']:.2f}", "", render_markdown(rows, header)]
+
+
+def render_markdown(rows, header) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def report() -> None:
+    curves = [json.loads(p.read_text()) for p in sorted(WORK.glob("curve-*.json"))]
+    compares = [json.loads(p.read_text()) for p in sorted(WORK.glob("compare-*.json"))]
+    lines = ["# Healing SmolLM2-135M on a CPU", "", "```", *[c["command"] for c in curves + compares], "```", "",
+             "Healing = AdamW on the factors, KL(dense ‖ healed) of next-token distributions, calibration "
+             "text asyoulik.txt (its last 8 sequences of 256 tokens held out); perplexity on the first 4,096 "
+             "tokens of alice29.txt. Minutes are wall clock on a 2-core CPU shared with other jobs "
+             "(load average given per run), so steps per minute are far below an idle machine's.", ""]
+    if curves:
+        lines += ["## Perplexity before and after healing", "", *_curve_section(curves), ""]
+        lines += [f"- {c['cut']:.0%}: load average {c['load']}; whole heal call {c['heal_wall_minutes']:.1f} min "
+                  f"(teacher forwards {c['report']['teacher_minutes']:.1f} min of it)" for c in curves]
+    for result in compares:
+        lines += ["", "## Which parameters to train", "", *_compare_section(result)]
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["curve", "compare", "report"])
+    parser.add_argument("--cut", type=float, default=0.2, help="Fraction of each layer's parameters removed.")
+    parser.add_argument("--method", default="whiten", help="Compression method (see lora-compress compress --help).")
+    parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--snapshots", type=lambda s: [float(x) for x in s.split(",")], default=[5.0, 10.0])
+    parser.add_argument("--steps", type=int, default=6, help="compare: steps per trained set.")
+    parser.add_argument("--train", default="AB")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.mode == "report":
+        return report()
+    WORK.mkdir(parents=True, exist_ok=True)
+    figures = curve(args) if args.mode == "curve" else compare(args)
+    figures["command"] = "python scripts/bench_heal.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    figures["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    (WORK / f"{args.mode}-{round(args.cut * 100)}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    report()
+
+
+if __name__ == "__main__":
+    main()
