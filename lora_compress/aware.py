@@ -52,6 +52,7 @@ RECIPES = {
     "whiten": Recipe(sequential=False, correct=False, weighted=False),
     "sequential": Recipe(sequential=True, correct=True, weighted=True),
 }
+CORRECTION_RIDGE = 0.0  # relative ridge of the closed-loop least-squares refit
 FISHER_FLOOR = 1e-2  # weights g/mean(g) are floored here so no output channel is ignored
 
 
@@ -79,7 +80,7 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
     L = svdmath.cholesky_factor(gram)[0] if cholesky is None else cholesky  # (in, in)
     target = weight.double()  # (out, in)
     if cross is not None:
-        target = torch.cholesky_solve(cross.double().T @ target.T, L).T  # W* = W·cross·C⁻¹
+        target = _refit_target(target, gram.double(), cross.double())
     scale = weights.double().sqrt().unsqueeze(1) if weights is not None else None  # (out, 1)
     M = (target * scale if scale is not None else target) @ L  # (out, in)
     B, Vh, power = _top_pairs(M, rank)  # (out, r), (r, in), (k,)
@@ -87,6 +88,17 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
     B = B / scale if scale is not None else B
     return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), power.sqrt().float(),
                            svdmath.energy_kept(power.sqrt(), rank))
+
+
+def _refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """W* = W·(cross + λI)·(C + λI)⁻¹: the dense outputs' least-squares map, shrunk towards W.
+
+    λ = CORRECTION_RIDGE·mean(diag C) keeps the fit from chasing calibration noise when the
+    inputs are wide for the number of calibration tokens (λ → ∞ gives back W).
+    """
+    ridge = CORRECTION_RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    L, _ = svdmath.cholesky_factor(gram + ridge)
+    return torch.cholesky_solve((cross + ridge).T @ W.T, L).T  # (out, in)
 
 
 def _top_pairs(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ def render_card(card: Card, load_path: str) -> str:
     parts = [_front_matter(card), f"# {Path(load_path).name}\n", _INTRO[card.kind] + "\n",
              "## How it was made\n", f"- Base model: `{card.base_model}`", f"- Method: {card.method}"]
     parts += [f"- {key}: `{_plain(value)}`" for key, value in card.settings.items() if value not in (None, (), [])]
-    parts += ["", "Command:", "", "```", card.command, "```", "", "## Figures\n", _figures(card.figures), ""]
+    parts += ["", "Command:", "", "```", card.command, "```", "", "## Figures\n", _figures(card), ""]
     if card.notes:
         parts += ["## Notes\n", *[f"- {note}" for note in card.notes], ""]
     parts += ["## How to load it\n", _LOADING[card.kind].format(path=load_path, base=card.base_model)]
@@ -70,12 +70,12 @@ def _plain(value) -> str:
     return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _figures(figures: dict) -> str:
+def _figures(card: Card) -> str:
     """Nested figures as a two-column markdown table (keys joined with dots)."""
-    if not figures:
-        return "Not measured here; run `lora-compress evaluate` to measure output drift and perplexity."
+    if not card.figures:
+        return _NOT_MEASURED[card.kind]
     rows = ["| figure | value |", "|---|---|"]
-    rows += [f"| {key} | {_format(value)} |" for key, value in _flatten(figures)]
+    rows += [f"| {key} | {_format(value)} |" for key, value in _flatten(card.figures)]
     return "\n".join(rows)
 
 
@@ -92,6 +92,13 @@ def _format(value) -> str:
         return f"{value:.6g}"
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
+
+_NOT_MEASURED = {
+    "compressed": "Not measured here; run `lora-compress evaluate BASE DIR --text FILE` for drift and perplexity.",
+    "adapter": "Not measured here.",
+    "dense": "Not measured here; evaluate it with lm-eval (below), or run `lora-compress evaluate` on the "
+             "compressed folder it came from.",
+}
 
 _INTRO = {
     "compressed": "A compressed checkpoint written by lora-compress: chosen linear layers are replaced by "
@@ -152,4 +159,10 @@ def compressed_card(manifest: dict) -> Card:
              "`lora-compress evaluate BASE DIR --text FILE`.",)
     method = {"svd": "truncated SVD of each targeted weight"}.get(manifest["method"], manifest["method"])
     return Card("compressed", manifest["base_model"], method, manifest["command"],
-                {**manifest["settings"], "versions": manifest.get("versions")}, figures, notes)
+                {**manifest_settings(manifest), "versions": manifest.get("versions")}, figures, notes)
+
+
+def manifest_settings(manifest: dict) -> dict:
+    """The compress settings worth stating (calibration sizes only when there was calibration text)."""
+    settings = manifest["settings"]
+    return {key: value for key, value in settings.items() if settings.get("calib") or not key.startswith("calib_")}

@@ -92,18 +92,25 @@ def evaluate(dense: nn.Module, compressed: nn.Module, tokenizer, text: str, targ
     return figures
 
 
-def _windows(tokenizer, text: str, config: EvalConfig) -> list[torch.Tensor]:
+def fit_context(model: nn.Module, tokens: int) -> int:
+    """``tokens``, capped at the model's position limit where its config states one."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(tokens, limit) if limit else tokens
+
+
+def _windows(tokenizer, text: str, config: EvalConfig, window: int) -> list[torch.Tensor]:
+    """Non-overlapping ``window``-token windows of the first max_tokens ids."""
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0][: config.max_tokens]
     if len(ids) < 2:
         raise LoraCompressError("--text holds fewer than 2 tokens; pass a longer text")
-    return [ids[i: i + config.window].unsqueeze(0) for i in range(0, len(ids), config.window)
-            if len(ids[i: i + config.window]) >= 2]
+    return [ids[i: i + window].unsqueeze(0) for i in range(0, len(ids), window) if len(ids[i: i + window]) >= 2]
 
 
 def _causal_lm(dense, compressed, tokenizer, text, config, timer, progress) -> dict:
     sums = {"nll_dense": 0.0, "nll_compressed": 0.0, "kl": 0.0, "agree": 0, "tokens": 0,
             "diff_sq": 0.0, "ref_sq": 0.0}
-    for ids in tqdm(_windows(tokenizer, text, config), desc="evaluating", unit="window", disable=not progress):
+    windows = _windows(tokenizer, text, config, fit_context(dense, config.window))
+    for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
         logits_d = timer.run("dense", dense, input_ids=ids).logits.float()[0]  # (T, V)
         logits_c = timer.run("compressed", compressed, input_ids=ids).logits.float()[0]  # (T, V)
         labels = ids[0, 1:]
@@ -115,7 +122,7 @@ def _causal_lm(dense, compressed, tokenizer, text, config, timer, progress) -> d
         sums["tokens"] += ids.shape[1]
         sums["diff_sq"] += (logits_c - logits_d).pow(2).sum().item()
         sums["ref_sq"] += logits_d.pow(2).sum().item()
-    predicted = sums["tokens"] - len(_windows(tokenizer, text, config))
+    predicted = sums["tokens"] - len(windows)
     return {
         "tokens": sums["tokens"],
         "perplexity": {"dense": float(torch.tensor(sums["nll_dense"] / predicted).exp()),

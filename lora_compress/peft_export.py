@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import svd as svdmath
-from .card import Card, write_card
+from .card import Card, manifest_settings, write_card
 from .checkpoint import (MANIFEST, Source, atomic_folder, check_output_folder, check_weight_files,
                          copy_side_files, factored_modules, load, load_dense, load_tokenizer, read_manifest,
                          resolve_source)
@@ -530,7 +530,7 @@ def _dense_from_compressed(folder: Path, command: str | None):
     model = densify_(load(folder), {name for name, layer in manifest["layers"].items() if layer.get("conv1d")})
     card = Card("dense", manifest["base_model"], f"the compressed folder `{folder}` ({manifest['method']}) with "
                 f"each layer's B·A multiplied back into a dense weight", command or f"export_dense({str(folder)!r})",
-                {**manifest["settings"], "compressed with": manifest.get("command")})
+                {**manifest_settings(manifest), "compressed with": manifest.get("command")})
     return model, Source(folder, str(folder)), card
 
 

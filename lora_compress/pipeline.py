@@ -21,7 +21,7 @@ from .counting import weight_bytes
 from .errors import LoraCompressError
 from .drift import DRIFT_TOKENS, block_drift, drift_batches
 from .distributed import join, launched, leave
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, evaluate, fit_context
 from . import streaming
 from .report import write_report
 from .text import read_text
@@ -151,7 +151,7 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path, *, gg
     tokenizer = load_tokenizer(source)
     figures = evaluate(dense, compressed, tokenizer, text, list(manifest["layers"]), config, progress)
     batches = drift_batches(tokenizer, text, figures["kind"] == "causal-lm",
-                            tokens=min(DRIFT_TOKENS, config.window, config.max_tokens))
+                            tokens=fit_context(dense, min(DRIFT_TOKENS, config.window, config.max_tokens)))
     figures["blocks"] = block_drift(dense, compressed, batches)
     dense_bytes = weight_bytes(source.folder)
     compressed_bytes = weight_bytes(Path(folder))

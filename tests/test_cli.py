@@ -74,3 +74,11 @@ def test_evaluate_with_a_missing_text_file_gives_exit_2(tiny_models, tmp_path):
     run("compress", tiny_models["llama"], "--rank", "2", "--out", out, "--quiet")
     result = run("evaluate", tiny_models["llama"], out, "--text", tmp_path / "nope.txt")
     assert result.exit_code == 2 and "nope.txt does not exist" in result.output
+
+
+def test_evaluate_windows_never_exceed_the_models_positions(tiny_models, tmp_path, text_file):
+    out = tmp_path / "out"
+    run("compress", tiny_models["gpt2"], "--rank", "4", "--out", out, "--quiet")
+    result = run("evaluate", tiny_models["gpt2"], out, "--text", text_file, "--no-report", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
