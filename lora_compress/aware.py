@@ -4,13 +4,15 @@ Methods (``CompressConfig.method``):
 
 - ``whiten``: SVD-LLM's closed form. With C = XᵀX = L·Lᵀ of the dense model's inputs to the
   layer, SVD of W·L, B = U_r Σ_r, A = V_rᵀ L⁻¹: the rank-r minimiser of ‖(W − BA)Xᵀ‖_F.
-- ``sequential``: block by block, each layer sees the inputs X_c that the already compressed
-  layers produce, and is fitted to the dense model's outputs on the dense inputs X_d:
-  the rank-r minimiser of ‖BA·X_cᵀ − W·X_dᵀ‖ is the whitened SVD (C = X_cᵀX_c) of the
-  least-squares target W* = W·(X_dᵀX_c)·C⁻¹, so errors do not pile up through depth.
-  Rows are weighted by the output-gradient second moments g (two-sided whitening:
-  SVD of diag(√g)·W*·L, B divided back by √g), so the kept directions are those the loss
-  is sensitive to.
+- ``sequential`` (the default with calibration text): block by block, each layer is fitted on
+  the inputs X_c that the already compressed layers produce (C = X_cᵀX_c), and its rows are
+  weighted by the output-gradient second moments g (two-sided whitening: SVD of
+  diag(√g)·W·L, B divided back by √g), so the kept directions are those the loss is
+  sensitive to.
+- ``sequential-refit``: as ``sequential``, and each layer is fitted to the dense model's outputs
+  on the dense inputs X_d: the rank-r minimiser of ‖BA·X_cᵀ − W·X_dᵀ‖ is the whitened SVD of
+  the least-squares target W* = W·(X_dᵀX_c)·C⁻¹ (shrunk towards W by a ridge). Measured worse
+  than ``sequential`` on held-out text (it fits calibration noise); kept for comparison.
 
 With ``budget``, ranks come from :func:`lora_compress.allocate.allocate` on a common-scale
 cost: the Fisher-weighted whitened truncation loss Σ_{i>r} σ_i²(diag(√g)·W·L), an estimate
@@ -50,9 +52,10 @@ class Recipe:
 
 RECIPES = {
     "whiten": Recipe(sequential=False, correct=False, weighted=False),
-    "sequential": Recipe(sequential=True, correct=True, weighted=True),
+    "sequential": Recipe(sequential=True, correct=False, weighted=True),
+    "sequential-refit": Recipe(sequential=True, correct=True, weighted=True),  # measured worse: quality.md
 }
-CORRECTION_RIDGE = 0.0  # relative ridge of the closed-loop least-squares refit
+CORRECTION_RIDGE = 0.1  # relative ridge of the closed-loop least-squares refit
 FISHER_FLOOR = 1e-2  # weights g/mean(g) are floored here so no output channel is ignored
 
 

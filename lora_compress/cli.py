@@ -78,7 +78,8 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
               "layer (needs --calib).")
 @click.option("--method", default="auto", show_default=True,
-              help="svd, whiten (SVD-LLM) or sequential; auto = sequential with --calib, else svd.")
+              help="svd, whiten (SVD-LLM), sequential or sequential-refit; auto = sequential with --calib, "
+              "else svd.")
 @click.option("--calib", help="Calibration text: a UTF-8 file (.txt, or .jsonl with a text field).")
 @click.option("--calib-samples", default=32, show_default=True, help="Calibration sequences.")
 @click.option("--calib-len", default=256, show_default=True, help="Tokens per calibration sequence.")

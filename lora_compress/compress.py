@@ -22,7 +22,7 @@ from .patch import factor_module_
 from .targets import find_targets
 
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
-METHODS = ("svd", "whiten", "sequential")  # plain SVD, then the activation-aware ones (aware.py)
+METHODS = ("svd", "whiten", "sequential", "sequential-refit")  # plain SVD, then the activation-aware ones (aware.py)
 CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is given and none is named
 
 

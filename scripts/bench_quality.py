@@ -138,18 +138,22 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense rows")
+    parser.add_argument("--only", help="run only the methods whose label contains this text")
     parser.add_argument("--ablations", action="store_true", help="also the ablation rows, at the first cut")
     args = parser.parse_args()
     torch.manual_seed(0)
     cuts = [float(c) for c in args.cuts.split(",")]
+    if args.only:
+        SMOLLM2_METHODS[:] = [m for m in SMOLLM2_METHODS if args.only in m[0]]
+        MINILM_METHODS[:] = [m for m in MINILM_METHODS if args.only in m[0]]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     parts = [f"# Compression quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
              f"asyoulik.txt. Cut = fraction of the targeted linear weights removed; kept = measured fraction "
              f"kept; seconds = wall time of compression (calibration included) on a shared 2-core CPU.\n\n"
              f"Methods: *plain SVD* truncates W; *whiten* is SVD-LLM's closed form (SVD of W·L, L Lᵀ = XᵀX of "
-             f"the dense model's inputs); *sequential* compresses block by block, feeding each layer the "
-             f"inputs of the already compressed model and fitting the dense outputs (whitened SVD of "
-             f"W·(X_dᵀX_c)(X_cᵀX_c)⁻¹, rows weighted by the output-gradient second moments). *uniform* = "
+             f"the dense model's inputs); *sequential* compresses block by block, whitening each layer with "
+             f"the inputs of the already compressed model and weighting its rows by the output-gradient "
+             f"second moments (SVD of diag(√g)·W·L). *uniform* = "
              f"the same ratio in every layer; *budget* = ranks per layer from the Fisher-weighted whitened "
              f"truncation loss Σ_(i>r) σ_i²(diag(√g)·W·L) (g = mean squared gradient of the calibration "
              f"loss per output channel), traded across layers by Lagrangian relaxation plus a greedy fill.\n"]

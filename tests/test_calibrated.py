@@ -77,7 +77,10 @@ def test_rank_deficient_gram_takes_the_ridge_path(layer):
 
 
 @pytest.mark.parametrize("rank", [3, 8])
-def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank):
+def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank, monkeypatch):
+    from lora_compress import aware
+
+    monkeypatch.setattr(aware, "CORRECTION_RIDGE", 0.0)  # the exact least-squares refit
     W, X_d = layer
     drift = correlated_inputs(seed=5) * 0.3
     X_c = X_d + drift  # what a compressed model feeds this layer
@@ -164,7 +167,7 @@ def test_sequential_groups_layers_that_share_inputs():
 
 
 @pytest.mark.parametrize("build", [build_llama, build_bert], ids=["llama", "bert"])
-@pytest.mark.parametrize("method", ["whiten", "sequential"])
+@pytest.mark.parametrize("method", ["whiten", "sequential", "sequential-refit"])
 def test_calibrated_methods_meet_the_budget_and_beat_plain_svd(build, method):
     ids = tiny_tokens(2, 24)
     dense = build(None, vocab=64)
