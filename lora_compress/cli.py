@@ -91,7 +91,7 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Cast the model to this dtype first (default: the checkpoint's).")
 @click.option("--stream", is_flag=True, help="Plain SVD: read and write one tensor at a time (memory ≈ one "
-              "layer + 1 GiB); implied under torchrun, which splits the layers across processes.")
+              "layer + 0.5 GiB); implied under torchrun, which splits the layers across processes.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gguf_option

@@ -441,14 +441,14 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
             group["lr"] = config.lr * _lr_factor(step, fraction, config.warmup)
         index = next(batches)
         loss = distill_loss(model, data.head, data.train_ids[index], data.train_targets(index), report.loss)
-        if not torch.isfinite(loss):
-            _stop_on_nan(params, good, report, step)
+        if not torch.isfinite(loss):  # these weights are bad: back to those of the previous step
+            _stop_on_nan(params, good, report, step, kept=max(step - 1, 0))
             break
         _copy(good, params)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
-        if not torch.isfinite(norm):
-            _stop_on_nan(params, good, report, step)
+        if not torch.isfinite(norm):  # these weights gave a finite loss: keep them
+            _stop_on_nan(params, good, report, step, kept=step)
             break
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -469,8 +469,8 @@ def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         target.copy_(source)
 
 
-def _stop_on_nan(params, good, report: HealReport, step: int) -> None:
+def _stop_on_nan(params, good, report: HealReport, step: int, kept: int) -> None:
     _copy(params, good)
     report.stopped = "nan"
     report.note = (f"the loss (or its gradient) became NaN at step {step + 1}; kept the weights after "
-                   f"step {step}, the last with a finite loss; lower --lr")
+                   f"step {kept}, the last with a finite loss; lower --lr")

@@ -1,4 +1,4 @@
-"""Plain-SVD compression one tensor at a time: peak memory ≈ one weight + one output shard.
+"""Plain-SVD compression one tensor at a time: peak memory ≈ one weight + one 256 MiB output shard.
 
     shards ──safe_open (one tensor)──▶ factor_weight ──▶ ShardWriter ──▶ OUT/model-0000k-of-0000N.safetensors
                                                                            model.safetensors.index.json
@@ -32,7 +32,7 @@ from .errors import LoraCompressError
 from .layers import is_conv1d
 from .targets import find_targets
 
-MAX_SHARD_BYTES = 1 << 30  # output shard size; the writer holds at most this much
+MAX_SHARD_BYTES = 256 << 20  # output shard size: the writer buffers one shard (save_file briefly copies it)
 _METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
@@ -66,7 +66,9 @@ def plan(source: Source, config: CompressConfig, dtype: torch.dtype | None = Non
     hf_config = AutoConfig.from_pretrained(source.folder)
     dtype = dtype or _checkpoint_dtype(hf_config, files)
     with torch.device("meta"):
-        model = model_class(hf_config)._from_config(hf_config, dtype=dtype).eval()
+        cls = model_class(hf_config)
+        build = getattr(cls, "_from_config", None) or cls.from_config  # Auto* classes have only from_config
+        model = build(hf_config, dtype=dtype).eval()
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
     return Plan(model, dtype, files, stamps, targets, _output_keys(model, files))

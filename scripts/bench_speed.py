@@ -29,7 +29,7 @@ from lora_compress.checkpoint import load_dense, resolve_source  # noqa: E402
 from lora_compress.tables import render  # noqa: E402
 
 OUT = REPO / "benchmarks" / "speed.md"
-SCRATCH = REPO / ".cache" / "bench_speed"
+SCRATCH = REPO / ".cache" / "bench_speed" / str(os.getpid())  # own folder: parts may run side by side
 RANK = 128
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,46 +43,56 @@ def _rel_error(W, approx):
     return float(torch.linalg.norm(W - approx) / torch.linalg.norm(W))
 
 
-def _ours(weights, svd):
-    errors, start = [], time.perf_counter()
-    for W in weights.values():
-        f = svdmath.factorize(W, RANK, svd=svd)
-        errors.append(_rel_error(W, f.B @ f.A))
-    return time.perf_counter() - start, errors
-
-
-def _peft(init):
+def _peft_layers():
+    """SmolLM2 wrapped by PEFT with untouched LoRA layers, to call PEFT's own pissa_init per layer."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_dense(resolve_source(str(SMOLLM2)))
-    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.split(".")[-1] in PROJ}
+    model = get_peft_model(load_dense(resolve_source(str(SMOLLM2))),
+                           LoraConfig(r=RANK, lora_alpha=RANK, target_modules=PROJ, init_lora_weights=False))
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "pissa_init")}
+
+
+def _timed(fn):
     start = time.perf_counter()
-    peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=PROJ, init_lora_weights=init))
-    seconds = time.perf_counter() - start
-    residual = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m.weight
-                for n, m in peft_model.named_modules() if n.endswith("base_layer")}
-    errors = [float(torch.linalg.norm(residual[n]) / torch.linalg.norm(W)) for n, W in dense.items()]
-    return seconds, errors
+    error = fn()
+    return time.perf_counter() - start, error
+
+
+def _ours(W, svd):
+    f = svdmath.factorize(W, RANK, svd=svd)
+    return _rel_error(W, f.B @ f.A)
+
+
+def _peft(layer, W, init):
+    layer.get_base_layer().weight.data = W.clone()
+    layer.pissa_init("default", init)  # sets lora_A/B and leaves the residual W − B·A as the base weight
+    return float(torch.linalg.norm(layer.get_base_layer().weight) / torch.linalg.norm(W))
 
 
 def svd_stage() -> str:
-    weights = _weights()
-    rows, results = [], {}
-    results["torch.linalg.svd (full)"] = _ours(weights, "full")
-    results["lora-compress --svd auto"] = _ours(weights, "auto")
-    results["lora-compress --svd randomized"] = _ours(weights, "randomized")
-    results["PEFT PiSSA (full SVD)"] = _peft("pissa")
-    results["PEFT PiSSA pissa_niter_4"] = _peft("pissa_niter_4")
-    full_time, full_err = results["torch.linalg.svd (full)"]
-    peft_time = results["PEFT PiSSA (full SVD)"][0]
-    for name, (seconds, errors) in results.items():
-        ratios = [e / f for e, f in zip(errors, full_err)]
-        rows.append([name, f"{seconds:.1f}", f"{peft_time / seconds:.2f}×", f"{sum(errors) / len(errors):.4f}",
-                     f"{(sum(ratios) / len(ratios) - 1) * 100:+.2f}%", f"{(max(ratios) - 1) * 100:+.2f}%"])
+    weights, layers = _weights(), _peft_layers()
+    solvers = {"torch.linalg.svd (full)": lambda name, W: _ours(W, "full"),
+               "lora-compress --svd auto": lambda name, W: _ours(W, "auto"),
+               "lora-compress --svd randomized": lambda name, W: _ours(W, "randomized"),
+               "PEFT PiSSA (full SVD)": lambda name, W: _peft(layers[name], W, "pissa"),
+               "PEFT PiSSA pissa_niter_4": lambda name, W: _peft(layers[name], W, "pissa_niter_4")}
+    seconds, errors = {s: 0.0 for s in solvers}, {s: [] for s in solvers}
+    for key, W in weights.items():  # solvers interleaved layer by layer, so load changes hit all alike
+        for solver, fn in solvers.items():
+            took, error = _timed(lambda: fn(key.removesuffix(".weight"), W))
+            seconds[solver] += took
+            errors[solver].append(error)
+    full_err, peft_time = errors["torch.linalg.svd (full)"], seconds["PEFT PiSSA (full SVD)"]
+    rows = []
+    for solver in solvers:
+        ratios = [e / f for e, f in zip(errors[solver], full_err)]
+        rows.append([solver, f"{seconds[solver]:.1f}", f"{peft_time / seconds[solver]:.2f}×",
+                     f"{sum(errors[solver]) / len(ratios):.4f}", f"{(sum(ratios) / len(ratios) - 1) * 100:+.2f}%",
+                     f"{(max(ratios) - 1) * 100:+.2f}%"])
     picks = {svdmath.choose_svd(tuple(W.shape), RANK) for W in weights.values()}
     return (f"### SVD stage: all {len(weights)} linear layers of SmolLM2-135M at rank {RANK} "
-            f"(torch threads: {torch.get_num_threads()})\n\n"
-            + render(rows, ["solver", "seconds", "speed vs PEFT full", "mean rel. error",
+            f"(torch threads: {torch.get_num_threads()}; solvers interleaved layer by layer)\n\n"
+            + render(rows, ["solver", "seconds", "speed vs PEFT full", "mean rel. error ‖W−BA‖/‖W‖",
                             "mean error vs full", "worst layer vs full"])
             + f"\n\nauto chose: {', '.join(sorted(picks))} (k/v_proj are 192×576: rank {RANK} + oversample "
               f"{svdmath.OVERSAMPLE} is not below {svdmath.AUTO_FRACTION}·192, so full).\n")
@@ -118,7 +128,7 @@ def _llama7b_checkpoint(folder: Path, blocks: int) -> int:
 
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=blocks,
                          num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
-                         dtype="bfloat16")
+                         dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     folder.mkdir(parents=True)
@@ -214,20 +224,22 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="svd,rss,7b,latency")
     parser.add_argument("--blocks", type=int, default=2, help="Llama-7B-shaped decoder blocks to write")
+    parser.add_argument("--out", default=str(OUT.relative_to(REPO)), help="markdown file to write")
     args = parser.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     parts = {"svd": svd_stage, "rss": rss_smollm2, "7b": lambda: llama7b(args.blocks), "latency": latency}
     sections = []
-    for name in args.parts.split(","):
-        print(f"running {name} …", flush=True)
-        sections.append(parts[name]())
-        print(sections[-1], flush=True)
-    command = "python scripts/bench_speed.py" + (f" --parts {args.parts}" if args.parts != parser.get_default("parts")
-                                                 else "") + (f" --blocks {args.blocks}" if args.blocks != 2 else "")
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(f"# Scale and speed\n\n`{command}` (2 shared CPU cores, torch {torch.__version__})\n\n"
-                   + "\n".join(sections))
-    shutil.rmtree(SCRATCH, ignore_errors=True)
+    try:
+        for name in args.parts.split(","):
+            print(f"running {name} …", flush=True)
+            sections.append(parts[name]())
+            print(sections[-1], flush=True)
+    finally:
+        shutil.rmtree(SCRATCH, ignore_errors=True)
+    out = REPO / args.out
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(f"# Scale and speed\n\n`python scripts/bench_speed.py {' '.join(sys.argv[1:])}` "
+                   f"(2 CPU cores shared with other jobs, torch {torch.__version__})\n\n" + "\n".join(sections))
 
 
 if __name__ == "__main__":
