@@ -425,20 +425,11 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     good = [p.detach().clone() for p in params]  # the last weights whose loss was finite
     batches = _batches(len(data.train_ids), config.batch_size, torch.Generator().manual_seed(config.seed))
-    budget = config.minutes * 60 if config.minutes else math.inf
     bar = tqdm(total=config.steps, desc="healing", unit="step", disable=not progress)
     start, last, step = time.perf_counter(), 0.0, 0
-    while True:
-        elapsed = time.perf_counter() - start
-        if config.steps and step >= config.steps:
-            report.stopped = "steps"
-            break
-        if elapsed + last > budget:  # the next step would overrun the budget
-            report.stopped = "time"
-            break
-        fraction = step / config.steps if config.steps else elapsed / budget
+    while not _stopped(report, config, step, elapsed := time.perf_counter() - start, last):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, fraction, config.warmup)
+            group["lr"] = config.lr * _lr_factor(step, _progress(config, step, elapsed), config.warmup)
         index = next(batches)
         loss = distill_loss(model, data.head, data.train_ids[index], data.train_targets(index), report.loss)
         if not torch.isfinite(loss):  # these weights are bad: back to those of the previous step
@@ -446,21 +437,32 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
             break
         _copy(good, params)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
-        if not torch.isfinite(norm):  # these weights gave a finite loss: keep them
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, config.clip)):  # keep these weights
             _stop_on_nan(params, good, report, step, kept=step)
             break
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        last = time.perf_counter() - start - elapsed
+        step, last = step + 1, time.perf_counter() - start - elapsed
         report.history.append({"step": step, "minutes": (elapsed + last) / 60, "loss": loss.item()})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", minutes=f"{(elapsed + last) / 60:.1f}")
-        if callback:
-            callback(HealStep(step, (elapsed + last) / 60, loss.item(), model))
+        callback(HealStep(step, (elapsed + last) / 60, loss.item(), model)) if callback else None
     bar.close()
     report.minutes = (time.perf_counter() - start) / 60
+
+
+def _stopped(report: HealReport, config: HealConfig, step: int, elapsed: float, last: float) -> bool:
+    """True (and report.stopped set) once the steps are done or the next step would overrun the budget."""
+    if config.steps and step >= config.steps:
+        report.stopped = "steps"
+    elif config.minutes and elapsed + last > config.minutes * 60:  # last: the previous step's seconds
+        report.stopped = "time"
+    return bool(report.stopped)
+
+
+def _progress(config: HealConfig, step: int, elapsed: float) -> float:
+    """How far through the schedule: by steps when given, else by the time budget."""
+    return step / config.steps if config.steps else elapsed / (config.minutes * 60)
 
 
 @torch.no_grad()

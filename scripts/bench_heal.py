@@ -39,8 +39,10 @@ CALIB, EVAL = TEXT / "asyoulik.txt", TEXT / "alice29.txt"
 COMPARE = (("AB", 1e-4), ("AB", 3e-4), ("B", 1e-3), ("lora", 1e-3))  # (trained set, peak lr)
 
 
-def compressed_folder(cut: float, method: str) -> Path:
+def compressed_folder(cut: float, method: str, folder: str | None = None) -> Path:
     """SmolLM2 with ``cut`` of each targeted layer's parameters removed (made once, then reused)."""
+    if folder:
+        return Path(folder)
     folder = WORK / f"smollm2-{method}-{round(cut * 100)}"
     if not folder.exists():
         config = lc.CompressConfig(ratio=round(1 - cut, 4), method=method, calib=str(CALIB))
@@ -60,7 +62,7 @@ def _snapshotter(marks: list[float], store: dict):
 
 
 def curve(args) -> dict:
-    folder = compressed_folder(args.cut, args.method)
+    folder = compressed_folder(args.cut, args.method, args.folder)
     tokenizer = load_tokenizer(Source(folder, str(folder)))
     model, teacher = lc.load(folder), load_dense(resolve_source(str(SMOLLM2)))
     figures = {"cut": args.cut, "method": json.loads((folder / "lora_compress.json").read_text())["method"],
@@ -83,7 +85,7 @@ def curve(args) -> dict:
 
 
 def compare(args) -> dict:
-    folder = compressed_folder(args.cut, args.method)
+    folder = compressed_folder(args.cut, args.method, args.folder)
     tokenizer = load_tokenizer(Source(folder, str(folder)))
     teacher, text = load_dense(resolve_source(str(SMOLLM2))), read_text(CALIB)
     rows = []
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["curve", "compare", "report"])
     parser.add_argument("--cut", type=float, default=0.2, help="Fraction of each layer's parameters removed.")
     parser.add_argument("--method", default="whiten", help="Compression method (see lora-compress compress --help).")
+    parser.add_argument("--folder", help="Use this compressed folder (made with --cut) instead of compressing.")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--snapshots", type=lambda s: [float(x) for x in s.split(",")], default=[5.0, 10.0])
     parser.add_argument("--steps", type=int, default=6, help="compare: steps per trained set.")
