@@ -70,7 +70,8 @@ def curve(args) -> dict:
     snapshots = {}
     config = HealConfig(minutes=args.minutes, lr=args.lr, train=args.train, batch_size=args.batch_size)
     start = time.perf_counter()
-    report = heal_(model, teacher, tokenizer, read_text(CALIB), config, callback=_snapshotter(args.snapshots, snapshots))
+    report = heal_(model, teacher, tokenizer, read_text(CALIB), config,
+                   callback=_snapshotter(args.snapshots, snapshots))
     figures["heal_wall_minutes"] = (time.perf_counter() - start) / 60
     figures["after"] = perplexity(model, tokenizer, EVAL)
     figures["points"] = [{"minutes": 0.0, "step": 0, "perplexity": figures["before"]}]
@@ -107,7 +108,8 @@ def _curve_section(results: list[dict]) -> list[str]:
         rep = r["report"]
         rows.append([f"{r['cut']:.0%}", r["method"], f"{r['dense']:.2f}", f"{r['before']:.2f}",
                      f"{r['before'] / r['dense']:.2f}×", f"{r['after']:.2f}", f"{r['after'] / r['dense']:.2f}×",
-                     f"{rep['steps']} in {rep['minutes']:.1f} min", f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}",
+                     f"{rep['steps']} in {rep['minutes']:.1f} min",
+                     f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}",
                      points])
     header = ["cut", "method", "dense ppl", "before", "×dense", "after", "×dense", "steps", "held-out KL", "curve"]
     return [render_markdown(rows, header)]

@@ -130,13 +130,26 @@ def test_heal_writes_a_folder_that_loads_with_the_healing_recorded(compressed, t
     manifest = json.loads((out / MANIFEST).read_text())
     healed = manifest["healing"]
     assert healed["held_out_before"] == report.held_out_before and healed["held_out_after"] == report.held_out_after
-    assert [h["step"] for h in healed["history"]] == [1, 2, 3] and set(healed["history"][0]) == {"step", "minutes", "loss"}
+    assert [h["step"] for h in healed["history"]] == [1, 2, 3]
+    assert set(healed["history"][0]) == {"step", "minutes", "loss"}
     assert healed["settings"]["steps"] == 3 and healed["settings"]["calib"] == str(text_file)
     original = json.loads((compressed["gpt2"] / MANIFEST).read_text())
     assert manifest["layers"] == original["layers"]
-    model = lc.load(out)
-    assert not torch.equal(lc.checkpoint.adapter_tensors(model)["transformer.h.0.attn.c_attn.lora_B"],
-                           lc.checkpoint.adapter_tensors(lc.load(compressed["gpt2"]))["transformer.h.0.attn.c_attn.lora_B"])
+    key = "transformer.h.0.attn.c_attn.lora_B"
+    assert not torch.equal(lc.load(out).state_dict()[key], lc.load(compressed["gpt2"]).state_dict()[key])
+
+
+def test_a_healed_folder_exports_to_a_dense_checkpoint_with_the_same_outputs(compressed, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lora_compress.peft_export import export_dense
+    from helpers import inputs_for, outputs
+
+    heal(compressed["llama"], text_file, tmp_path / "healed", HealConfig(steps=2, **FAST), progress=False)
+    export_dense(tmp_path / "healed", tmp_path / "plain")
+    healed, plain = lc.load(tmp_path / "healed"), AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    inputs = inputs_for(healed)
+    assert torch.allclose(outputs(healed, inputs), outputs(plain, inputs), atol=1e-4)
 
 
 def test_heal_with_an_extra_lora_records_the_grown_ranks(compressed, text_file, tmp_path):
@@ -155,7 +168,8 @@ def test_cli_heal_prints_the_losses_and_writes_the_folder(compressed, text_file,
                                        "--steps", "2", "--seq-len", "32", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "held-out loss" in result.output and "stopped by steps" in result.output
-    assert "--steps 2" in json.loads((out / MANIFEST).read_text())["healing"]["settings"]["command"]
+    settings = json.loads((out / MANIFEST).read_text())["healing"]["settings"]
+    assert settings["steps"] == 2 and settings["command"].startswith("lora-compress ")
 
 
 def test_cli_heal_help_lists_the_options():
@@ -167,7 +181,7 @@ def test_cli_heal_help_lists_the_options():
 @pytest.mark.parametrize("args, message", [
     (lambda c, d, t, o: [str(d), "--calib", str(t), "--out", str(o)], "no lora_compress.json"),
     (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "missing.txt"), "--out", str(o)], "does not exist"),
-    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--seq-len", "200"], "at least 2 × --seq-len"),
+    (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "short.txt"), "--out", str(o)], "at least 2 × --seq-len"),
     (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(c)], "already exists"),
     (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--teacher", str(d.parent / "gpt2")],
      "pass --teacher with the model it was compressed from"),
@@ -175,12 +189,13 @@ def test_cli_heal_help_lists_the_options():
 ])
 def test_cli_heal_refuses_bad_input_with_one_line(args, message, compressed, tiny_models, text_file, tmp_path):
     out = tmp_path / "healed"
+    (tmp_path / "short.txt").write_text(text_file.read_text()[:300])
     argv = args(compressed["llama"], tiny_models["llama"], text_file, out)
     result = CliRunner().invoke(main, ["heal", *argv, "--steps", "1", "--quiet"])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.startswith("error: ")
     assert len(result.output.strip().splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.glob(".healed*"))
+    assert not out.exists() and not list(tmp_path.glob(".healed*"))  # nothing half-written
 
 
 def test_config_needs_a_bound_and_known_choices():
