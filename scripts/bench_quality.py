@@ -26,7 +26,6 @@ from lora_compress.calibrate import calibration_tokens
 from lora_compress.checkpoint import load_dense, load_tokenizer, resolve_source
 from lora_compress.compress import CompressConfig, compress_
 from lora_compress.evaluate import mean_pool
-from lora_compress.tables import render
 from lora_compress.text import read_text
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.md"

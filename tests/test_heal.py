@@ -51,6 +51,14 @@ def test_healing_lowers_the_held_out_loss(arch, compressed, tiny_models, text_fi
     assert [h["step"] for h in report.history] == list(range(1, 21)) and report.stopped == "steps"
 
 
+@pytest.mark.parametrize("loss", ["hidden", "kl+hidden"])
+def test_hidden_state_losses_also_heal_a_causal_lm(loss, compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models)
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=10, loss=loss, **FAST),
+                   progress=False)
+    assert report.loss == loss and report.held_out_after < 0.7 * report.held_out_before
+
+
 @pytest.mark.parametrize("train", ["B", "AB"])
 def test_parameters_outside_the_trained_set_are_bit_identical(train, compressed, tiny_models, text_file):
     model, teacher, tokenizer = _pair(compressed, tiny_models)
