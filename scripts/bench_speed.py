@@ -1,6 +1,6 @@
 """Scale and speed: SVD stage vs PEFT, peak memory streaming vs in-memory, 7B-shaped blocks, forward latency.
 
-    python scripts/bench_speed.py [--parts svd,rss,7b,latency] [--blocks 2]
+    python scripts/bench_speed.py [--parts svd,crossover,rss,7b,latency] [--blocks 2] [--out FILE]
 
 Writes benchmarks/speed.md. Every figure is measured in this run; ratios are within one run
 (the machine is shared and noisy).
@@ -96,6 +96,22 @@ def svd_stage() -> str:
                             "mean error vs full", "worst layer vs full"])
             + f"\n\nauto chose: {', '.join(sorted(picks))} (k/v_proj are 192×576: rank {RANK} + oversample "
               f"{svdmath.OVERSAMPLE} is not below {svdmath.AUTO_FRACTION}·192, so full).\n")
+
+
+def crossover() -> str:
+    """Full vs randomized on SmolLM2 shapes as rank + oversample nears min(out, in): where ``auto`` switches."""
+    rows = []
+    with safe_open(SMOLLM2 / "model.safetensors", "pt") as handle:
+        for kind in ("self_attn.k_proj", "self_attn.q_proj", "mlp.up_proj"):
+            W = handle.get_tensor(f"model.layers.5.{kind}.weight").float()
+            for fraction in (0.3, 0.45, 0.6, 0.75, 0.9):
+                rank = max(1, int(fraction * min(W.shape)) - svdmath.OVERSAMPLE)
+                best = {m: min(_timed(lambda: svdmath.truncated_svd(W, rank, m))[0] for _ in range(5))
+                        for m in ("full", "randomized")}
+                rows.append([kind, "×".join(map(str, W.shape)), rank, f"{fraction:.2f}",
+                             f"{best['full'] / best['randomized']:.2f}×", svdmath.choose_svd(tuple(W.shape), rank)])
+    return ("### Where auto switches: full / randomized time (best of 5), by (rank + oversample) / min(out, in)\n\n"
+            + render(rows, ["layer", "shape", "rank", "(r+p)/min", "randomized speed-up", "auto picks"]) + "\n")
 
 
 def _peak_rss(args: list[str]) -> tuple[float, float]:
@@ -222,12 +238,12 @@ def layer_latency() -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="svd,rss,7b,latency")
+    parser.add_argument("--parts", default="svd,crossover,rss,7b,latency")
     parser.add_argument("--blocks", type=int, default=2, help="Llama-7B-shaped decoder blocks to write")
     parser.add_argument("--out", default=str(OUT.relative_to(REPO)), help="markdown file to write")
     args = parser.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    parts = {"svd": svd_stage, "rss": rss_smollm2, "7b": lambda: llama7b(args.blocks), "latency": latency}
+    parts = {"svd": svd_stage, "crossover": crossover, "rss": rss_smollm2, "7b": lambda: llama7b(args.blocks), "latency": latency}
     sections = []
     try:
         for name in args.parts.split(","):
