@@ -181,7 +181,7 @@ def llama7b(blocks: int) -> str:
             + render([[f"{size / 1e9:.2f}", f"{rss:.2f}", f"{seconds:.0f}", f"{per_block:.0f}"]],
                      ["checkpoint GB", "peak RSS (GiB)", "seconds", "seconds per block (incl. start-up)"])
             + f"\n\nThe full 32-block model (13.5 GB) was not run on this 2-core shared machine. Extrapolation, "
-              f"stated as such: streaming holds one tensor and one output shard (≤ 1 GiB) at a time, so peak RSS "
+              f"stated as such: streaming holds one tensor and one 256 MiB output shard at a time, so peak RSS "
               f"does not grow with the number of blocks; wall time ≈ 32 × {per_block:.0f} s ≈ "
               f"{32 * per_block / 60:.0f} min here.\n")
 
