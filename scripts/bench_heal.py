@@ -39,14 +39,18 @@ CALIB, EVAL = TEXT / "asyoulik.txt", TEXT / "alice29.txt"
 COMPARE = (("AB", 1e-4), ("AB", 3e-4), ("B", 1e-3), ("lora", 1e-3))  # (trained set, peak lr)
 
 
-def compressed_folder(cut: float, method: str, folder: str | None = None) -> Path:
-    """SmolLM2 with ``cut`` of each targeted layer's parameters removed (made once, then reused)."""
-    if folder:
-        return Path(folder)
-    folder = WORK / f"smollm2-{method}-{round(cut * 100)}"
+def compressed_folder(args) -> Path:
+    """SmolLM2 with ``args.cut`` of its targeted parameters removed (made once, then reused).
+
+    ``args.allocation``: "ratio" cuts every layer alike, "budget" lets the ranks differ per layer.
+    """
+    if args.folder:
+        return Path(args.folder)
+    folder = WORK / f"smollm2-{args.method}-{args.allocation}-{round(args.cut * 100)}"
     if not folder.exists():
-        config = lc.CompressConfig(ratio=round(1 - cut, 4), method=method, calib=str(CALIB))
-        lc.compress(str(SMOLLM2), folder, config, command=f"bench_heal.py ({method}, ratio {1 - cut:.2f})")
+        config = lc.CompressConfig(**{args.allocation: round(1 - args.cut, 4)}, method=args.method, calib=str(CALIB),
+                                   calib_samples=args.calib_samples)
+        lc.compress(str(SMOLLM2), folder, config, command=f"bench_heal.py ({config.settings()})")
     return folder
 
 
@@ -62,10 +66,12 @@ def _snapshotter(marks: list[float], store: dict):
 
 
 def curve(args) -> dict:
-    folder = compressed_folder(args.cut, args.method, args.folder)
+    folder = compressed_folder(args)
     tokenizer = load_tokenizer(Source(folder, str(folder)))
     model, teacher = lc.load(folder), load_dense(resolve_source(str(SMOLLM2)))
-    figures = {"cut": args.cut, "method": json.loads((folder / "lora_compress.json").read_text())["method"],
+    manifest = json.loads((folder / "lora_compress.json").read_text())
+    budget = "budget" if manifest["settings"].get("budget") else "uniform"
+    figures = {"cut": args.cut, "method": f"{manifest['method']} ({budget})",
                "dense": perplexity(teacher, tokenizer, EVAL), "before": perplexity(model, tokenizer, EVAL)}
     snapshots = {}
     config = HealConfig(minutes=args.minutes, lr=args.lr, train=args.train, batch_size=args.batch_size)
@@ -86,7 +92,7 @@ def curve(args) -> dict:
 
 
 def compare(args) -> dict:
-    folder = compressed_folder(args.cut, args.method, args.folder)
+    folder = compressed_folder(args)
     tokenizer = load_tokenizer(Source(folder, str(folder)))
     teacher, text = load_dense(resolve_source(str(SMOLLM2))), read_text(CALIB)
     rows = []
@@ -151,7 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["curve", "compare", "report"])
     parser.add_argument("--cut", type=float, default=0.2, help="Fraction of each layer's parameters removed.")
-    parser.add_argument("--method", default="whiten", help="Compression method (see lora-compress compress --help).")
+    parser.add_argument("--method", default="sequential", help="Compression method (see lora-compress compress --help).")
+    parser.add_argument("--allocation", default="budget", choices=["budget", "ratio"])
+    parser.add_argument("--calib-samples", type=int, default=32, help="Calibration sequences for compressing.")
     parser.add_argument("--folder", help="Use this compressed folder (made with --cut) instead of compressing.")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--snapshots", type=lambda s: [float(x) for x in s.split(",")], default=[5.0, 10.0])
@@ -167,7 +175,9 @@ def main() -> None:
     figures = curve(args) if args.mode == "curve" else compare(args)
     figures["command"] = "python scripts/bench_heal.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     figures["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    (WORK / f"{args.mode}-{round(args.cut * 100)}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    name = f"{args.mode}-{Path(compressed_folder(args)).name}" if args.folder else \
+        f"{args.mode}-{args.method}-{args.allocation}-{round(args.cut * 100)}"
+    (WORK / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
     report()
 
 
