@@ -238,14 +238,9 @@ def factor_weight(result: LayerResult, weight: torch.Tensor, config: CompressCon
                                 svd=svd_kind, seed=config.seed)
     if rank is None:
         rank = layer_rank(config, result.shape, factors.singular_values)
-        factors = _truncate(factors, rank)
+        factors = svdmath.truncate(factors, rank)
     if rank > limit and not config.factor_all:
         result.note = f"rank {rank} would not save parameters (break-even {limit}); left dense"
         return None
     result.rank, result.energy_kept = rank, factors.energy_kept
     return factors
-
-
-def _truncate(factors: svdmath.Factors, rank: int) -> svdmath.Factors:
-    return svdmath.Factors(factors.B[:, :rank], factors.A[:rank], factors.singular_values,
-                           svdmath.energy_kept(factors.singular_values, rank))

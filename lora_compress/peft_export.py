@@ -41,7 +41,7 @@ from .card import Card, manifest_settings, write_card
 from .checkpoint import (MANIFEST, Source, atomic_folder, check_output_folder, check_weight_files,
                          copy_side_files, factored_modules, load, load_dense, load_tokenizer, read_manifest,
                          resolve_source)
-from .compress import _truncate, check_finite_float
+from .compress import check_finite_float
 from .errors import LoraCompressError
 from .layers import dense_weight, is_conv1d
 from .patch import replace_module
@@ -221,7 +221,7 @@ def factor_deltas(weights: dict[str, torch.Tensor], config: ExtractConfig, gram=
     notes = {name: f"--rank {config.rank} capped at the smaller dimension (full rank, exact)" for name, f in full.items()
              if config.rank is not None and f.rank < config.rank}
     notes.update({name: "rank 0 under --budget; no adapter" for name, rank in ranks.items() if rank == 0})
-    return {name: _truncate(f, ranks[name]) for name, f in full.items() if ranks[name] > 0}, notes
+    return {name: svdmath.truncate(f, ranks[name]) for name, f in full.items() if ranks[name] > 0}, notes
 
 
 def _choose_ranks(full: dict, weights: dict, config: ExtractConfig) -> dict[str, int]:

@@ -218,3 +218,9 @@ def factorize(weight: torch.Tensor, rank: int, *, whitening: torch.Tensor | None
 def _unwhiten(Vh: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """A = V_rᵀ L⁻¹, by a triangular solve rather than an explicit inverse."""
     return torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # (r, in)
+
+
+def truncate(factors: Factors, rank: int) -> Factors:
+    """The top ``rank`` components of factors from a sorted (full) SVD."""
+    return Factors(factors.B[:, :rank], factors.A[:rank], factors.singular_values,
+                   energy_kept(factors.singular_values, rank))
