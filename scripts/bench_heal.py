@@ -7,7 +7,7 @@ each snapshot and after. ``compare`` heals one compressed folder a fixed number 
 each trained set (AB, B, lora) and reports the held-out loss and perplexity.
 
 Usage:
-    python scripts/bench_heal.py curve --cut 0.2 [--minutes 15] [--snapshots 5,10] [--method whiten]
+    python scripts/bench_heal.py curve --cut 0.2 [--minutes 15] [--snapshots 5,10] [--method sequential]
     python scripts/bench_heal.py compare --cut 0.2 [--steps 6]
     python scripts/bench_heal.py report          # benchmarks/heal.md from the saved results
 Each run saves its figures as JSON under .cache/bench_heal/; ``report`` renders them all.
@@ -146,6 +146,9 @@ def report() -> None:
         lines += ["## Perplexity before and after healing", "", *_curve_section(curves), ""]
         lines += [f"- {c['cut']:.0%}: load average {c['load']}; whole heal call {c['heal_wall_minutes']:.1f} min "
                   f"(teacher forwards {c['report']['teacher_minutes']:.1f} min of it)" for c in curves]
+        lines += [f"- target at a 20% cut, ≤ 1.3× dense after ≤ 15 minutes: "
+                  f"{'met' if c['after'] <= 1.3 * c['dense'] else 'not met'} "
+                  f"({c['method']}: {c['after'] / c['dense']:.2f}×)" for c in curves if c["cut"] == 0.2]
     for result in compares:
         lines += ["", "## Which parameters to train", "", *_compare_section(result)]
     OUT.parent.mkdir(exist_ok=True)
@@ -157,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["curve", "compare", "report"])
     parser.add_argument("--cut", type=float, default=0.2, help="Fraction of each layer's parameters removed.")
-    parser.add_argument("--method", default="sequential", help="Compression method (see lora-compress compress --help).")
+    parser.add_argument("--method", default="sequential", help="Compression method (lora-compress compress --help).")
     parser.add_argument("--allocation", default="budget", choices=["budget", "ratio"])
     parser.add_argument("--calib-samples", type=int, default=32, help="Calibration sequences for compressing.")
     parser.add_argument("--folder", help="Use this compressed folder (made with --cut) instead of compressing.")
