@@ -355,9 +355,9 @@ def apply_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     path = Path(path)
     path = path / ADAPTERS if path.is_dir() else path
-    check_weight_files([path]) if path.is_file() else None
     if not path.is_file():
         raise LoraCompressError(f"{path} does not exist; pass an adapters.safetensors file or its folder")
+    check_weight_files([path])
     tensors = load_file(str(path))
     modules = dict(model.named_modules())
     for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
