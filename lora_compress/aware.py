@@ -144,10 +144,14 @@ def layer_costs(targets: dict[str, nn.Module], stats: Statistics) -> dict[str, L
     return costs
 
 
-def _plan(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
-    """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
-    if config.budget is not None:
-        return allocate(layer_costs(targets, stats), config.budget)
+def needs_fisher(config: CompressConfig) -> bool:
+    """True when the method or the budget uses the output-gradient moments (a backward pass)."""
+    return config.budget is not None or RECIPES[config.method].weighted
+
+
+def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
+               stats: Statistics | None) -> dict[str, int | None]:
+    """Rank per layer by the config's per-layer rule (None = dense); ``energy`` needs the layers' Grams."""
     ranks = {}
     for name, module in targets.items():
         shape = tuple(dense_weight(module).shape)
@@ -157,8 +161,26 @@ def _plan(config: CompressConfig, targets: dict[str, nn.Module], stats: Statisti
     return ranks
 
 
-class _Factorer:
-    """Factors layers one at a time by a recipe and records what happened."""
+def _plan(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
+    """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
+    if config.budget is not None:
+        return allocate(layer_costs(targets, stats), config.budget)
+    return rule_ranks(config, targets, stats)
+
+
+def check_calibration_length(model: nn.Module, tokens: torch.Tensor) -> None:
+    """Refuse calibration sequences longer than the model's positions."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions and tokens.shape[1] > positions:
+        raise LoraCompressError(f"--calib-len {tokens.shape[1]} is longer than the model's {positions} positions; "
+                                f"pass --calib-len {positions} or less")
+
+
+class Factorer:
+    """Factors layers one at a time by a recipe and records what happened (in memory and streamed).
+
+    ``ranks`` may be filled in as blocks come (streamed whitening picks ranks block by block).
+    """
 
     def __init__(self, model, config, targets, ranks, stats):
         self.model, self.config, self.targets, self.ranks, self.stats = model, config, targets, ranks, stats
@@ -186,6 +208,17 @@ class _Factorer:
         for name in names:
             self(name, gram, cross)
 
+    def report(self, tokens: torch.Tensor, start: float) -> CompressionReport:
+        """The CompressionReport of every target, with the calibration settings and costs."""
+        config = self.config
+        report = CompressionReport(config, [self.results[n] for n in self.targets])
+        report.calibration = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]),
+                              "tokens": int(tokens.numel()), "text": config.calib,
+                              "sensitivity": SENSITIVITY if config.budget is not None else None,
+                              "peak_memory_mb": round(peak_memory_mb(), 1),
+                              "seconds": round(time.perf_counter() - start, 1)}
+        return report
+
 
 def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch.Tensor,
                          progress: bool = True) -> CompressionReport:
@@ -202,17 +235,14 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     from .compress import _check_fixed_rank
 
     start, recipe = time.perf_counter(), RECIPES[config.method]
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if positions and tokens.shape[1] > positions:
-        raise LoraCompressError(f"--calib-len {tokens.shape[1]} is longer than the model's {positions} positions; "
-                                f"pass --calib-len {positions} or less")
+    check_calibration_length(model, tokens)
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
-    fisher = config.budget is not None or recipe.weighted
+    fisher = needs_fisher(config)
     needs_stats = fisher or config.energy is not None or not recipe.sequential
     stats = collect_statistics(model, tokens, targets, fisher=fisher, progress=progress) if needs_stats else None
     ranks = _plan(config, targets, stats)
-    factorer = _Factorer(model, config, targets, ranks, stats)
+    factorer = Factorer(model, config, targets, ranks, stats)
     if recipe.sequential:
         stats.grams.clear() if stats else None  # only the Fisher moments are used from here on
         rest = run_sequential(model, tokens, targets, factorer.group, progress)
@@ -223,10 +253,4 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     else:
         for name in tqdm(targets, desc="factoring", unit="layer", disable=not progress):
             factorer(name, stats.gram(name))
-    report = CompressionReport(config, [factorer.results[n] for n in targets])
-    report.calibration = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]),
-                          "tokens": int(tokens.numel()), "text": config.calib,
-                          "sensitivity": SENSITIVITY if config.budget is not None else None,
-                          "peak_memory_mb": round(peak_memory_mb(), 1),
-                          "seconds": round(time.perf_counter() - start, 1)}
-    return report
+    return factorer.report(tokens, start)

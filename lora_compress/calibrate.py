@@ -90,7 +90,8 @@ def forward(model: nn.Module, ids: torch.Tensor):
     return model(input_ids=ids)
 
 
-def _model_loss(output, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def model_loss(output, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The calibration loss of one batch: next-token loss (causal LMs), else rᵀh over the floating outputs."""
     logits = getattr(output, "logits", None)
     if logits is not None:  # causal LM: the next-token loss, summed over tokens
         return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
@@ -101,7 +102,7 @@ def _model_loss(output, ids: torch.Tensor, generator: torch.Generator) -> torch.
     return loss
 
 
-class _GramHooks:
+class GramHooks:
     """Forward hooks summing each layer's input Gram; consecutive layers reading one tensor share it."""
 
     def __init__(self, stats: Statistics, modules: dict[str, nn.Module], fisher: bool = False):
@@ -134,7 +135,7 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
     One forward (and, for ``fisher``, backward) pass of the whole model per batch of sequences.
     """
     stats, generator = Statistics(), torch.Generator().manual_seed(0)
-    hooks = _GramHooks(stats, targets, fisher)
+    hooks = GramHooks(stats, targets, fisher)
     leaf = model.get_input_embeddings().register_forward_hook(
         lambda m, a, out: out.detach().requires_grad_(True)) if fisher else None
     try:
@@ -142,7 +143,7 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
             with torch.set_grad_enabled(fisher):
                 output = forward(model, ids)
                 if fisher:
-                    _model_loss(output, ids, generator).backward()
+                    model_loss(output, ids, generator).backward()
             hooks.last = (None, None)
             stats.tokens += ids.numel()
     finally:
@@ -190,7 +191,13 @@ def block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> li
     return captured
 
 
-def _call_block(block: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
+def block_hidden(calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """The hidden states of captured block calls (see :func:`block_inputs`), one per batch."""
+    return [_input(*call) for call in calls]
+
+
+def call_block(block: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
+    """``block`` on ``hidden`` with the other arguments of a captured call; its output hidden states."""
     args, kwargs = call
     if args:
         output = block(hidden, *args[1:], **kwargs)
@@ -220,7 +227,7 @@ def _record_inputs(block, members, calls, hidden) -> tuple[list[list[str]], dict
     outputs = []
     try:
         for call, h in zip(calls, hidden):
-            outputs.append(_call_block(block, call, h))
+            outputs.append(call_block(block, call, h))
             state.update(last=None, first_batch=False)
     finally:
         for handle in handles:
@@ -244,7 +251,7 @@ def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple
         for index, (call, h) in enumerate(zip(calls, hidden)):
             batch["index"] = index
             try:
-                _call_block(block, call, h)
+                call_block(block, call, h)
             except _Stop:
                 pass
     finally:
@@ -268,17 +275,27 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn
     if not blocks:
         return dict(targets)
     calls = block_inputs(model, blocks[0][1], tokens)
-    dense = compressed = [_input(*call) for call in calls]
+    dense = compressed = block_hidden(calls)
     for block_name, block in tqdm(blocks, desc="compressing blocks", unit="block", disable=not progress):
-        members = {n: m for n, m in targets.items() if n.startswith(block_name + ".")}
-        groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
-        for group in groups:
-            owner = block.get_submodule(group[0][len(block_name) + 1:])
-            gram, cross = _group_statistics(block, owner, calls, compressed, dense_inputs[group[0]])
-            compress_group(group, gram, cross)
-        compressed = [_call_block(block, call, h) for call, h in zip(calls, compressed)]
-        dense = dense_next
+        dense, compressed = sequential_block(block_name, block, targets, calls, dense, compressed, compress_group)
     return {n: m for n, m in targets.items() if not any(n.startswith(b + ".") for b, _ in blocks)}
+
+
+@torch.no_grad()
+def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Module], calls: list,
+                     dense: list[torch.Tensor], compressed: list[torch.Tensor], compress_group):
+    """Compress one block's targets group by group (see :func:`run_sequential`).
+
+    Returns:
+        The block's (dense, compressed) output hidden states, one per batch: the next block's inputs.
+    """
+    members = {n: m for n, m in targets.items() if n.startswith(block_name + ".")}
+    groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
+    for group in groups:
+        owner = block.get_submodule(group[0][len(block_name) + 1:])
+        gram, cross = _group_statistics(block, owner, calls, compressed, dense_inputs[group[0]])
+        compress_group(group, gram, cross)
+    return dense_next, [call_block(block, call, h) for call, h in zip(calls, compressed)]
 
 
 def read_calibration_text(source: str) -> str:
