@@ -90,8 +90,10 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Cast the model to this dtype first (default: the checkpoint's).")
-@click.option("--stream", is_flag=True, help="Plain SVD: read and write one tensor at a time (memory ≈ one "
-              "layer + 0.5 GiB); implied under torchrun, which splits the layers across processes.")
+@click.option("--stream", is_flag=True, help="Read and write one tensor at a time with --method svd (memory ≈ "
+              "one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
+              "transformer block at a time with a calibrated method (memory ≈ one block + the calibration "
+              "hidden states at every block boundary; one process).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gguf_option

@@ -162,8 +162,7 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
         LoraCompressError: a bad rank for some layer, a pattern matching nothing, a bad weight.
     """
     if config.method != "svd":
-        if tokens is None:
-            raise LoraCompressError(f"--method {config.method} needs calibration text; pass --calib FILE")
+        check_calibrated(config, tokens)
         from .aware import compress_calibrated_  # aware.py builds on this module's dataclasses
 
         return compress_calibrated_(model, config, tokens, progress)
@@ -173,6 +172,12 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     for name, module in tqdm(targets.items(), desc="factoring", unit="layer", disable=not progress):
         report.layers.append(factor_layer_(model, name, module, config))
     return report
+
+
+def check_calibrated(config: CompressConfig, tokens) -> None:
+    """Refuse an activation-aware method without calibration tokens (or text)."""
+    if config.method != "svd" and tokens is None:
+        raise LoraCompressError(f"--method {config.method} needs calibration text; pass --calib FILE")
 
 
 def _check_fixed_rank(targets: dict[str, nn.Module], rank: int | None) -> None:

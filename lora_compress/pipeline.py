@@ -16,13 +16,15 @@ from .checkpoint import (atomic_folder, copy_side_files, load, load_dense, load_
                          check_output_folder)
 from .card import compressed_card, write_card
 from .calibrate import calibration_tokens, read_calibration_text
-from .compress import CompressConfig, CompressionReport, compress_
+from .blockwise import Blocks
+from .compress import CompressConfig, CompressionReport, check_calibrated, compress_
 from .counting import weight_bytes
 from .errors import LoraCompressError
 from .drift import DRIFT_TOKENS, block_drift, drift_batches
 from .distributed import join, launched, leave
 from .evaluate import EvalConfig, evaluate, fit_context
 from . import streaming
+from .stream_calibrated import compress_blockwise
 from .report import write_report
 from .text import read_text
 
@@ -63,8 +65,10 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
              stream: bool = False, dtype: str | None = None) -> CompressionReport:
     """Compress a checkpoint (folder, GGUF or Hub id) into a self-contained folder ``out``.
 
-    ``stream`` (plain SVD only; implied under torchrun) reads and writes one tensor at a time, see
-    :mod:`lora_compress.streaming`; ``dtype`` (float32, float16, bfloat16) casts the model first.
+    ``stream`` reads and writes one tensor (plain SVD; implied under torchrun, see
+    :mod:`lora_compress.streaming`) or one transformer block (calibrated methods, see
+    :mod:`lora_compress.stream_calibrated`) at a time; ``dtype`` (float32, float16, bfloat16)
+    casts the model first.
 
     Example:
         >>> report = compress("models/minilm", "out/minilm-50", CompressConfig(ratio=0.5))
@@ -74,10 +78,13 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
         LoraCompressError: bad input of any kind; nothing is written then.
     """
     check_output_folder(Path(out), force)
-    if stream or launched():
-        return _compress_streamed(model, out, config, force=force, command=command, progress=progress,
-                                  dtype=dtype)
     calib_text = read_calibration_text(config.calib) if config.calib and config.method != "svd" else None
+    if stream or launched():
+        if config.method != "svd":
+            return _compress_calibrated_streamed(model, out, config, calib_text, gguf_file=gguf_file, force=force,
+                                                 command=command, progress=progress, dtype=dtype)
+        return _compress_streamed(model, out, config, gguf_file=gguf_file, force=force, command=command,
+                                  progress=progress, dtype=dtype)
     source = resolve_source(model, gguf_file)
     dense = load_dense(source, parse_dtype(dtype) or "auto")
     tokenizer = load_tokenizer(source)
@@ -97,25 +104,47 @@ def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) 
     write_report(tmp, manifest)
 
 
-def _compress_streamed(model: str, out, config: CompressConfig, *, force: bool, command, progress: bool,
-                       dtype: str | None) -> CompressionReport:
+def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: str | None, force: bool, command,
+                       progress: bool, dtype: str | None) -> CompressionReport:
     """Plain SVD, one tensor in memory at a time; under torchrun the layers are split, rank 0 writes."""
-    if config.method != "svd":
-        raise LoraCompressError(f"--stream and torchrun support plain SVD only; drop them for --method {config.method}")
     group = join(config.device)
     try:
-        source = resolve_source(model)
+        source = resolve_source(model, gguf_file)
         plan = streaming.plan(source, config, parse_dtype(dtype))
         if not group.is_writer:
             return streaming.compress_streaming(plan, config, None, group, progress)
         with atomic_folder(Path(out), force) as tmp:
             report = streaming.compress_streaming(plan, config, tmp, group, progress)
-            manifest = build_manifest(source, plan.model, config, report, command)
-            write_manifest(tmp, manifest)
-            _write_companions(tmp, source, plan.model, load_tokenizer(source), manifest, out)
+            _write_streamed_companions(tmp, source, plan, report, command, load_tokenizer(source), out)
         return report
     finally:
         leave(group)
+
+
+def _compress_calibrated_streamed(model: str, out, config: CompressConfig, calib_text: str | None, *,
+                                  gguf_file: str | None, force: bool, command, progress: bool,
+                                  dtype: str | None) -> CompressionReport:
+    """A calibrated method with one transformer block in memory at a time, in one process."""
+    if launched():
+        raise LoraCompressError(f"--method {config.method} streams block by block in one process; drop torchrun "
+                                f"(torchrun splits plain SVD only)")
+    check_calibrated(config, calib_text)
+    source = resolve_source(model, gguf_file)
+    plan = streaming.plan(source, config, parse_dtype(dtype))
+    blocks = Blocks(plan)
+    tokenizer = load_tokenizer(source)
+    tokens = calibration_batch(tokenizer, calib_text, config)
+    with atomic_folder(Path(out), force) as tmp:
+        report = compress_blockwise(blocks, config, tokens, tmp, progress)
+        _write_streamed_companions(tmp, source, plan, report, command, tokenizer, out)
+    return report
+
+
+def _write_streamed_companions(tmp: Path, source, plan, report: CompressionReport, command, tokenizer, out) -> None:
+    """Manifest, config, tokenizer, card and report next to streamed weights."""
+    manifest = build_manifest(source, plan.model, report.config, report, command)
+    write_manifest(tmp, manifest)
+    _write_companions(tmp, source, plan.model, tokenizer, manifest, out)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -3,8 +3,9 @@
     shards ──safe_open (one tensor)──▶ factor_weight ──▶ ShardWriter ──▶ OUT/model-0000k-of-0000N.safetensors
                                                                            model.safetensors.index.json
 
-The architecture is built on the meta device from config.json (no memory used) to learn the
-targeted modules, the tied tensors and the dtype transformers would load. Untouched tensors
+The architecture is built from config.json with its parameters on the meta device (no memory
+used; buffers, small and partly computed at construction, are real) to learn the targeted
+modules, the tied tensors and the dtype transformers would load. Untouched tensors
 are copied through, cast to that dtype; factors are computed by the same code as the
 in-memory path, so the output holds the same tensors bit for bit and the same manifest
 (one output file below ``max_shard_bytes``, else shards and an index). Each input file is
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,7 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 class Plan:
     """What streaming needs to know before reading any weight."""
 
-    model: nn.Module  # the architecture on the meta device, in the output dtype
+    model: nn.Module  # the architecture, parameters on the meta device, in the output dtype
     dtype: torch.dtype
     files: dict[str, Path]  # checkpoint tensor name → file holding it
     stamps: dict[Path, tuple[int, int]]  # file → (size, mtime_ns) when the run started
@@ -50,7 +52,7 @@ class Plan:
 
 
 def plan(source: Source, config: CompressConfig, dtype: torch.dtype | None = None) -> Plan:
-    """Read config.json and the shard headers; build the meta model; map output names to files.
+    """Read config.json and the shard headers; build the model skeleton; map output names to files.
 
     Raises:
         LoraCompressError: a GGUF source, a bad checkpoint, or a model tensor the checkpoint lacks.
@@ -65,13 +67,35 @@ def plan(source: Source, config: CompressConfig, dtype: torch.dtype | None = Non
     files = {key: path for path in paths for key in _keys(path)}
     hf_config = AutoConfig.from_pretrained(source.folder)
     dtype = dtype or _checkpoint_dtype(hf_config, files)
-    with torch.device("meta"):
+    with parameters_on_meta():
         cls = model_class(hf_config)
         build = getattr(cls, "_from_config", None) or cls.from_config  # Auto* classes have only from_config
         model = build(hf_config, dtype=dtype).eval()
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
     return Plan(model, dtype, files, stamps, targets, _output_keys(model, files))
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device and keep real buffers.
+
+    As accelerate's ``init_empty_weights(include_buffers=False)``: each parameter is moved to
+    meta as it is registered (``torch.empty`` allocates no pages, so nothing is touched), and
+    non-persistent buffers such as rotary frequencies, which no checkpoint holds, are computed.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta parameter is kept as is: ties are by identity
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _keys(path: Path) -> list[str]:

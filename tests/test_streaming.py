@@ -1,4 +1,4 @@
-"""Streaming (one tensor at a time) and torchrun compression against the in-memory path."""
+"""Streaming (a tensor, or with calibration a block, at a time) and torchrun against the in-memory path."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,18 @@ import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from helpers import dense, inputs_for, outputs, rel_error
 from lora_compress import CompressConfig, LoraCompressError, load
 from lora_compress import streaming
+from lora_compress.blockwise import Blocks
 from lora_compress.checkpoint import ADAPTERS, INDEX, MANIFEST, WEIGHTS, load_dense, resolve_source
+from lora_compress.cli import main
 from lora_compress.pipeline import compress
+from lora_compress.stream_calibrated import compress_blockwise
 
 
 def _tensors(folder):
@@ -91,10 +96,118 @@ def test_unwritable_output_is_one_clear_error(tiny_models, tmp_path):
         compress(str(tiny_models["llama"]), blocker / "out", CompressConfig(ratio=0.5), progress=False, stream=True)
 
 
-def test_stream_refuses_calibrated_methods(tiny_models, tmp_path, text_file):
-    config = CompressConfig(ratio=0.5, method="whiten", calib=str(text_file))
-    with pytest.raises(LoraCompressError, match="plain SVD only"):
-        compress(str(tiny_models["llama"]), tmp_path / "out", config, progress=False, stream=True)
+CALIBRATED = {"sequential-budget": {"method": "sequential", "budget": 0.7},
+              "whiten-ratio": {"method": "whiten", "ratio": 0.5}}
+
+
+def _calibrated(text_file, option: str) -> CompressConfig:
+    """6 samples: two calibration batches (4 + 2), so the sums over batches are exercised."""
+    return CompressConfig(calib=str(text_file), calib_samples=6, calib_len=16, **CALIBRATED[option])
+
+
+@pytest.fixture(scope="module", params=[(m, o) for m in ("llama", "bert") for o in CALIBRATED],
+                ids=lambda param: "-".join(param))
+def calibrated_pair(request, tiny_models, text_file, tmp_path_factory):
+    """(folder with memory/ and stream/, sharded source): one calibrated compression done both ways."""
+    model, option = request.param
+    root = tmp_path_factory.mktemp(f"{model}-{option}")
+    source = _sharded_copy(tiny_models[model], root / "sharded")
+    compress(str(source), root / "memory", _calibrated(text_file, option), progress=False)
+    compress(str(source), root / "stream", _calibrated(text_file, option), progress=False, stream=True)
+    return root, source
+
+
+# Both paths run the same float ops on the same batches in the same order (Grams and Fisher sums in
+# float64, the block recomputed as the in-memory forward ran it), so on one machine they agree bit
+# for bit (measured: max difference 0 on CPU, float32 and bfloat16). The band allows float32
+# rounding only (~1e-6 relative), as a different BLAS thread split or attention kernel could give.
+FACTOR_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def test_streamed_calibration_gives_the_in_memory_factors_ranks_and_manifest(calibrated_pair):
+    root, source = calibrated_pair
+    assert (source / INDEX).exists()
+    memory, streamed = _tensors(root / "memory"), _tensors(root / "stream")
+    assert memory.keys() == streamed.keys()
+    assert any(key.endswith("lora_A") for key in memory)
+    for key in memory:
+        torch.testing.assert_close(streamed[key], memory[key], **FACTOR_TOLERANCE)
+    manifests = [_manifest(root / name) for name in ("memory", "stream")]
+    for manifest in manifests:
+        del manifest["calibration"]["seconds"], manifest["calibration"]["peak_memory_mb"]
+    assert manifests[0] == manifests[1]
+    assert sorted(os.listdir(root / "memory")) == sorted(os.listdir(root / "stream"))
+
+
+def test_streamed_calibrated_output_loads_with_the_in_memory_outputs(calibrated_pair):
+    root, source = calibrated_pair
+    original = dense(source)
+    batch = inputs_for(original)
+    reference, memory, streamed = (outputs(model, batch) for model in
+                                   (original, load(root / "memory"), load(root / "stream")))
+    assert rel_error(memory, reference) > 1e-3  # compression really changed the model
+    assert rel_error(streamed, memory) < 1e-5
+
+
+def test_streamed_calibration_writes_shards_that_load(tiny_models, text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(streaming, "MAX_SHARD_BYTES", 10_000)
+    compress(str(tiny_models["llama"]), tmp_path / "stream", _calibrated(text_file, "whiten-ratio"),
+             progress=False, stream=True)
+    compress(str(tiny_models["llama"]), tmp_path / "memory", _calibrated(text_file, "whiten-ratio"), progress=False)
+    assert (tmp_path / "stream" / INDEX).exists() and not (tmp_path / "stream" / WEIGHTS).exists()
+    batch = inputs_for(dense(tiny_models["llama"]))
+    assert rel_error(outputs(load(tmp_path / "stream"), batch), outputs(load(tmp_path / "memory"), batch)) < 1e-5
+
+
+def test_streamed_calibration_leaves_every_block_on_the_meta_device(tiny_models, text_file, tmp_path):
+    config = _calibrated(text_file, "sequential-budget")
+    plan = streaming.plan(resolve_source(str(tiny_models["llama"])), config)
+    tokens = torch.randint(2, 40, (6, 16), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "out").mkdir()
+    compress_blockwise(Blocks(plan), config, tokens, tmp_path / "out", progress=False)
+    in_memory = [name for name, param in plan.model.named_parameters() if not param.is_meta]
+    assert in_memory and not any(name.startswith("model.layers.") for name in in_memory)
+    assert all(module.weight.is_meta for module in plan.targets.values())  # swapped-out dense layers too
+
+
+def _cli_compress(model, out, text_file, *extra):
+    return CliRunner().invoke(main, ["compress", str(model), "--out", str(out), "--method", "whiten", "--ratio", "0.5",
+                                     "--calib", str(text_file), "--stream", "--quiet", *extra])
+
+
+def test_streamed_calibration_of_a_gguf_source_is_one_clear_line(tiny_models, text_file, tmp_path):
+    result = _cli_compress(tiny_models["llama"], tmp_path / "out", text_file, "--gguf-file", "model.gguf")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: streaming reads safetensors checkpoints only; drop --stream for a GGUF file"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def tiny_resnet(tmp_path):
+    """An image classifier whose only linear layer is its head: no ModuleList holds a linear layer."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=2)
+    ResNetForImageClassification(config).save_pretrained(tmp_path / "resnet")
+    return tmp_path / "resnet"
+
+
+def test_streamed_calibration_of_a_model_without_repeated_blocks_is_one_clear_line(tiny_resnet, text_file, tmp_path):
+    result = _cli_compress(tiny_resnet, tmp_path / "out", text_file)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: ResNetForImageClassification has no repeated blocks of linear layers (a ModuleList) to stream "
+        "calibration through; drop --stream"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrated_compression_under_torchrun_asks_for_one_process(tiny_models, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the check comes before joining a group
+    with pytest.raises(LoraCompressError, match="in one process; drop torchrun"):
+        compress(str(tiny_models["llama"]), tmp_path / "out", _calibrated(text_file, "whiten-ratio"), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
