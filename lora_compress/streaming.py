@@ -15,14 +15,12 @@ Under torchrun the layers are split across processes (see distributed.py).
 from __future__ import annotations
 
 import json
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,10 +31,10 @@ from .distributed import Group, check_split
 from .errors import LoraCompressError
 from .layers import is_conv1d
 from .targets import find_targets
+from .tensorfile import DTYPE_NAMES, HEADER_BYTES, TensorFileWriter
 
-MAX_SHARD_BYTES = 256 << 20  # output shard size: the writer buffers one shard (save_file briefly copies it)
+MAX_SHARD_BYTES = 2 << 30  # output shard size (written a tensor at a time, never buffered)
 _METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 @dataclass
@@ -119,7 +117,7 @@ def _checkpoint_dtype(hf_config, files: dict[str, Path]) -> torch.dtype:
         with safe_open(path, "pt") as handle:
             tensor = handle.get_slice(key)
             if tensor.get_dtype() in ("F32", "F16", "BF16", "F64"):
-                return {v: k for k, v in _DTYPE_NAMES.items()}[tensor.get_dtype()]
+                return {v: k for k, v in DTYPE_NAMES.items()}[tensor.get_dtype()]
     return torch.float32
 
 
@@ -229,34 +227,37 @@ def compress_streaming(plan_: Plan, config: CompressConfig, folder: Path | None,
 
 
 class ShardWriter:
-    """Buffers tensors up to ``max_bytes``, writes each full buffer as a shard; index at close."""
+    """Writes each tensor to the current shard file as it arrives (nothing buffered); starts a new
+    shard past ``max_bytes``; names the shards and writes the index at close."""
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = Path(folder), max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.shards: list[list[str]] = []  # tensor names per written shard
-        self.buffered = self.total = 0  # bytes in the buffer / written in all
+        self.current: TensorFileWriter | None = None
+        self.shards: list[list[str]] = []  # tensor names per shard
+        self.written = self.total = 0  # bytes in the current shard / in all
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
-            self._flush()
-        self.buffer[key] = tensor
-        self.buffered += size
+        if self.current and (self.written + size > self.max_bytes or not self.current.fits(key, tensor)):
+            self._finish()
+        if self.current is None:
+            self.current = TensorFileWriter(self.folder / f"model-{len(self.shards) + 1:05d}.safetensors", _METADATA)
+            self.shards.append([])
+        self.current.add(key, tensor)
+        self.shards[-1].append(key)
+        self.written += size
         self.total += size
 
-    def _flush(self) -> None:
-        path = self.folder / f"model-{len(self.shards) + 1:05d}.safetensors"
-        try:
-            save_file(self.buffer, str(path), metadata=_METADATA)
-        except SafetensorError as error:  # safetensors reports disk-full/permission errors this way
-            raise OSError(28, str(error)) from None
-        self.shards.append(list(self.buffer))
-        self.buffer, self.buffered = {}, 0
+    def _finish(self) -> None:
+        self.current.close()
+        self.current, self.written = None, 0
 
     def close(self) -> None:
-        """Write the last shard; name them ``model.safetensors`` or ``-0000k-of-0000N`` + index."""
-        self._flush()
+        """Finish the last shard; name them ``model.safetensors`` or ``-0000k-of-0000N`` + index."""
+        if self.current is None:  # no tensor at all: an empty weights file
+            self.current = TensorFileWriter(self.folder / "model-00001.safetensors", _METADATA)
+            self.shards.append([])
+        self._finish()
         if len(self.shards) == 1:
             (self.folder / "model-00001.safetensors").rename(self.folder / WEIGHTS)
             return
@@ -278,31 +279,15 @@ def output_files(folder: Path) -> dict[str, Path]:
 
 
 def write_adapters(folder: Path) -> None:
-    """``adapters.safetensors`` from the written shards, one tensor in memory at a time.
-
-    safetensors has no incremental writer, so this writes its documented layout itself:
-    8-byte little-endian header length, the JSON header (padded to 8 bytes), then the raw data.
-    """
+    """``adapters.safetensors`` from the written shards, one tensor in memory at a time."""
     files = {key: path for key, path in output_files(folder).items() if key.endswith((".lora_A", ".lora_B"))}
-    header, offset, order = {"__metadata__": _METADATA}, 0, sorted(files)
-    for key in order:
+    writer = TensorFileWriter(folder / ADAPTERS, _METADATA, header_bytes=_header_room(len(files)))
+    for key in sorted(files):
         with safe_open(files[key], "pt") as handle:
-            tensor_slice = handle.get_slice(key)
-            shape, dtype = tensor_slice.get_shape(), tensor_slice.get_dtype()
-        size = _numel(shape) * torch.finfo({v: k for k, v in _DTYPE_NAMES.items()}[dtype]).bits // 8
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(folder / ADAPTERS, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-        for key in order:
-            with safe_open(files[key], "pt") as handle:
-                out.write(handle.get_tensor(key).contiguous().view(torch.uint8).numpy().tobytes())
+            writer.add(key, handle.get_tensor(key))
+    writer.close()
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+def _header_room(count: int) -> int:
+    """Header bytes for ``count`` tensors (named by a model's module paths: ~200 bytes each)."""
+    return max(HEADER_BYTES, 512 * count)

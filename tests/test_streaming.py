@@ -1,21 +1,22 @@
 """Streaming (a tensor, or with calibration a block, at a time) and torchrun against the in-memory path."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from helpers import dense, inputs_for, outputs, rel_error
 from lora_compress import CompressConfig, LoraCompressError, load
-from lora_compress import streaming
+from lora_compress import streaming, tensorfile
 from lora_compress.blockwise import Blocks
 from lora_compress.checkpoint import ADAPTERS, INDEX, MANIFEST, WEIGHTS, load_dense, resolve_source
 from lora_compress.cli import main
@@ -81,9 +82,9 @@ def test_shard_changed_while_reading_is_detected(tiny_models, tmp_path):
 
 def test_disk_full_leaves_no_output_folder(tiny_models, tmp_path, monkeypatch):
     def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(streaming, "save_file", full)
+    monkeypatch.setattr(tensorfile.TensorFileWriter, "add", full)
     with pytest.raises(LoraCompressError, match="free space or choose another --out"):
         compress(str(tiny_models["llama"]), tmp_path / "out", CompressConfig(ratio=0.5), progress=False, stream=True)
     assert list(tmp_path.iterdir()) == []
@@ -219,7 +220,7 @@ def test_cuda_without_cuda_is_one_clear_error():
 def _torchrun(processes, model, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--no-python",
-               shutil.which("lora-compress") or "lora-compress", "compress", str(model), "--out", str(out),
+               str(Path(sys.executable).with_name("lora-compress")), "compress", str(model), "--out", str(out),
                "--ratio", "0.5", "--quiet", *extra]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
 
@@ -255,3 +256,20 @@ def test_smollm2_streams_to_the_same_tensors_as_in_memory(smollm2_dir, tmp_path)
     memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys()
     assert all(torch.equal(memory[key], streamed[key]) for key in memory)
+
+
+def test_tensor_file_writer_round_trips_and_reports_a_full_header(tmp_path):
+    tensors = {"a.weight": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "empty": torch.zeros(0, 2)}
+    writer = tensorfile.TensorFileWriter(tmp_path / "x.safetensors", {"format": "pt"}, header_bytes=512)
+    for key, tensor in tensors.items():
+        writer.add(key, tensor)
+    count = 0
+    while writer.fits(f"extra.{count}", torch.ones(1)):
+        writer.add(f"extra.{count}", torch.ones(1))
+        count += 1
+    with pytest.raises(ValueError, match="header region is full"):
+        writer.add("one.too.many", torch.ones(1))
+    writer.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert len(loaded) == len(tensors) + count and count > 0
