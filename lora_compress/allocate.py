@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraCompressError
-from .svd import break_even_rank
+from .svd import max_factored_rank
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,9 @@ class LayerCost:
     def dense_params(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    @property
-    def max_rank(self) -> int:
-        """Largest rank worth factoring (below break-even); above it the layer stays dense."""
-        return max(1, min(break_even_rank(*self.shape), len(self.tail) - 1))
+    def max_rank(self, max_keep: float = 1.0) -> int:
+        """Largest rank worth factoring (see svd.max_factored_rank); above it the layer stays dense."""
+        return max(1, min(max_factored_rank(*self.shape, max_keep), len(self.tail) - 1))
 
     def params(self, rank: int | None) -> int:
         return self.dense_params if rank is None else rank * sum(self.shape)
@@ -56,12 +55,14 @@ def smallest_budget(costs: dict[str, LayerCost]) -> float:
     return sum(c.params(1) for c in costs.values()) / dense
 
 
-def allocate(costs: dict[str, LayerCost], budget: float) -> dict[str, int | None]:
+def allocate(costs: dict[str, LayerCost], budget: float, max_keep: float = 1.0) -> dict[str, int | None]:
     """Ranks (None = dense) whose weights total at most ``budget`` × the dense weights.
 
     Args:
         costs: per layer, the cost of each rank on a common scale.
         budget: fraction of the layers' dense weight parameters to keep, in (0, 1].
+        max_keep: a layer is either dense or factored at a rank holding at most this fraction of
+            its parameters (factored layers above it are slower than dense ones; see compress.py).
 
     Returns:
         name → rank, or None for layers left dense.
@@ -77,21 +78,22 @@ def allocate(costs: dict[str, LayerCost], budget: float) -> dict[str, int | None
         smallest = math.ceil(smallest_budget(costs) * 1000) / 1000
         raise LoraCompressError(f"--budget {budget} would leave some layer at rank 0; the smallest feasible "
                                 f"budget is {smallest}; pass --budget {smallest} or more")
-    ranks = _relaxed(costs, limit)
-    return _fill(costs, ranks, limit)
+    top = {name: cost.max_rank(max_keep) for name, cost in costs.items()}
+    ranks = _relaxed(costs, limit, top)
+    return _fill(costs, ranks, limit, top)
 
 
-def _choose(cost: LayerCost, lam: float) -> int | None:
-    ranks = torch.arange(1, cost.max_rank + 1)
-    totals = cost.tail[1: cost.max_rank + 1] + lam * ranks.double() * sum(cost.shape)
+def _choose(cost: LayerCost, lam: float, top: int) -> int | None:
+    ranks = torch.arange(1, top + 1)
+    totals = cost.tail[1: top + 1] + lam * ranks.double() * sum(cost.shape)
     best = int(torch.argmin(totals)) + 1
     return None if lam * cost.dense_params <= float(totals[best - 1]) else best
 
 
-def _relaxed(costs: dict[str, LayerCost], limit: int) -> dict[str, int | None]:
+def _relaxed(costs: dict[str, LayerCost], limit: int, top: dict[str, int]) -> dict[str, int | None]:
     """The Lagrangian choice for the smallest λ (bisection in log space) that fits ``limit``."""
     def pick(lam):
-        return {name: _choose(cost, lam) for name, cost in costs.items()}
+        return {name: _choose(cost, lam, top[name]) for name, cost in costs.items()}
 
     def total(ranks):
         return sum(costs[n].params(r) for n, r in ranks.items())
@@ -104,7 +106,8 @@ def _relaxed(costs: dict[str, LayerCost], limit: int) -> dict[str, int | None]:
     return pick(scale * 10 ** high)
 
 
-def _fill(costs: dict[str, LayerCost], ranks: dict[str, int | None], limit: int) -> dict[str, int | None]:
+def _fill(costs: dict[str, LayerCost], ranks: dict[str, int | None], limit: int,
+          top: dict[str, int]) -> dict[str, int | None]:
     """Spend the parameters left over: best cost drop per parameter first, while a step fits."""
     ranks = dict(ranks)
     spare = limit - sum(costs[n].params(r) for n, r in ranks.items())
@@ -114,7 +117,7 @@ def _fill(costs: dict[str, LayerCost], ranks: dict[str, int | None], limit: int)
             if rank is None:
                 continue
             cost = costs[name]
-            steps = [(rank + 1, cost.params(rank + 1))] if rank < cost.max_rank else []
+            steps = [(rank + 1, cost.params(rank + 1))] if rank < top[name] else []
             steps.append((None, cost.dense_params))
             for new_rank, new_params in steps:
                 extra = new_params - cost.params(rank)

@@ -157,14 +157,14 @@ def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
         shape = tuple(dense_weight(module).shape)
         spectrum = weighted_spectrum(dense_weight(module), stats.gram(name)).sqrt() if config.energy else None
         rank = layer_rank(config, shape, spectrum)
-        ranks[name] = rank if rank <= svdmath.break_even_rank(*shape) or config.factor_all else None
+        ranks[name] = rank if rank <= config.rank_limit(shape) else None
     return ranks
 
 
 def _plan(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
     """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
     if config.budget is not None:
-        return allocate(layer_costs(targets, stats), config.budget)
+        return allocate(layer_costs(targets, stats), config.budget, 1.0 if config.factor_all else config.max_keep)
     return rule_ranks(config, targets, stats)
 
 
@@ -191,7 +191,7 @@ class Factorer:
     def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         rank, result = self.ranks[name], self.results[name]
         if rank is None:
-            result.note = "left dense by the budget" if self.config.budget else "rank would not save parameters; left dense"
+            result.note = "left dense by the budget" if self.config.budget else "its rank would save no parameters or pass --max-keep; left dense"
             return
         weight = dense_weight(self.targets[name])
         check_finite_float(name, weight)

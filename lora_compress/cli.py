@@ -87,6 +87,9 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
 @click.option("--svd", default="auto", show_default=True, help="SVD solver: auto, full or randomized.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--max-keep", default=0.9, show_default=True,
+              help="Speed rule: leave a layer dense rather than factor it at a rank keeping more than this "
+              "share of its weights (such factored layers run slower than dense ones).")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Cast the model to this dtype first (default: the checkpoint's).")
@@ -99,7 +102,7 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, device, dtype, stream, force, quiet, gguf_file):
+             svd, seed, max_keep, device, dtype, stream, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .compress import CompressConfig
     from .distributed import is_main_process
@@ -108,7 +111,7 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
 
     config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
                             calib_samples=calib_samples, calib_len=calib_len, include=tuple(include),
-                            exclude=tuple(exclude), svd=svd, seed=seed, device=device)
+                            exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device)
     if calib and config.method == "svd":
         click.echo("warning: --calib is unused by --method svd (plain SVD needs no calibration text)", err=True)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
@@ -207,28 +210,33 @@ def compare(runs, plot):
 @click.option("--out", required=True, type=click.Path(), help="Healed folder to write (must not exist unless --force).")
 @click.option("--steps", type=int, help="Optimizer steps (the schedule spans them).")
 @click.option("--minutes", type=float, help="Training wall-clock budget [default: 10 when --steps is not given].")
-@click.option("--lr", default=1e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--lr", default=3e-4, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--train", default="AB", show_default=True, type=click.Choice(["AB", "B", "lora"]),
               help="What learns: both factors, lora_B only, or an extra LoRA merged in at the end.")
 @click.option("--lora-rank", default=8, show_default=True, help="Rank of the extra LoRA (--train lora).")
 @click.option("--loss", default="auto", show_default=True, help="kl, hidden or kl+hidden; auto = kl for LMs.")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--batch-size", default=4, show_default=True, help="Sequences per step.")
+@click.option("--seq-len", type=int,
+              help="Tokens per calibration sequence [default: 512, or the model's context if shorter].")
+@click.option("--batch-size", default=2, show_default=True, help="Sequences per step.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the batch order.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing: less memory, slower steps.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+              help="Matmuls of the training steps; auto = bfloat16 where the device has fast bf16 kernels "
+              "(weights, teacher and held-out loss stay float32).")
 @click.option("--teacher", help="Dense model to match [default: the manifest's base model].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def heal(folder, calib, out, steps, minutes, lr, train, lora_rank, loss, seq_len, batch_size, seed, checkpointing,
-         teacher, force, quiet):
+         precision, teacher, force, quiet):
     """Fine-tune compressed FOLDER's factors to match its dense teacher; write OUT."""
     from .heal import HealConfig, heal as heal_folder
     from .tables import healing_table
 
     minutes = 10.0 if minutes is None and steps is None else minutes
     config = HealConfig(steps=steps, minutes=minutes, lr=lr, train=train, lora_rank=lora_rank, loss=loss,
-                        seq_len=seq_len, batch_size=batch_size, seed=seed, checkpointing=checkpointing)
+                        seq_len=seq_len, batch_size=batch_size, seed=seed, checkpointing=checkpointing,
+                        precision=precision)
     report = heal_folder(folder, calib, out, config, teacher=teacher, force=force, command=command_line(),
                          progress=not quiet)
     click.echo(healing_table(report))

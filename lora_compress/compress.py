@@ -24,6 +24,7 @@ from .targets import find_targets
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
 METHODS = ("svd", "whiten", "sequential", "sequential-refit")  # plain SVD, then the activation-aware ones (aware.py)
 CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is given and none is named
+MAX_KEEP = 0.9  # default --max-keep: the speed rule (below)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()  # regexes on module names to leave dense
     svd: str = "auto"  # full | randomized | auto
     seed: int = 0  # seed of the randomized SVD
-    factor_all: bool = False  # factor even layers whose rank saves no parameters
+    factor_all: bool = False  # factor even layers whose rank saves no parameters (or breaks max_keep)
+    max_keep: float = MAX_KEEP  # speed rule: a layer is factored only at ranks keeping ≤ this share of its weights
     calib: str | None = None  # calibration text (file, or a datasets name), recorded in the manifest
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
@@ -52,10 +54,11 @@ class CompressConfig:
             raise LoraCompressError(f"give exactly one of --rank, --ratio, --energy, --budget (got {given})")
         if self.rank is not None and self.rank <= 0:
             raise LoraCompressError(f"--rank {self.rank} must be a positive integer")
-        for name in ("ratio", "energy", "budget"):
+        for name in ("ratio", "energy", "budget", "max_keep"):
             value = getattr(self, name)
             if value is not None and not (0 < value <= 1):
-                raise LoraCompressError(f"--{name} {value} is outside (0, 1]; pass a fraction such as 0.5")
+                flag = "--" + name.replace("_", "-")
+                raise LoraCompressError(f"{flag} {value} is outside (0, 1]; pass a fraction such as 0.5")
         if self.svd not in svdmath.SVD_METHODS:
             raise LoraCompressError(f"--svd {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
         self._check_calibration()
@@ -76,6 +79,17 @@ class CompressConfig:
     def settings(self) -> dict:
         """The config as plain JSON-able data."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def rank_limit(self, shape: tuple[int, int]) -> int:
+        """The largest rank a layer of ``shape`` (out, in) is factored at; above it the layer stays dense."""
+        return min(shape) if self.factor_all else svdmath.max_factored_rank(*shape, self.max_keep)
+
+    def dense_note(self, rank: int, shape: tuple[int, int]) -> str:
+        """Why a layer of ``shape`` stays dense at ``rank`` (past :meth:`rank_limit`)."""
+        if rank > svdmath.break_even_rank(*shape):
+            return f"rank {rank} would not save parameters (break-even {svdmath.break_even_rank(*shape)}); left dense"
+        return (f"rank {rank} keeps {rank * sum(shape) / (shape[0] * shape[1]):.0%} of the weights, over "
+                f"--max-keep {self.max_keep} (slower than dense there); left dense")
 
 
 @dataclass
@@ -225,17 +239,17 @@ def factor_layer_(model: nn.Module, name: str, module: nn.Module, config: Compre
 @torch.no_grad()
 def factor_weight(result: LayerResult, weight: torch.Tensor, config: CompressConfig,
                   whitening: torch.Tensor | None = None, rank: int | None = None) -> svdmath.Factors | None:
-    """Factors of one (out, in) weight on ``config.device``, or None when its rank saves nothing.
+    """Factors of one (out, in) weight on ``config.device``, or None when it stays dense.
 
     Fills in ``result`` (rank, energy kept, or the note saying why it stays dense). A fixed rank
-    past break-even is skipped before any SVD is computed.
+    past ``config.rank_limit`` is skipped before any SVD is computed.
     """
     check_finite_float(result.name, weight)
     if rank is None and config.energy is None:
         rank = layer_rank(config, result.shape)
-    limit = svdmath.break_even_rank(*result.shape)
-    if rank is not None and rank > limit and not config.factor_all:
-        result.note = f"rank {rank} would not save parameters (break-even {limit}); left dense"
+    limit = config.rank_limit(result.shape)
+    if rank is not None and rank > limit:
+        result.note = config.dense_note(rank, result.shape)
         return None
     svd_kind = "full" if rank is None else config.svd
     whitening = whitening.to(config.device) if whitening is not None else None
@@ -244,8 +258,8 @@ def factor_weight(result: LayerResult, weight: torch.Tensor, config: CompressCon
     if rank is None:
         rank = layer_rank(config, result.shape, factors.singular_values)
         factors = svdmath.truncate(factors, rank)
-    if rank > limit and not config.factor_all:
-        result.note = f"rank {rank} would not save parameters (break-even {limit}); left dense"
+    if rank > limit:
+        result.note = config.dense_note(rank, result.shape)
         return None
     result.rank, result.energy_kept = rank, factors.energy_kept
     return factors

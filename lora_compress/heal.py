@@ -13,13 +13,16 @@ What learns (``train``): "AB" both factors of every LowRankLinear, first rebalan
 component has equal norms in B and A (B·A unchanged); "B" only lora_B; "lora" a small extra
 LoRA (b·a, b starting at zero) on each factored layer, concatenated into the factors at the end
 (rank grows by ``lora_rank``). Every other parameter stays bit-identical. Training runs in eval
-mode (no dropout), in float32, with AdamW, linear warm-up, cosine decay and gradient clipping.
+mode (no dropout) with float32 weights and AdamW state, linear warm-up, cosine decay and gradient
+clipping; the student's matmuls run in bfloat16 autocast where the device has fast bf16 kernels
+(``precision``: about 1.5× the steps per minute on an AVX512-BF16 CPU, same loss per step); the
+teacher's cached features stay float32.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +41,8 @@ from .text import read_text
 
 TRAIN_SETS = ("AB", "B", "lora")
 LOSSES = ("auto", "kl", "hidden", "kl+hidden")
+PRECISIONS = ("auto", "float32", "bfloat16")
+SEQ_LEN = 512  # default tokens per training sequence (capped at the model's context)
 
 
 @dataclass(frozen=True)
@@ -46,18 +51,20 @@ class HealConfig:
 
     steps: int | None = None  # optimizer steps; the learning-rate schedule spans them
     minutes: float | None = None  # training wall-clock budget; spans the schedule when steps is None
-    lr: float = 1e-4  # peak AdamW learning rate
+    lr: float = 3e-4  # peak AdamW learning rate
     train: str = "AB"  # AB | B | lora: which parameters learn
     lora_rank: int = 8  # rank of the extra LoRA when train == "lora"
     loss: str = "auto"  # auto (kl for causal LMs, hidden for encoders) | kl | hidden | kl+hidden
-    seq_len: int = 256  # tokens per calibration sequence
-    batch_size: int = 4  # sequences per step
+    seq_len: int | None = None  # tokens per calibration sequence; None = 512, or the model's context if shorter
+    batch_size: int = 2  # sequences per step
     warmup: int = 10  # steps of linear warm-up, then cosine decay to 10% of lr
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     clip: float = 1.0  # gradient-norm clipping
     held_out: int = 8  # calibration sequences kept out of training (the text's last ones)
     seed: int = 0  # batch order and extra-LoRA init
     checkpointing: bool = False  # gradient checkpointing: less activation memory, more time
+    precision: str = "auto"  # training matmuls (student, teacher head): bfloat16 autocast (auto: where the device
+    # has fast bf16 kernels) or float32; weights, optimizer state, teacher features and held-out loss stay float32
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -70,6 +77,8 @@ class HealConfig:
             raise LoraCompressError(f"--train {self.train!r} is unknown; choose one of {', '.join(TRAIN_SETS)}")
         if self.loss not in LOSSES:
             raise LoraCompressError(f"--loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise LoraCompressError(f"--precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         if self.held_out < 1:
             raise LoraCompressError(f"held_out {self.held_out} must be at least 1 sequence")
         if self.warmup < 0 or self.weight_decay < 0:
@@ -96,6 +105,7 @@ class HealReport:
 
     config: HealConfig
     loss: str  # the loss actually used (auto resolved)
+    precision: str = ""  # the precision actually used (auto resolved)
     held_out_before: float = math.nan
     held_out_after: float = math.nan
     history: list[dict] = field(default_factory=list)  # {"step", "minutes", "loss"} per step
@@ -112,7 +122,7 @@ class HealReport:
 
     def manifest(self, **extra) -> dict:
         """The manifest's ``healing`` entry (``extra``: calib file, teacher, command)."""
-        settings = {**self.config.settings(), "loss": self.loss, **extra}
+        settings = {**self.config.settings(), "loss": self.loss, "precision": self.precision, **extra}
         return {"settings": settings, "history": self.history, "held_out_before": self.held_out_before,
                 "held_out_after": self.held_out_after, "stopped": self.stopped, "note": self.note,
                 "steps": self.steps, "minutes": self.minutes, "teacher_minutes": self.teacher_minutes,
@@ -221,8 +231,10 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
         LoraCompressError: no factored layers, text too short, teacher shapes differ, or the loss is
             not finite before training.
     """
+    config = _with_seq_len(config, model)
     _check_pair(model, teacher, config)
-    report = HealReport(config, _loss_kind(config.loss, model))
+    report = HealReport(config, _loss_kind(config.loss, model),
+                        resolve_precision(next(model.parameters()).device, config.precision))
     data = _prepare_data(teacher, tokenizer, text, config, report.loss)
     report.tokens = {"train": data.train_ids.numel(), "held_out": data.held_ids.numel()}
     dtype, grad_flags = next(model.parameters()).dtype, {p: p.requires_grad for p in model.parameters()}
@@ -259,6 +271,14 @@ def _loss_kind(loss: str, model: nn.Module) -> str:
     if "kl" in loss and not has_head:
         raise LoraCompressError(f"--loss {loss} needs an LM head, which this model lacks; use --loss hidden")
     return loss
+
+
+def _with_seq_len(config: HealConfig, model: nn.Module) -> HealConfig:
+    """``config`` with ``seq_len`` set: the default is SEQ_LEN, or the model's positions if fewer."""
+    if config.seq_len is not None:
+        return config
+    positions = getattr(model.config, "max_position_embeddings", None) or SEQ_LEN
+    return replace(config, seq_len=min(SEQ_LEN, positions))
 
 
 def _check_pair(model: nn.Module, teacher: nn.Module, config: HealConfig) -> None:
@@ -312,7 +332,7 @@ def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, ta
         total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
     if "kl" in loss:
         logp = model.get_output_embeddings()(hidden).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
-        with torch.no_grad():
+        with torch.no_grad():  # the teacher's head in the student's precision (bf16 rounding: KL noise ~1e-4)
             logq = head(target.to(head.weight.dtype)).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
         total = total + F.kl_div(logp, logq, log_target=True, reduction="batchmean")
     return total
@@ -405,6 +425,27 @@ def _distillation_mode(model: nn.Module, checkpointing: bool) -> None:
         module.training = module.training or getattr(module, "gradient_checkpointing", False) is True
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """True where bfloat16 matmuls have fast kernels: CUDA with bf16 support, CPUs with AVX512-BF16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # oneDNN's own CPU check
+    return device.type == "cpu" and check is not None and bool(check())
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` → ``bfloat16`` where the device has fast bf16 kernels, else ``float32``."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if bf16_is_fast(device) else "float32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for training steps: bfloat16 matmuls, or a no-op for float32."""
+    enabled = resolve_precision(device, precision) == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def _lr_factor(step: int, progress: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to 0.1 as progress goes 0 → 1."""
     if step < warmup:
@@ -431,7 +472,9 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, _progress(config, step, elapsed), config.warmup)
         index = next(batches)
-        loss = distill_loss(model, data.head, data.train_ids[index], data.train_targets(index), report.loss)
+        targets = data.train_targets(index)
+        with autocast(params[0].device, config.precision):
+            loss = distill_loss(model, data.head, data.train_ids[index], targets, report.loss)
         if not torch.isfinite(loss):  # these weights are bad: back to those of the previous step
             _stop_on_nan(params, good, report, step, kept=max(step - 1, 0))
             break

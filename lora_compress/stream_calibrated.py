@@ -11,7 +11,7 @@
             calibrate.sequential_block for sequential), write to the ShardWriter, free;
             then the targets outside the blocks (a pooler) from the head's forward.
 
-Memory: the non-block tensors + one block + the ShardWriter's buffer + calibration hidden states.
+Memory: the non-block tensors + one block + the tensor being written + calibration hidden states.
 Pass 1 keeps all N+1 block-boundary states, (N+1) × samples × length × hidden × dtype bytes
 (32 × 256 tokens of a 4096-wide bfloat16 model: 64 MiB per boundary, 2.1 GiB for 32 blocks),
 plus one boundary of gradients; pass 2 keeps two streams (dense and compressed) and, inside
@@ -87,7 +87,8 @@ class _Planner:
     def result(self, targets: dict[str, nn.Module]) -> tuple[Statistics, dict[str, int | None]]:
         """The Fisher moments and every target's rank, the budget allocated in model order as in memory."""
         if self.config.budget is not None:
-            ranks = allocate({n: self.costs[n] for n in targets}, self.config.budget)
+            ranks = allocate({n: self.costs[n] for n in targets}, self.config.budget,
+                             1.0 if self.config.factor_all else self.config.max_keep)
         else:
             ranks = {n: self.ranks[n] for n in targets}
         return Statistics(fisher=self.fisher, tokens=self.tokens), ranks

@@ -47,6 +47,13 @@ def break_even_rank(out_features: int, in_features: int) -> int:
     return math.ceil(m * n / (m + n)) - 1
 
 
+def max_factored_rank(out_features: int, in_features: int, max_keep: float = 1.0) -> int:
+    """Largest rank worth factoring: below break-even, and holding at most ``max_keep`` of the
+    dense parameters (a factored layer does r·(m+n) multiply-adds per token against m·n, so
+    ``max_keep`` also bounds its share of the dense layer's FLOPs)."""
+    return min(break_even_rank(out_features, in_features), rank_for_ratio(out_features, in_features, max_keep))
+
+
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     """Rank that keeps a fraction ``ratio`` of the matrix's parameters: floor(p·m·n/(m+n))."""
     m, n = out_features, in_features

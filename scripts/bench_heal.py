@@ -46,10 +46,11 @@ def compressed_folder(args) -> Path:
     """
     if args.folder:
         return Path(args.folder)
-    folder = WORK / f"smollm2-{args.method}-{args.allocation}-{round(args.cut * 100)}"
+    folder = WORK / (f"smollm2-{args.method}-{args.allocation}-{round(args.cut * 100)}"
+                     f"-{args.calib_samples}x{args.calib_len}")
     if not folder.exists():
         config = lc.CompressConfig(**{args.allocation: round(1 - args.cut, 4)}, method=args.method, calib=str(CALIB),
-                                   calib_samples=args.calib_samples)
+                                   calib_samples=args.calib_samples, calib_len=args.calib_len)
         lc.compress(str(SMOLLM2), folder, config, command=f"bench_heal.py ({config.settings()})")
     return folder
 
@@ -74,7 +75,7 @@ def curve(args) -> dict:
     figures = {"cut": args.cut, "method": f"{manifest['method']} ({budget})",
                "dense": perplexity(teacher, tokenizer, EVAL), "before": perplexity(model, tokenizer, EVAL)}
     snapshots = {}
-    config = HealConfig(minutes=args.minutes, lr=args.lr, train=args.train, batch_size=args.batch_size)
+    config = HealConfig(minutes=args.minutes, train=args.train, **_heal_options(args))
     start = time.perf_counter()
     report = heal_(model, teacher, tokenizer, read_text(CALIB), config,
                    callback=_snapshotter(args.snapshots, snapshots))
@@ -91,6 +92,12 @@ def curve(args) -> dict:
     return figures
 
 
+def _heal_options(args) -> dict:
+    """The healing options given on the command line (the rest keep HealConfig's defaults)."""
+    given = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "precision": args.precision}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def compare(args) -> dict:
     folder = compressed_folder(args)
     tokenizer = load_tokenizer(Source(folder, str(folder)))
@@ -98,13 +105,13 @@ def compare(args) -> dict:
     rows = []
     for train, lr in COMPARE:
         model = lc.load(folder)
-        config = HealConfig(steps=args.steps, lr=lr, train=train, warmup=2, batch_size=args.batch_size)
+        config = HealConfig(steps=args.steps, train=train, warmup=2, **{**_heal_options(args), "lr": lr})
         report = heal_(model, teacher, tokenizer, text, config)
         rows.append({"train": train, "lr": lr, "held_out_before": report.held_out_before,
                      "held_out_after": report.held_out_after, "perplexity": perplexity(model, tokenizer, EVAL),
                      "minutes": report.minutes, "trained_params": report.trained_params, "steps": report.steps})
     return {"cut": args.cut, "steps": args.steps, "before": perplexity(lc.load(folder), tokenizer, EVAL),
-            "rows": rows}
+            "rows": rows, "config": config.settings()}
 
 
 def _curve_section(results: list[dict]) -> list[str]:
@@ -125,8 +132,14 @@ def _compare_section(result: dict) -> list[str]:
     rows = [[r["train"], f"{r['lr']:g}", f"{r['trained_params']:,}", f"{r['held_out_before']:.3f}",
              f"{r['held_out_after']:.3f}", f"{r['perplexity']:.2f}", f"{r['minutes']:.1f}"] for r in result["rows"]]
     header = ["--train", "lr", "trained params", "held-out KL before", "after", "alice ppl after", "minutes"]
-    return [f"{result['cut']:.0%} cut, {result['steps']} steps of 4×256 tokens each; perplexity before: "
+    shape = f"{result['config']['batch_size']}×{result['config']['seq_len']}" if "config" in result else "4×256"
+    return [f"{result['cut']:.0%} cut, {result['steps']} steps of {shape} tokens each; perplexity before: "
             f"{result['before']:.2f}", "", render_markdown(rows, header)]
+
+
+def _settings(settings: dict) -> str:
+    keys = ("lr", "batch_size", "seq_len", "precision", "train")
+    return ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)
 
 
 def render_markdown(rows, header) -> str:
@@ -139,13 +152,14 @@ def report() -> None:
     compares = [json.loads(p.read_text()) for p in sorted(WORK.glob("compare-*.json"))]
     lines = ["# Healing SmolLM2-135M on a CPU", "", "```", *[c["command"] for c in curves + compares], "```", "",
              "Healing = AdamW on the factors, KL(dense ‖ healed) of next-token distributions, calibration "
-             "text asyoulik.txt (its last 8 sequences of 256 tokens held out); perplexity on the first 4,096 "
-             "tokens of alice29.txt. Minutes are wall clock on a 2-core CPU shared with other jobs "
-             "(load average given per run), so steps per minute are far below an idle machine's.", ""]
+             "text asyoulik.txt (its last 8 sequences held out); perplexity on the first 4,096 tokens of "
+             "alice29.txt. Minutes are wall clock on this project's 2-core CPU (load average given per run; "
+             "other jobs on the machine slow the steps down).", ""]
     if curves:
         lines += ["## Perplexity before and after healing", "", *_curve_section(curves), ""]
         lines += [f"- {c['cut']:.0%}: load average {c['load']}; whole heal call {c['heal_wall_minutes']:.1f} min "
-                  f"(teacher forwards {c['report']['teacher_minutes']:.1f} min of it)" for c in curves]
+                  f"(teacher forwards {c['report']['teacher_minutes']:.1f} min of it); settings "
+                  f"{_settings(c['report']['settings'])}" for c in curves]
         lines += [f"- target at a 20% cut, ≤ 1.3× dense after ≤ 15 minutes: "
                   f"{'met' if c['after'] <= 1.3 * c['dense'] else 'not met'} "
                   f"({c['method']}: {c['after'] / c['dense']:.2f}×)" for c in curves if c["cut"] == 0.2]
@@ -163,13 +177,16 @@ def main() -> None:
     parser.add_argument("--method", default="sequential", help="Compression method (lora-compress compress --help).")
     parser.add_argument("--allocation", default="budget", choices=["budget", "ratio"])
     parser.add_argument("--calib-samples", type=int, default=32, help="Calibration sequences for compressing.")
+    parser.add_argument("--calib-len", type=int, default=256, help="Tokens per calibration sequence for compressing.")
     parser.add_argument("--folder", help="Use this compressed folder (made with --cut) instead of compressing.")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--snapshots", type=lambda s: [float(x) for x in s.split(",")], default=[5.0, 10.0])
     parser.add_argument("--steps", type=int, default=6, help="compare: steps per trained set.")
     parser.add_argument("--train", default="AB")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, help="[default: HealConfig's]")
+    parser.add_argument("--batch-size", type=int, help="[default: HealConfig's]")
+    parser.add_argument("--seq-len", type=int, help="[default: HealConfig's]")
+    parser.add_argument("--precision", help="[default: HealConfig's]")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.mode == "report":

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from prepare_examples import SMOLLM2  # noqa: E402
+from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
 from lora_compress import CompressConfig, compress_  # noqa: E402
 from lora_compress import svd as svdmath  # noqa: E402
@@ -31,6 +31,7 @@ from lora_compress.tables import render  # noqa: E402
 OUT = REPO / "benchmarks" / "speed.md"
 SCRATCH = REPO / ".cache" / "bench_speed" / str(os.getpid())  # own folder: parts may run side by side
 RANK = 128
+CALIB = TEXT / "asyoulik.txt"
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -116,26 +117,40 @@ def crossover() -> str:
 
 def _peak_rss(args: list[str]) -> tuple[float, float]:
     """(peak RSS in GiB, seconds) of one lora-compress run in a child process."""
+    return _peak_rss_of([shutil.which("lora-compress") or str(Path(sys.executable).with_name("lora-compress")), *args])
+
+
+def _peak_rss_of(command: list[str]) -> tuple[float, float]:
+    """(peak RSS in GiB, seconds) of one child process."""
     start = time.perf_counter()
-    process = subprocess.Popen([shutil.which("lora-compress"), *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
-        raise SystemExit(f"lora-compress {' '.join(args)} failed: {process.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
     return usage.ru_maxrss / 2**20, time.perf_counter() - start
 
 
 def rss_smollm2() -> str:
-    rows = []
-    for label, extra in (("in-memory", []), ("--stream", ["--stream"])):
-        out = SCRATCH / f"smol-{label.strip('-')}"
+    """Peak RSS of in-memory vs streamed compression: plain SVD, and calibrated (sequential + budget)."""
+    calibrated = ["--budget", "0.8", "--calib", str(CALIB), "--calib-samples", "8"]
+    runs = {("plain SVD --ratio 0.5", "in-memory"): ["--ratio", "0.5"],
+            ("plain SVD --ratio 0.5", "--stream"): ["--ratio", "0.5", "--stream"],
+            ("sequential --budget 0.8 (8×256 calibration tokens)", "in-memory"): calibrated,
+            ("sequential --budget 0.8 (8×256 calibration tokens)", "--stream"): [*calibrated, "--stream"]}
+    rows, peaks = [], {}
+    for (method, path), extra in runs.items():
+        out = SCRATCH / "smol-rss"
         shutil.rmtree(out, ignore_errors=True)
-        rss, seconds = _peak_rss(["compress", str(SMOLLM2), "--out", str(out), "--ratio", "0.5", "--quiet", *extra])
-        rows.append([label, f"{rss:.2f}", f"{seconds:.0f}"])
+        rss, seconds = _peak_rss(["compress", str(SMOLLM2), "--out", str(out), "--quiet", *extra])
         shutil.rmtree(out)
-    ratio = float(rows[1][1]) / float(rows[0][1])
-    return ("### Peak RSS compressing SmolLM2-135M (fp32 checkpoint, 538 MB; --ratio 0.5)\n\n"
-            + render(rows, ["path", "peak RSS (GiB)", "seconds"]) + f"\n\nstreaming / in-memory: {ratio:.2f}×\n")
+        peaks[method, path] = rss
+        ratio = "" if path == "in-memory" else f"{rss / peaks[method, 'in-memory']:.2f}×"
+        rows.append([method, path, f"{rss:.2f}", ratio, f"{seconds:.0f}"])
+    baseline = _peak_rss_of([sys.executable, "-c", "import lora_compress.cli, transformers, torch"])[0]
+    return ("### Peak RSS compressing SmolLM2-135M (fp32 checkpoint, 538 MB)\n\n"
+            + render(rows, ["method", "path", "peak RSS (GiB)", "stream / in-memory", "seconds"])
+            + f"\n\nA Python process that only imports lora-compress, transformers and torch peaks at "
+              f"{baseline:.2f} GiB; that floor is in every figure above.\n")
 
 
 def _llama7b_checkpoint(folder: Path, blocks: int) -> int:
@@ -226,7 +241,7 @@ def layer_latency() -> str:
     for tokens in (1, 2048):
         x = torch.randn(tokens, n)
         dense = _median_seconds(lambda: F.linear(x, W), 30)
-        for keep in (0.25, 0.5, 0.75, 0.95):
+        for keep in (0.25, 0.5, 0.75, 0.9, 0.95):
             r = svdmath.rank_for_ratio(m, n, keep)
             A, B = torch.randn(r, n), torch.randn(m, r)
             factored = _median_seconds(lambda: F.linear(F.linear(x, A), B), 30)

@@ -281,3 +281,14 @@ def test_minilm_budget_keeps_embeddings_close(minilm_dir, real_text_dir):
         reference = mean_pool(load_dense(source)(**batch).last_hidden_state, batch["attention_mask"])
     cosine = {m: float((e * reference).sum(-1).mean()) for m, e in embeddings.items()}
     assert cosine["sequential"] > 0.8 and cosine["sequential"] > cosine["svd"]
+
+
+@pytest.mark.parametrize("max_keep", [0.5, 0.75])
+def test_budget_allocation_obeys_the_speed_rule(max_keep):
+    costs = random_costs()
+    ranks = allocate(costs, 0.7, max_keep)
+    for name, rank in ranks.items():
+        m, n = costs[name].shape
+        assert rank is None or rank * (m + n) <= max_keep * m * n
+    dense = sum(c.dense_params for c in costs.values())
+    assert sum(costs[n].params(r) for n, r in ranks.items()) <= 0.7 * dense

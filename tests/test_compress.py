@@ -101,3 +101,16 @@ def test_dtype_is_kept(tiny_models):
     model = dense(tiny_models["llama"]).to(torch.bfloat16)
     compress_(model, CompressConfig(rank=4), progress=False)
     assert model.model.layers[0].mlp.up_proj.lora_A.dtype == torch.bfloat16
+
+
+def test_speed_rule_leaves_layers_dense_above_max_keep(tiny_model):
+    report = compress_(dense(tiny_model), CompressConfig(ratio=0.95), progress=False)
+    assert all(layer.rank is None and "--max-keep 0.9" in layer.note for layer in report.layers)
+    report = compress_(dense(tiny_model), CompressConfig(ratio=0.95, max_keep=1.0), progress=False)
+    assert all(layer.rank is not None for layer in report.layers)
+
+
+@pytest.mark.parametrize("max_keep", [0.0, 1.5])
+def test_max_keep_outside_unit_interval_is_refused(max_keep):
+    with pytest.raises(LoraCompressError, match="--max-keep"):
+        CompressConfig(ratio=0.5, max_keep=max_keep)

@@ -51,6 +51,15 @@ def test_healing_lowers_the_held_out_loss(arch, compressed, tiny_models, text_fi
     assert [h["step"] for h in report.history] == list(range(1, 21)) and report.stopped == "steps"
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_both_precisions_heal_and_leave_the_weights_float32(precision, compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models, "llama")
+    report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=20, precision=precision, **FAST),
+                   progress=False)
+    assert report.held_out_after < 0.5 * report.held_out_before
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("loss", ["hidden", "kl+hidden"])
 def test_hidden_state_losses_also_heal_a_causal_lm(loss, compressed, tiny_models, text_file):
     model, teacher, tokenizer = _pair(compressed, tiny_models)
@@ -213,6 +222,8 @@ def test_config_needs_a_bound_and_known_choices():
         HealConfig(steps=1, train="C")
     with pytest.raises(LoraCompressError, match="--loss 'mse' is unknown"):
         HealConfig(steps=1, loss="mse")
+    with pytest.raises(LoraCompressError, match="--precision 'fp8' is unknown"):
+        HealConfig(steps=1, precision="fp8")
 
 
 def test_kl_loss_on_an_encoder_is_refused(compressed, tiny_models, text_file):
