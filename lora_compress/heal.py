@@ -37,6 +37,7 @@ from .checkpoint import (Source, atomic_folder, check_output_folder, copy_side_f
 from .errors import LoraCompressError
 from .layers import LowRankLinear
 from .patch import replace_module
+from .precision import bf16_is_fast
 from .text import read_text
 
 TRAIN_SETS = ("AB", "B", "lora")
@@ -423,14 +424,6 @@ def _distillation_mode(model: nn.Module, checkpointing: bool) -> None:
                                 f"drop --checkpointing") from None
     for module in model.modules():
         module.training = module.training or getattr(module, "gradient_checkpointing", False) is True
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """True where bfloat16 matmuls have fast kernels: CUDA with bf16 support, CPUs with AVX512-BF16/AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # oneDNN's own CPU check
-    return device.type == "cpu" and check is not None and bool(check())
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:

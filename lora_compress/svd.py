@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .precision import bf16_is_fast
+
 SVD_METHODS = ("auto", "full", "randomized")
 OVERSAMPLE = 32  # extra random directions of the randomized SVD (Halko et al.: p ≥ 10; flat LLM spectra need more)
 POWER_ITERS = 4  # power iterations of the randomized SVD
@@ -108,21 +110,40 @@ def _randomized_svd(matrix: torch.Tensor, rank: int, oversample: int, power_iter
         return Vh.T, S, U.T
     m, n = matrix.shape
     k = min(rank + oversample, m)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     if m < 2 * (power_iters + 1) * k:
-        U, S, Vh = _gram_svd(matrix, k, power_iters, generator)
-        if not _gram_too_coarse(matrix, S[:rank]):
-            return U, S, Vh
-    Q = _range(matrix, k, power_iters, generator)  # (m, k)
+        for sketch in _sketch_dtypes(matrix):
+            U, S, Vh = _gram_svd(matrix, k, power_iters, _generator(seed), sketch)
+            if not _gram_too_coarse(matrix, S[:rank], sketch):
+                return U, S, Vh
+    Q = _range(matrix, k, power_iters, _generator(seed))  # (m, k)
     Ub, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)  # (k, k), (k,), (k, n)
     return Q @ Ub, S, Vh
 
 
-def _gram_too_coarse(matrix: torch.Tensor, kept: torch.Tensor) -> bool:
-    """True when the truncation error is so small that the Gram matrix's rounding (≈ eps·σ₁²) could
-    dominate it (‖M − M_r‖² < 1000·eps·‖M‖²); the range is then found on M itself."""
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _sketch_dtypes(matrix: torch.Tensor) -> list[torch.dtype]:
+    """Gram/sketch precisions to try in turn: bfloat16 first for float32 input where bf16 matmuls are
+    fast (3-4× the float32 rate on AVX512-BF16), then the matrix's own."""
+    if matrix.dtype == torch.float32 and bf16_is_fast(matrix.device):
+        return [torch.bfloat16, torch.float32]
+    return [matrix.dtype]
+
+
+def _gram_too_coarse(matrix: torch.Tensor, kept: torch.Tensor, sketch: torch.dtype) -> bool:
+    """True when the truncation error is so small that the Gram matrix's rounding could dominate it;
+    a finer sketch (or the range found on M itself) is used then.
+
+    float32/64 Gram: ‖M − M_r‖² < 1000·eps·‖M‖² (rounding ≈ eps·σ₁²). bfloat16 Gram: the relative
+    truncation error is below 20% (its rounding, 2⁻⁸, perturbs the subspace by about that much, which
+    adds ~(2⁻⁸)² relative error: under 1% of the truncation error only when that error is large, as it
+    is at LLM compression ranks).
+    """
     total = matrix.pow(2).sum()
-    return bool(total - kept.pow(2).sum() < 1000 * torch.finfo(matrix.dtype).eps * total)
+    margin = 0.04 if sketch == torch.bfloat16 else 1000 * torch.finfo(matrix.dtype).eps
+    return bool(total - kept.pow(2).sum() < margin * total)
 
 
 def _gaussian(rows: int, cols: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,17 +159,20 @@ def _range(matrix: torch.Tensor, k: int, power_iters: int, generator: torch.Gene
     return Q
 
 
-def _gram_svd(matrix: torch.Tensor, k: int, power_iters: int, generator: torch.Generator):
-    """Subspace iteration on G = M·Mᵀ, Rayleigh–Ritz, then Σ and Vᵀ from the projection Uᵀ·M.
+def _gram_svd(matrix: torch.Tensor, k: int, power_iters: int, generator: torch.Generator,
+              sketch: torch.dtype):
+    """Subspace iteration on G = M·Mᵀ (formed and multiplied in ``sketch`` precision), Rayleigh–Ritz,
+    then Σ and Vᵀ from the projection Uᵀ·M in the matrix's own precision.
 
     σ_i is the norm of row i of Uᵀ·M (not √ of G's eigenvalue), so B·A = U_r U_rᵀ M holds exactly
     and precision does not suffer from squaring M; Vᵀ's rows are orthonormal to the accuracy of U.
     """
-    G = matrix @ matrix.T  # (m, m)
-    Q, _ = torch.linalg.qr(G @ _gaussian(G.shape[0], k, matrix, generator))  # (m, k)
+    low = matrix.to(sketch)
+    G = low @ low.T  # (m, m)
+    Q, _ = torch.linalg.qr((G @ _gaussian(G.shape[0], k, low, generator)).to(matrix.dtype))  # (m, k)
     for _ in range(power_iters):
-        Q, _ = torch.linalg.qr(G @ Q)
-    _, Z = torch.linalg.eigh(Q.T @ G @ Q)  # (k, k), ascending
+        Q, _ = torch.linalg.qr((G @ Q.to(sketch)).to(matrix.dtype))
+    _, Z = torch.linalg.eigh(Q.T @ G.to(matrix.dtype) @ Q)  # (k, k), ascending
     U = Q @ Z.flip(1)  # (m, k)
     P = U.T @ matrix  # (k, n) = Σ Vᵀ
     S, order = P.norm(dim=1).sort(descending=True)
