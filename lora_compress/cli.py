@@ -221,8 +221,8 @@ def compare(runs, plot):
 @click.option("--seed", default=0, show_default=True, help="Seed of the batch order.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing: less memory, slower steps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
-              help="Matmuls of the training steps; auto = bfloat16 where the device has fast bf16 kernels "
-              "(weights, teacher and held-out loss stay float32).")
+              help="Matmuls of the student's body in training steps; auto = bfloat16 where the device has fast "
+              "bf16 kernels (weights, heads, KL, teacher and held-out loss stay float32).")
 @click.option("--teacher", help="Dense model to match [default: the manifest's base model].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -5,6 +5,11 @@
 Rank options (exactly one): ``rank`` (same r everywhere), ``ratio`` (keep fraction p of each
 layer's parameters, r = floor(p·m·n/(m+n))), ``energy`` (smallest r keeping fraction E of Σσ²).
 A layer whose rank would not save parameters (r ≥ m·n/(m+n)) stays dense and is reported so.
+
+Speed rule (``max_keep``, default 0.9): a factored layer does r·(m+n) multiply-adds per token
+against m·n, and runs faster in proportion (measured at 1 and 2,048 tokens, benchmarks/speed.md)
+until it keeps about 90% of the weights, where it breaks even. So a layer is factored only at
+ranks keeping at most ``max_keep`` of its weights; above that it stays dense.
 """
 from __future__ import annotations
 

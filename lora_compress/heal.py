@@ -14,9 +14,11 @@ component has equal norms in B and A (B·A unchanged); "B" only lora_B; "lora" a
 LoRA (b·a, b starting at zero) on each factored layer, concatenated into the factors at the end
 (rank grows by ``lora_rank``). Every other parameter stays bit-identical. Training runs in eval
 mode (no dropout) with float32 weights and AdamW state, linear warm-up, cosine decay and gradient
-clipping; the student's matmuls run in bfloat16 autocast where the device has fast bf16 kernels
-(``precision``: about 1.5× the steps per minute on an AVX512-BF16 CPU, same loss per step); the
-teacher's cached features stay float32.
+clipping. The student's transformer body runs in bfloat16 autocast where the device has fast bf16
+kernels (``precision``: about 1.35× the steps per minute on an AVX512-BF16 CPU, same loss per step
+on a well-compressed model); the LM heads, the KL and the teacher's cached features stay float32,
+because bf16 logits shift the KL. On a badly broken model (plain SVD, KL ≈ 5.7) bf16 steps still
+heal less per step than float32 ones: pass ``--precision float32`` there.
 """
 from __future__ import annotations
 
@@ -64,8 +66,8 @@ class HealConfig:
     held_out: int = 8  # calibration sequences kept out of training (the text's last ones)
     seed: int = 0  # batch order and extra-LoRA init
     checkpointing: bool = False  # gradient checkpointing: less activation memory, more time
-    precision: str = "auto"  # training matmuls (student, teacher head): bfloat16 autocast (auto: where the device
-    # has fast bf16 kernels) or float32; weights, optimizer state, teacher features and held-out loss stay float32
+    precision: str = "auto"  # student body matmuls: bfloat16 autocast (auto: where the device has fast bf16
+    # kernels) or float32; weights, optimizer state, heads, KL, teacher features and held-out loss stay float32
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -332,9 +334,10 @@ def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, ta
     if "hidden" in loss:
         total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
     if "kl" in loss:
-        logp = model.get_output_embeddings()(hidden).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
-        with torch.no_grad():  # the teacher's head in the student's precision (bf16 rounding: KL noise ~1e-4)
-            logq = head(target.to(head.weight.dtype)).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
+        with torch.autocast(hidden.device.type, enabled=False):  # logits in float32: bf16 rounding shifts the KL
+            logp = model.get_output_embeddings()(hidden).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
+            with torch.no_grad():
+                logq = head(target.to(head.weight.dtype)).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
         total = total + F.kl_div(logp, logq, log_target=True, reduction="batchmean")
     return total
 

@@ -241,4 +241,4 @@ def test_healing_smollm2_lowers_its_held_out_loss(smollm2_dir, real_text_dir):
     text = (real_text_dir / "asyoulik.txt").read_text()[:12000]
     report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, seq_len=128, batch_size=2, lr=1e-4, warmup=1),
                    progress=False)
-    assert report.held_out_after < 0.95 * report.held_out_before  # measured: 5.72 → 5.20
+    assert report.held_out_after < 0.95 * report.held_out_before  # measured: 5.72 → 5.22 (bf16 body), 5.07 (float32)
