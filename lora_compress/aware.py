@@ -164,7 +164,7 @@ def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
 def _plan(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
     """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
     if config.budget is not None:
-        return allocate(layer_costs(targets, stats), config.budget, 1.0 if config.factor_all else config.max_keep)
+        return allocate(layer_costs(targets, stats), config.budget, config.allocation_max_keep)
     return rule_ranks(config, targets, stats)
 
 
@@ -191,7 +191,8 @@ class Factorer:
     def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         rank, result = self.ranks[name], self.results[name]
         if rank is None:
-            result.note = "left dense by the budget" if self.config.budget else "its rank would save no parameters or pass --max-keep; left dense"
+            result.note = ("left dense by the budget" if self.config.budget
+                           else "its rank would save no parameters or pass --max-keep; left dense")
             return
         weight = dense_weight(self.targets[name])
         check_finite_float(name, weight)
@@ -244,7 +245,8 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     ranks = _plan(config, targets, stats)
     factorer = Factorer(model, config, targets, ranks, stats)
     if recipe.sequential:
-        stats.grams.clear() if stats else None  # only the Fisher moments are used from here on
+        if stats:
+            stats.grams.clear()  # only the Fisher moments are used from here on
         rest = run_sequential(model, tokens, targets, factorer.group, progress)
         if rest:
             rest_stats = collect_statistics(model, tokens, rest, fisher=False, progress=False)

@@ -85,6 +85,11 @@ class CompressConfig:
         """The config as plain JSON-able data."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    @property
+    def allocation_max_keep(self) -> float:
+        """``max_keep`` for the budget allocation: 1.0 with ``factor_all`` (break-even alone bounds it)."""
+        return 1.0 if self.factor_all else self.max_keep
+
     def rank_limit(self, shape: tuple[int, int]) -> int:
         """The largest rank a layer of ``shape`` (out, in) is factored at; above it the layer stays dense."""
         return min(shape) if self.factor_all else svdmath.max_factored_rank(*shape, self.max_keep)

@@ -252,9 +252,11 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
         _train(model, params, data, config, report, progress, callback)
         report.held_out_after = _held_out_loss(model, data, report.loss, config.batch_size)
         report.teacher_minutes = data.teacher_seconds / 60
-        extra.merge_(model) if extra else None
+        if extra:
+            extra.merge_(model)
     finally:
-        extra.remove() if extra else None
+        if extra:
+            extra.remove()
         _restore(model, dtype, grad_flags)
     return report
 
@@ -437,9 +439,8 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context for training steps: bfloat16 matmuls, or a no-op for float32."""
-    enabled = resolve_precision(device, precision) == "bfloat16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """The autocast context for training steps at a resolved ``precision``: bfloat16 matmuls, or a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def _lr_factor(step: int, progress: float, warmup: int) -> float:
@@ -469,7 +470,7 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
             group["lr"] = config.lr * _lr_factor(step, _progress(config, step, elapsed), config.warmup)
         index = next(batches)
         targets = data.train_targets(index)
-        with autocast(params[0].device, config.precision):
+        with autocast(params[0].device, report.precision):
             loss = distill_loss(model, data.head, data.train_ids[index], targets, report.loss)
         if not torch.isfinite(loss):  # these weights are bad: back to those of the previous step
             _stop_on_nan(params, good, report, step, kept=max(step - 1, 0))
@@ -485,7 +486,8 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
         report.history.append({"step": step, "minutes": (elapsed + last) / 60, "loss": loss.item()})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", minutes=f"{(elapsed + last) / 60:.1f}")
-        callback(HealStep(step, (elapsed + last) / 60, loss.item(), model)) if callback else None
+        if callback:
+            callback(HealStep(step, (elapsed + last) / 60, loss.item(), model))
     bar.close()
     report.minutes = (time.perf_counter() - start) / 60
 

@@ -87,8 +87,8 @@ class _Planner:
     def result(self, targets: dict[str, nn.Module]) -> tuple[Statistics, dict[str, int | None]]:
         """The Fisher moments and every target's rank, the budget allocated in model order as in memory."""
         if self.config.budget is not None:
-            ranks = allocate({n: self.costs[n] for n in targets}, self.config.budget,
-                             1.0 if self.config.factor_all else self.config.max_keep)
+            costs = {n: self.costs[n] for n in targets}
+            ranks = allocate(costs, self.config.budget, self.config.allocation_max_keep)
         else:
             ranks = {n: self.ranks[n] for n in targets}
         return Statistics(fisher=self.fisher, tokens=self.tokens), ranks
