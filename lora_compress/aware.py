@@ -86,11 +86,10 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
         target = _refit_target(target, gram.double(), cross.double())
     scale = weights.double().sqrt().unsqueeze(1) if weights is not None else None  # (out, 1)
     M = (target * scale if scale is not None else target) @ L  # (out, in)
-    B, Vh, power = _top_pairs(M, rank)  # (out, r), (r, in), (k,)
+    U, S, Vh, S_all = svdmath.truncated_svd(M, rank, svd="gram")  # float64 Gram/eigh: exact for these
     A = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
-    B = B / scale if scale is not None else B
-    return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), power.sqrt().float(),
-                           svdmath.energy_kept(power.sqrt(), rank))
+    B = U * S if scale is None else U * S / scale  # (out, r)
+    return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), S_all.float(), svdmath.energy_kept(S_all, rank))
 
 
 def _refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -102,21 +101,6 @@ def _refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> t
     ridge = CORRECTION_RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     L, _ = svdmath.cholesky_factor(gram + ridge)
     return torch.cholesky_solve((cross + ridge).T @ W.T, L).T  # (out, in)
-
-
-def _top_pairs(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U_r·Σ_r, V_rᵀ and all σ² of M, from the eigendecomposition of its smaller Gram (float64).
-
-    Faster than an SVD for these shapes and exact in float64 for the kept directions.
-    """
-    if M.shape[1] <= M.shape[0]:
-        power, V = torch.linalg.eigh(M.T @ M)  # ascending, (in,), (in, in)
-        V = V.flip(1)[:, :rank]  # (in, r)
-        return M @ V, V.T, power.flip(0).clamp_min(0)
-    power, U = torch.linalg.eigh(M @ M.T)  # (out,), (out, out)
-    power, U = power.flip(0).clamp_min(0), U.flip(1)[:, :rank]  # U: (out, r)
-    sigma = power[:rank].sqrt().clamp_min(1e-150)  # (r,)
-    return U * sigma, (U.T @ M) / sigma.unsqueeze(1), power
 
 
 @torch.no_grad()

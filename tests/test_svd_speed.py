@@ -44,8 +44,25 @@ def test_randomized_svd_is_seeded():
 
 def test_auto_picks_randomized_only_well_below_the_smaller_dimension():
     assert svdmath.choose_svd((576, 1536), 128) == "randomized"
-    assert svdmath.choose_svd((192, 576), 128) == "full"
-    assert svdmath.choose_svd((4096, 4096), 3000) == "full"
+    assert svdmath.choose_svd((192, 576), 128) == "gram"
+    assert svdmath.choose_svd((4096, 4096), 3000) == "gram"
+
+
+@pytest.mark.parametrize("shape", [(120, 300), (300, 120)])
+def test_gram_solver_matches_the_full_svd(shape):
+    matrix = _with_spectrum(*shape, 0.97 ** torch.arange(120, dtype=torch.float32))
+    U, S, Vh, S_all = svdmath.truncated_svd(matrix, 30, svd="gram")
+    full = svdmath.truncated_svd(matrix, 30, svd="full")
+    assert torch.allclose(S, full[1], rtol=1e-4)
+    assert torch.allclose(U.T @ U, torch.eye(30), atol=1e-4)
+    assert _error(matrix, 30, "gram") == pytest.approx(_error(matrix, 30, "full"), rel=1e-4)
+    assert torch.isclose(S_all.pow(2).sum(), matrix.pow(2).sum(), rtol=1e-4)
+
+
+def test_gram_solver_falls_back_to_the_full_svd_where_its_rounding_would_show():
+    matrix = _with_spectrum(100, 200, torch.cat([torch.ones(20), torch.full((20,), 1e-5)]))
+    assert svdmath._gram_eigh_svd(matrix, 20, matrix.pow(2).sum()) is None  # error 1e-5·σ₁: below float32 Gram's reach
+    assert _error(matrix, 20, "gram") == pytest.approx(_error(matrix, 20, "full"), rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.real
