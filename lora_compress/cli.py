@@ -85,7 +85,8 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--calib-len", default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
-@click.option("--svd", default="auto", show_default=True, help="SVD solver: auto, full or randomized.")
+@click.option("--svd", default="auto", show_default=True,
+              help="SVD solver: auto, full, randomized or gram (eigh of the smaller Gram matrix).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--max-keep", default=0.9, show_default=True,
               help="Speed rule: leave a layer dense rather than factor it at a rank keeping more than this "
@@ -157,7 +158,7 @@ def evaluate(model, compressed, text_file, json_path, max_tokens, no_report, qui
 @click.option("--calib", type=click.Path(), help="Text file: also factor activation-aware; keep what checks better.")
 @click.option("--include", multiple=True, help="Regex on module names to factor (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names never factored; saved whole if changed.")
-@click.option("--svd", default="auto", show_default=True, help="SVD solver for --rank: auto, full or randomized.")
+@click.option("--svd", default="auto", show_default=True, help="SVD solver for --rank: auto, full, randomized or gram.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD and of the check inputs.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -43,7 +43,7 @@ class CompressConfig:
     method: str = "auto"  # svd | whiten | sequential; auto = sequential with calib, else svd
     include: tuple[str, ...] = ()  # regexes on module names; empty = all linear layers
     exclude: tuple[str, ...] = ()  # regexes on module names to leave dense
-    svd: str = "auto"  # full | randomized | auto
+    svd: str = "auto"  # auto | full | randomized | gram
     seed: int = 0  # seed of the randomized SVD
     factor_all: bool = False  # factor even layers whose rank saves no parameters (or breaks max_keep)
     max_keep: float = MAX_KEEP  # speed rule: a layer is factored only at ranks keeping ≤ this share of its weights

@@ -61,7 +61,7 @@ class ExtractConfig:
     budget: float | None = None  # adapter weights as a fraction of the changed layers' dense Σ m·n
     include: tuple[str, ...] = ()  # regexes on module names; empty = every linear layer
     exclude: tuple[str, ...] = ()  # regexes on module names never factored (saved whole if changed)
-    svd: str = "auto"  # full | randomized | auto (energy and budget always use the full SVD)
+    svd: str = "auto"  # auto | full | randomized | gram (energy and budget always use the full SVD)
     seed: int = 0  # seed of the randomized SVD
     calib_samples: int = 16  # with calibration text: sequences; 3/4 fit the factors, 1/4 check them
     calib_len: int = 256  # tokens per calibration sequence
