@@ -4,11 +4,11 @@
         embeddings, final norm, rotary, head, pooler         (read once at start)
     blocks[i] ── loaded(i) ──▶ real (read from the shards) ── on exit ──▶ meta again
 
-Two forwards drive the calibration: :meth:`Blocks.inputs` runs the model up to the first block
-and captures its call (hidden states, mask, position embeddings) as calibrate.block_inputs does;
-:meth:`Blocks.head` runs the model with every block replaced by a given last-block output, so
-the model's own code applies the final norm, head, pooler and loss inputs. Every block is fed
-the first block's captured call, as the in-memory sequential runner does.
+Two forwards drive the calibration: :meth:`Blocks.inputs` runs the model with its blocks swapped
+for recorders and captures every block's call (hidden states, mask, position embeddings) as
+calibrate.block_calls does; :meth:`Blocks.head` runs the model with every block replaced by a
+given last-block output, so the model's own code applies the final norm, head, pooler and loss
+inputs.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .calibrate import block_inputs, find_blocks, forward
+from .calibrate import block_calls, find_blocks, forward, returns_tuple
 from .errors import LoraCompressError
 from .layers import LowRankLinear
 from .streaming import Plan, read_tensor
@@ -86,8 +86,8 @@ class Blocks:
                 for leaf, param in list(module.named_parameters(recurse=False)):
                     module.register_parameter(leaf, nn.Parameter(param.to("meta"), requires_grad=False))
 
-    def inputs(self, tokens: torch.Tensor, outside: dict[str, nn.Module]) -> list[tuple[tuple, dict]]:
-        """The first block's (args, kwargs), one pair per calibration batch.
+    def inputs(self, tokens: torch.Tensor, outside: dict[str, nn.Module]) -> list[list[tuple[tuple, dict]]]:
+        """Every block's (args, kwargs), one pair per calibration batch: ``calls[block][batch]``.
 
         Raises:
             LoraCompressError: a target runs before the first block (its output gradient would
@@ -96,7 +96,9 @@ class Blocks:
         seen = []
         handles = [m.register_forward_hook(lambda *_, n=n: seen.append(n)) for n, m in outside.items()]
         try:
-            calls = block_inputs(self.model, self.blocks[0][1], tokens)
+            with self.loaded(0) as first:
+                tuple_output = returns_tuple(self.model, first, tokens)
+            calls = block_calls(self.model, [block for _, block in self.blocks], tokens, tuple_output)
         finally:
             for handle in handles:
                 handle.remove()

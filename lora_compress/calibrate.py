@@ -83,11 +83,11 @@ class Statistics:
         return self.grams[self.owner[name]]
 
 
-def forward(model: nn.Module, ids: torch.Tensor):
+def forward(model: nn.Module, ids: torch.Tensor, **options):
     """The model on ``ids`` without a KV cache (decoders) — calibration never generates."""
     if "use_cache" in inspect.signature(model.forward).parameters:
-        return model(input_ids=ids, use_cache=False)
-    return model(input_ids=ids)
+        return model(input_ids=ids, use_cache=False, **options)
+    return model(input_ids=ids, **options)
 
 
 def model_loss(output, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -191,6 +191,48 @@ def block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> li
     return captured
 
 
+@torch.no_grad()
+def returns_tuple(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> bool:
+    """Whether ``block`` (its weights in memory) returns a tuple: one call on the first sequence."""
+    args, kwargs = block_inputs(model, block, tokens[:1])[0]
+    return isinstance(block(*args, **kwargs), tuple)
+
+
+@torch.no_grad()
+def block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
+                tuple_output: bool) -> list[list[tuple[tuple, dict]]]:
+    """Every block's (args, kwargs), one pair per calibration batch: ``calls[i][batch]``.
+
+    Blocks may be called differently (sliding-window and full-attention layers get different
+    masks). Each block is swapped for a recorder that passes its input through unchanged, so the
+    model's own loop makes every call without running any block (the blocks may be on the meta
+    device); ``tuple_output`` says what form the loop expects back. Only the first block's hidden
+    states are real (see :func:`block_hidden`).
+    """
+    calls = [[] for _ in blocks]
+
+    def recorder(index: int):
+        def record(*args, **kwargs):
+            calls[index].append((args, kwargs))
+            if index == len(blocks) - 1:
+                raise _Stop
+            return (_input(args, kwargs),) if tuple_output else _input(args, kwargs)
+        return record
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
+    try:
+        for ids in batches(tokens):
+            try:
+                forward(model, ids)
+            except _Stop:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return calls
+
+
 def block_hidden(calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
     """The hidden states of captured block calls (see :func:`block_inputs`), one per batch."""
     return [_input(*call) for call in calls]
@@ -274,10 +316,13 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn
     blocks = find_blocks(model, targets)
     if not blocks:
         return dict(targets)
-    calls = block_inputs(model, blocks[0][1], tokens)
-    dense = compressed = block_hidden(calls)
-    for block_name, block in tqdm(blocks, desc="compressing blocks", unit="block", disable=not progress):
-        dense, compressed = sequential_block(block_name, block, targets, calls, dense, compressed, compress_group)
+    modules = [block for _, block in blocks]
+    calls = block_calls(model, modules, tokens, returns_tuple(model, modules[0], tokens))
+    dense = compressed = block_hidden(calls[0])
+    for (block_name, block), block_call in tqdm(zip(blocks, calls), total=len(blocks), desc="compressing blocks",
+                                                unit="block", disable=not progress):
+        dense, compressed = sequential_block(block_name, block, targets, block_call, dense, compressed,
+                                             compress_group)
     return {n: m for n, m in targets.items() if not any(n.startswith(b + ".") for b, _ in blocks)}
 
 

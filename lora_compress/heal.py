@@ -5,9 +5,12 @@
 
     loss "kl":     KL(p_t ‖ p_s), mean per token               (causal LMs; the default there)
     loss "hidden": ‖h_s − h_t‖² / ‖h_t‖² over the batch          (encoders; the default there)
+    loss "kl+blocks": KL plus ``block_weight`` × the mean per-token ‖h_s − h_t‖²/‖h_t‖² at up to
+                   BLOCK_TARGETS evenly spaced decoder-block outputs (causal LMs)
 
-Features are the last hidden states (the input of the LM head); the teacher's are cached, so it
-runs at most once per calibration sequence (on first use), never again in later epochs.
+Features are the last hidden states (the input of the LM head), with the matched block outputs
+stacked before them for "blocks"; the teacher's are cached, so it runs at most once per
+calibration sequence (on first use), never again in later epochs.
 
 What learns (``train``): "AB" both factors of every LowRankLinear, first rebalanced so each rank
 component has equal norms in B and A (B·A unchanged); "B" only lora_B; "lora" a small extra
@@ -43,7 +46,8 @@ from .precision import bf16_is_fast
 from .text import read_text
 
 TRAIN_SETS = ("AB", "B", "lora")
-LOSSES = ("auto", "kl", "hidden", "kl+hidden")
+LOSSES = ("auto", "kl", "hidden", "kl+hidden", "kl+blocks")
+BLOCK_TARGETS = 8  # decoder-block outputs matched by the "blocks" loss term (evenly spaced)
 PRECISIONS = ("auto", "float32", "bfloat16")
 SEQ_LEN = 512  # default tokens per training sequence (capped at the model's context)
 
@@ -57,7 +61,8 @@ class HealConfig:
     lr: float = 3e-4  # peak AdamW learning rate
     train: str = "AB"  # AB | B | lora: which parameters learn
     lora_rank: int = 8  # rank of the extra LoRA when train == "lora"
-    loss: str = "auto"  # auto (kl for causal LMs, hidden for encoders) | kl | hidden | kl+hidden
+    loss: str = "auto"  # auto (kl for causal LMs, hidden for encoders) | kl | hidden | kl+hidden | kl+blocks
+    block_weight: float = 1.0  # weight of the block-output term of "kl+blocks"
     seq_len: int | None = None  # tokens per calibration sequence; None = 512, or the model's context if shorter
     batch_size: int = 2  # sequences per step
     warmup: int = 10  # steps of linear warm-up, then cosine decay to 10% of lr
@@ -72,7 +77,7 @@ class HealConfig:
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
             raise LoraCompressError("give --steps or --minutes (or both) to bound healing")
-        for name in ("steps", "minutes", "lr", "lora_rank", "seq_len", "batch_size", "clip"):
+        for name in ("steps", "minutes", "lr", "lora_rank", "seq_len", "batch_size", "clip", "block_weight"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise LoraCompressError(f"--{name.replace('_', '-')} {value} must be positive")
@@ -144,14 +149,15 @@ class _Data:
     train_ids: torch.Tensor  # (N, T)
     held_ids: torch.Tensor  # (M, T)
     head: nn.Module | None  # the teacher's output embedding (KL losses only)
-    cache: dict[int, torch.Tensor] = field(default_factory=dict)  # train sequence → (T, C) float32
+    blocks: bool = False  # cache matched block outputs too ("blocks" loss)
+    cache: dict[int, torch.Tensor] = field(default_factory=dict)  # train sequence → (T, C) float32; (K + 1, T, C) with blocks
     held_targets: torch.Tensor | None = None  # (M, T, C) float32
     teacher_seconds: float = 0.0
 
     @torch.no_grad()
     def teacher_features(self, ids: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        result = features(self.teacher, ids).float()  # (B, T, C)
+        result = features(self.teacher, ids, self.blocks).float()  # (B, T, C) or (B, K + 1, T, C)
         self.teacher_seconds += time.perf_counter() - start
         return result
 
@@ -246,11 +252,11 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
     params, extra = _trainable(model, config)
     try:
         report.trained_params = sum(p.numel() for p in params)
-        report.held_out_before = _held_out_loss(model, data, report.loss, config.batch_size)
+        report.held_out_before = _held_out_loss(model, data, report.loss, config)
         if not math.isfinite(report.held_out_before):
             raise LoraCompressError("the compressed model's loss is not finite before healing; compress it again")
         _train(model, params, data, config, report, progress, callback)
-        report.held_out_after = _held_out_loss(model, data, report.loss, config.batch_size)
+        report.held_out_after = _held_out_loss(model, data, report.loss, config)
         report.teacher_minutes = data.teacher_seconds / 60
         if extra:
             extra.merge_(model)
@@ -315,24 +321,39 @@ def _sequences(tokenizer, text: str, config: HealConfig, device) -> tuple[torch.
     return sequences[:-held], sequences[-held:]
 
 
-def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (the LM head's input for causal LMs): (B, T) → (B, T, C)."""
-    return forward(model.base_model, ids).last_hidden_state
+def features(model: nn.Module, ids: torch.Tensor, blocks: bool = False) -> torch.Tensor:
+    """Last hidden states (the LM head's input for causal LMs): (B, T) → (B, T, C); with ``blocks``,
+    the matched block outputs stacked before them: (B, K + 1, T, C)."""
+    if not blocks:
+        return forward(model.base_model, ids).last_hidden_state
+    output = forward(model.base_model, ids, output_hidden_states=True)
+    inner = output.hidden_states[1:-1]  # outputs of every decoder block but the last
+    return torch.stack([*(inner[i] for i in block_indices(len(inner))), output.last_hidden_state], dim=1)
+
+
+def block_indices(count: int) -> list[int]:
+    """Up to BLOCK_TARGETS evenly spaced indices into ``count`` block outputs, the last one included."""
+    picked = min(BLOCK_TARGETS, count)
+    return [math.ceil((i + 1) * count / picked) - 1 for i in range(picked)]
 
 
 def _prepare_data(teacher, tokenizer, text, config, loss) -> _Data:
     train_ids, held_ids = _sequences(tokenizer, text, config, next(teacher.parameters()).device)
     teacher.eval()
-    data = _Data(teacher, train_ids, held_ids, teacher.get_output_embeddings() if "kl" in loss else None)
+    data = _Data(teacher, train_ids, held_ids, teacher.get_output_embeddings() if "kl" in loss else None,
+                 blocks="blocks" in loss)
     data.held_targets = torch.cat([data.teacher_features(ids) for ids in held_ids.split(config.batch_size)])
     return data
 
 
 def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, target: torch.Tensor,
-                 loss: str) -> torch.Tensor:
+                 loss: str, block_weight: float = 1.0) -> torch.Tensor:
     """The distillation loss of ``model`` on ``ids`` against the teacher's cached features ``target``."""
-    hidden = features(model, ids).float()  # (B, T, C)
+    hidden = features(model, ids, "blocks" in loss).float()  # (B, T, C) or (B, K + 1, T, C)
     total = hidden.new_zeros(())
+    if "blocks" in loss:
+        total = total + block_weight * _token_relative_error(hidden[:, :-1], target[:, :-1])
+        hidden, target = hidden[:, -1], target[:, -1]
     if "hidden" in loss:
         total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
     if "kl" in loss:
@@ -344,11 +365,18 @@ def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, ta
     return total
 
 
+def _token_relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens (and blocks) of ‖h_s − h_t‖² / ‖h_t‖²: per token, so the few tokens with
+    massive activations (the first of a sequence) do not outweigh the rest."""
+    return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
 @torch.no_grad()
-def _held_out_loss(model: nn.Module, data: _Data, loss: str, batch_size: int) -> float:
+def _held_out_loss(model: nn.Module, data: _Data, loss: str, config: HealConfig) -> float:
     """Mean distillation loss over the held-out sequences."""
-    losses = [distill_loss(model, data.head, ids, target, loss).item() * len(ids)
-              for ids, target in zip(data.held_ids.split(batch_size), data.held_targets.split(batch_size))]
+    batches = zip(data.held_ids.split(config.batch_size), data.held_targets.split(config.batch_size))
+    losses = [distill_loss(model, data.head, ids, target, loss, config.block_weight).item() * len(ids)
+              for ids, target in batches]
     return sum(losses) / len(data.held_ids)
 
 
@@ -471,7 +499,7 @@ def _train(model, params, data: _Data, config: HealConfig, report: HealReport, p
         index = next(batches)
         targets = data.train_targets(index)
         with autocast(params[0].device, report.precision):
-            loss = distill_loss(model, data.head, data.train_ids[index], targets, report.loss)
+            loss = distill_loss(model, data.head, data.train_ids[index], targets, report.loss, config.block_weight)
         if not torch.isfinite(loss):  # these weights are bad: back to those of the previous step
             _stop_on_nan(params, good, report, step, kept=max(step - 1, 0))
             break

@@ -98,10 +98,10 @@ def _statistics_pass(blocks: Blocks, calls: list, tokens: torch.Tensor, config: 
                      progress: bool) -> tuple[Statistics, dict[str, int | None]]:
     """Pass 1: forward keeping the block boundaries, loss at the head, backward block by block."""
     targets, ids, count = blocks.plan.targets, batches(tokens), len(blocks.blocks)
-    hidden = [block_hidden(calls)]  # hidden[i]: block i's inputs, one (B, T, C) tensor per batch
+    hidden = [block_hidden(calls[0])]  # hidden[i]: block i's inputs, one (B, T, C) tensor per batch
     for index in tqdm(range(count), desc="calibrating: forward", unit="block", disable=not progress):
         with blocks.loaded(index) as block:
-            hidden.append([_forward(block, call, h) for call, h in zip(calls, hidden[-1])])
+            hidden.append([_forward(block, call, h) for call, h in zip(calls[index], hidden[-1])])
     planner, generator = _Planner(config, int(tokens.numel())), torch.Generator().manual_seed(0)
     grads = _backward(blocks.outside(targets), hidden.pop(), planner,
                       lambda i, x: (model_loss(blocks.head(ids[i], x), ids[i], generator), None))
@@ -109,7 +109,7 @@ def _statistics_pass(blocks: Blocks, calls: list, tokens: torch.Tensor, config: 
                       disable=not progress):
         with blocks.loaded(index) as block:
             grads = _backward(blocks.members(targets, index), hidden.pop(), planner,
-                              lambda i, x, g=grads: (call_block(block, calls[i], x), g[i]))
+                              lambda i, x, g=grads, c=calls[index]: (call_block(block, c[i], x), g[i]))
     return planner.result(targets)
 
 
@@ -167,11 +167,11 @@ def _factor(factorer: Factorer, modules: dict[str, nn.Module], stats: Statistics
 def _sequential_pass(blocks: Blocks, calls: list, factorer: Factorer, writer: ShardWriter,
                      progress: bool) -> list[torch.Tensor]:
     """Pass 2 of sequential methods; returns the compressed stream's last hidden states."""
-    dense = compressed = block_hidden(calls)
+    dense = compressed = block_hidden(calls[0])
     for index in tqdm(range(len(blocks.blocks)), desc="compressing blocks", unit="block", disable=not progress):
         with blocks.loaded(index) as block:
-            dense, compressed = sequential_block(blocks.blocks[index][0], block, factorer.targets, calls, dense,
-                                                 compressed, factorer.group)
+            dense, compressed = sequential_block(blocks.blocks[index][0], block, factorer.targets, calls[index],
+                                                 dense, compressed, factorer.group)
             for key, tensor in blocks.tensors(index):
                 writer.add(key, tensor)
     return compressed
@@ -180,11 +180,11 @@ def _sequential_pass(blocks: Blocks, calls: list, factorer: Factorer, writer: Sh
 def _whiten_pass(blocks: Blocks, calls: list, factorer: Factorer, writer: ShardWriter,
                  progress: bool) -> list[torch.Tensor]:
     """Pass 2 of whitening: dense Grams per block, then factor; returns the dense last hidden states."""
-    hidden = block_hidden(calls)
+    hidden = block_hidden(calls[0])
     for index in tqdm(range(len(blocks.blocks)), desc="compressing blocks", unit="block", disable=not progress):
         with blocks.loaded(index) as block:
             stats, hidden = _grams(blocks.members(factorer.targets, index), hidden,
-                                   lambda i, h: call_block(block, calls[i], h))
+                                   lambda i, h, c=calls[index]: call_block(block, c[i], h))
             _factor(factorer, blocks.members(factorer.targets, index), stats)
             for key, tensor in blocks.tensors(index):
                 writer.add(key, tensor)

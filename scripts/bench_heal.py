@@ -94,7 +94,8 @@ def curve(args) -> dict:
 
 def _heal_options(args) -> dict:
     """The healing options given on the command line (the rest keep HealConfig's defaults)."""
-    given = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "precision": args.precision}
+    given = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "precision": args.precision,
+             "loss": args.loss, "block_weight": args.block_weight}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -138,7 +139,7 @@ def _compare_section(result: dict) -> list[str]:
 
 
 def _settings(settings: dict) -> str:
-    keys = ("lr", "batch_size", "seq_len", "precision", "train")
+    keys = ("lr", "batch_size", "seq_len", "precision", "train", "loss", "block_weight")
     return ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)
 
 
@@ -187,6 +188,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="[default: HealConfig's]")
     parser.add_argument("--seq-len", type=int, help="[default: HealConfig's]")
     parser.add_argument("--precision", help="[default: HealConfig's]")
+    parser.add_argument("--loss", help="[default: HealConfig's]")
+    parser.add_argument("--block-weight", type=float, help="[default: HealConfig's]")
+    parser.add_argument("--tag", default="", help="Suffix of the saved JSON's name (keeps runs apart).")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.mode == "report":
@@ -197,7 +201,7 @@ def main() -> None:
     figures["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     name = f"{args.mode}-{Path(compressed_folder(args)).name}" if args.folder else \
         f"{args.mode}-{args.method}-{args.allocation}-{round(args.cut * 100)}"
-    (WORK / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (WORK / f"{name}{args.tag}.json").write_text(json.dumps(figures, indent=1) + "\n")
     report()
 
 

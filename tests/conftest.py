@@ -65,7 +65,19 @@ def build_gpt2(folder: Path, vocab: int = 64):
     return GPT2LMHeadModel(config).eval()
 
 
-BUILDERS = {"llama": build_llama, "bert": build_bert, "gpt2": build_gpt2}
+def build_gemma2(folder: Path, vocab: int = 64):
+    """Sliding-window and full-attention layers alternate, so the blocks' masks differ."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                          max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"] * 2)
+    return Gemma2ForCausalLM(config).eval()
+
+
+BUILDERS = {"llama": build_llama, "bert": build_bert, "gpt2": build_gpt2}  # every tiny_model test runs on each
+MORE_BUILDERS = {"gemma2": build_gemma2}  # in tiny_models only, for the tests that need them
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +85,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Folders with config.json, model.safetensors and a tokenizer for each tiny architecture."""
     root = tmp_path_factory.mktemp("tiny")
     folders = {}
-    for name, build in BUILDERS.items():
+    for name, build in {**BUILDERS, **MORE_BUILDERS}.items():
         folder = root / name
         vocab = _tiny_tokenizer(folder)
         folders[name] = _save(build(folder, vocab=vocab), folder)

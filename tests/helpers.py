@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from safetensors.torch import load_file
+
+from lora_compress import streaming
 from lora_compress.checkpoint import load_dense, resolve_source
 
 
@@ -27,3 +30,8 @@ def outputs(model, inputs) -> torch.Tensor:
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor a compressed folder holds, across its shards."""
+    return {key: load_file(path)[key] for key, path in streaming.output_files(folder).items()}

@@ -13,7 +13,7 @@ import lora_compress as lc
 from lora_compress.checkpoint import MANIFEST, Source, factored_modules, load_tokenizer
 from lora_compress.cli import main
 from lora_compress.errors import LoraCompressError
-from lora_compress.heal import HealConfig, heal, heal_
+from lora_compress.heal import BLOCK_TARGETS, HealConfig, block_indices, heal, heal_
 from helpers import dense
 
 healing = importlib.import_module("lora_compress.heal")  # the module; lc.heal is the function
@@ -60,7 +60,7 @@ def test_both_precisions_heal_and_leave_the_weights_float32(precision, compresse
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-@pytest.mark.parametrize("loss", ["hidden", "kl+hidden"])
+@pytest.mark.parametrize("loss", ["hidden", "kl+hidden", "kl+blocks"])
 def test_hidden_state_losses_also_heal_a_causal_lm(loss, compressed, tiny_models, text_file):
     model, teacher, tokenizer = _pair(compressed, tiny_models)
     report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=10, loss=loss, **FAST),
@@ -242,3 +242,10 @@ def test_healing_smollm2_lowers_its_held_out_loss(smollm2_dir, real_text_dir):
     report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, seq_len=128, batch_size=2, lr=1e-4, warmup=1),
                    progress=False)
     assert report.held_out_after < 0.95 * report.held_out_before  # measured: 5.72 → 5.22 (bf16 body), 5.07 (float32)
+
+
+def test_block_targets_are_evenly_spaced_and_end_at_the_last_block():
+    assert block_indices(3) == [0, 1, 2]
+    picked = block_indices(29)
+    assert len(picked) == BLOCK_TARGETS and picked[-1] == 28
+    assert max(b - a for a, b in zip(picked, picked[1:])) - min(b - a for a, b in zip(picked, picked[1:])) <= 1

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import dense, inputs_for, outputs, rel_error
+from helpers import dense, inputs_for, outputs, rel_error, saved_tensors
 from lora_compress import CompressConfig, LoraCompressError, load
 from lora_compress import streaming, tensorfile
 from lora_compress.blockwise import Blocks
@@ -22,11 +22,6 @@ from lora_compress.checkpoint import ADAPTERS, INDEX, MANIFEST, WEIGHTS, load_de
 from lora_compress.cli import main
 from lora_compress.pipeline import compress
 from lora_compress.stream_calibrated import compress_blockwise
-
-
-def _tensors(folder):
-    files = streaming.output_files(folder)
-    return {key: load_file(path)[key] for key, path in files.items()}
 
 
 def _manifest(folder):
@@ -47,7 +42,7 @@ def test_streaming_writes_the_same_tensors_and_manifest_as_in_memory(tiny_model,
     config = CompressConfig(ratio=0.5)
     compress(str(tiny_model), tmp_path / "memory", config, progress=False)
     compress(str(tiny_model), tmp_path / "stream", config, progress=False, stream=True)
-    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert set(memory) == set(streamed)
     assert any(key.endswith("lora_A") for key in memory)
     assert all(torch.equal(memory[key], streamed[key]) for key in memory)  # bitwise
@@ -128,7 +123,7 @@ FACTOR_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 def test_streamed_calibration_gives_the_in_memory_factors_ranks_and_manifest(calibrated_pair):
     root, source = calibrated_pair
     assert (source / INDEX).exists()
-    memory, streamed = _tensors(root / "memory"), _tensors(root / "stream")
+    memory, streamed = saved_tensors(root / "memory"), saved_tensors(root / "stream")
     assert memory.keys() == streamed.keys()
     assert any(key.endswith("lora_A") for key in memory)
     for key in memory:
@@ -235,7 +230,7 @@ def test_two_torchrun_processes_write_what_one_process_writes(tiny_models, tmp_p
         compress(str(tiny_models["gpt2"]), tmp_path / "one", CompressConfig(ratio=0.5), progress=False, stream=True)
     finally:
         torch.set_num_threads(threads)
-    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
     assert one.keys() == two.keys()
     assert all(torch.equal(one[key], two[key]) for key in one)
     assert _manifest(tmp_path / "one")["layers"] == _manifest(tmp_path / "two")["layers"]
@@ -253,7 +248,7 @@ def test_smollm2_streams_to_the_same_tensors_as_in_memory(smollm2_dir, tmp_path)
     config = CompressConfig(ratio=0.5, include=(r"layers\.(0|29)\.",))
     compress(str(smollm2_dir), tmp_path / "memory", config, progress=False)
     compress(str(smollm2_dir), tmp_path / "stream", config, progress=False, stream=True)
-    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys()
     assert all(torch.equal(memory[key], streamed[key]) for key in memory)
 
