@@ -189,7 +189,7 @@ class Factorer:
         factor_module_(self.model, name, factors)
         result.rank, result.energy_kept = factors.rank, factors.energy_kept
 
-    def group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor) -> None:
+    def group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor | None) -> None:
         for name in names:
             self(name, gram, cross)
 
@@ -231,7 +231,7 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     if recipe.sequential:
         if stats:
             stats.grams.clear()  # only the Fisher moments are used from here on
-        rest = run_sequential(model, tokens, targets, factorer.group, progress)
+        rest = run_sequential(model, tokens, targets, factorer.group, progress, dense_stream=recipe.correct)
         if rest:
             rest_stats = collect_statistics(model, tokens, rest, fisher=False, progress=False)
             for name in rest:

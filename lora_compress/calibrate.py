@@ -277,15 +277,16 @@ def _record_inputs(block, members, calls, hidden) -> tuple[list[list[str]], dict
     return groups, inputs, outputs
 
 
-def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gram of the compressed stream's inputs to a group, and its cross-Gram with the dense inputs."""
+def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gram of the compressed stream's inputs to a group, and its cross-Gram with the dense inputs
+    (None without ``dense_inputs``)."""
     sums, batch = {}, {"index": 0}
 
     def hook(module, args, output):
         x_c = _flat(args[0])  # (tokens, in)
-        x_d = _flat(dense_inputs[batch["index"]])  # (tokens, in)
         _add(sums, "gram", x_c.T @ x_c)
-        _add(sums, "cross", x_d.T @ x_c)
+        if dense_inputs is not None:
+            _add(sums, "cross", _flat(dense_inputs[batch["index"]]).T @ x_c)
         raise _Stop
 
     handle = owner_module.register_forward_hook(hook)
@@ -298,17 +299,18 @@ def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple
                 pass
     finally:
         handle.remove()
-    return sums["gram"], sums["cross"]
+    return sums["gram"], sums.get("cross")
 
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn.Module], compress_group,
-                   progress: bool = True) -> dict[str, nn.Module]:
+                   progress: bool = True, dense_stream: bool = True) -> dict[str, nn.Module]:
     """Compress block by block, feeding each group the inputs the compressed model produces.
 
     ``compress_group(names, gram, cross)`` factors the layers ``names`` (which share one input)
     given ``gram`` = X_cᵀX_c of the compressed stream's inputs and ``cross`` = X_dᵀX_c with the
-    dense stream's inputs, both (in, in) float64.
+    dense stream's inputs, both (in, in) float64; without ``dense_stream`` the dense model is not
+    run alongside (one block pass fewer per block) and ``cross`` is None.
 
     Returns:
         The targets outside the blocks (e.g. a pooler), left for the caller.
@@ -318,7 +320,8 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn
         return dict(targets)
     modules = [block for _, block in blocks]
     calls = block_calls(model, modules, tokens, returns_tuple(model, modules[0], tokens))
-    dense = compressed = block_hidden(calls[0])
+    compressed = block_hidden(calls[0])
+    dense = compressed if dense_stream else None
     for (block_name, block), block_call in tqdm(zip(blocks, calls), total=len(blocks), desc="compressing blocks",
                                                 unit="block", disable=not progress):
         dense, compressed = sequential_block(block_name, block, targets, block_call, dense, compressed,
@@ -328,17 +331,22 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn
 
 @torch.no_grad()
 def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Module], calls: list,
-                     dense: list[torch.Tensor], compressed: list[torch.Tensor], compress_group):
-    """Compress one block's targets group by group (see :func:`run_sequential`).
+                     dense: list[torch.Tensor] | None, compressed: list[torch.Tensor], compress_group):
+    """Compress one block's targets group by group (see :func:`run_sequential`); ``dense`` None: no
+    dense stream (the groups are then read off the compressed stream's first batch).
 
     Returns:
         The block's (dense, compressed) output hidden states, one per batch: the next block's inputs.
     """
     members = {n: m for n, m in targets.items() if n.startswith(block_name + ".")}
-    groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
+    if dense is None:
+        groups, dense_inputs, dense_next = _record_inputs(block, members, calls[:1], compressed[:1])[0], None, None
+    else:
+        groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
     for group in groups:
         owner = block.get_submodule(group[0][len(block_name) + 1:])
-        gram, cross = _group_statistics(block, owner, calls, compressed, dense_inputs[group[0]])
+        gram, cross = _group_statistics(block, owner, calls, compressed,
+                                        dense_inputs[group[0]] if dense_inputs else None)
         compress_group(group, gram, cross)
     return dense_next, [call_block(block, call, h) for call, h in zip(calls, compressed)]
 

@@ -218,6 +218,9 @@ def compare(runs, plot):
 @click.option("--loss", default="auto", show_default=True,
               help="kl, hidden, kl+hidden or kl+blocks (KL plus 8 matched block outputs); auto = kl for LMs.")
 @click.option("--block-weight", default=1.0, show_default=True, help="Weight of the block-output term (kl+blocks).")
+@click.option("--generate", default=0, show_default=True,
+              help="Teacher-written sequences (continuations of calibration text) added to the training set; "
+              "writing them counts against --minutes.")
 @click.option("--seq-len", type=int,
               help="Tokens per calibration sequence [default: 512, or the model's context if shorter].")
 @click.option("--batch-size", default=2, show_default=True, help="Sequences per step.")
@@ -230,15 +233,15 @@ def compare(runs, plot):
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def heal(folder, calib, out, steps, minutes, lr, train, lora_rank, loss, block_weight, seq_len, batch_size, seed,
-         checkpointing, precision, teacher, force, quiet):
+def heal(folder, calib, out, steps, minutes, lr, train, lora_rank, loss, block_weight, generate, seq_len, batch_size,
+         seed, checkpointing, precision, teacher, force, quiet):
     """Fine-tune compressed FOLDER's factors to match its dense teacher; write OUT."""
     from .heal import HealConfig, heal as heal_folder
     from .tables import healing_table
 
     minutes = 10.0 if minutes is None and steps is None else minutes
     config = HealConfig(steps=steps, minutes=minutes, lr=lr, train=train, lora_rank=lora_rank, loss=loss,
-                        block_weight=block_weight, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                        block_weight=block_weight, generate=generate, seq_len=seq_len, batch_size=batch_size, seed=seed,
                         checkpointing=checkpointing, precision=precision)
     report = heal_folder(folder, calib, out, config, teacher=teacher, force=force, command=command_line(),
                          progress=not quiet)

@@ -43,6 +43,7 @@ from .errors import LoraCompressError
 from .layers import LowRankLinear
 from .patch import replace_module
 from .precision import bf16_is_fast
+from .teacher_text import teacher_sequences
 from .text import read_text
 
 TRAIN_SETS = ("AB", "B", "lora")
@@ -69,6 +70,7 @@ class HealConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     clip: float = 1.0  # gradient-norm clipping
     held_out: int = 8  # calibration sequences kept out of training (the text's last ones)
+    generate: int = 0  # teacher-written sequences added to the training set (causal LMs; their time counts)
     seed: int = 0  # batch order and extra-LoRA init
     checkpointing: bool = False  # gradient checkpointing: less activation memory, more time
     precision: str = "auto"  # student body matmuls: bfloat16 autocast (auto: where the device has fast bf16
@@ -89,8 +91,8 @@ class HealConfig:
             raise LoraCompressError(f"--precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         if self.held_out < 1:
             raise LoraCompressError(f"held_out {self.held_out} must be at least 1 sequence")
-        if self.warmup < 0 or self.weight_decay < 0:
-            raise LoraCompressError("--warmup and --weight-decay must not be negative")
+        if self.warmup < 0 or self.weight_decay < 0 or self.generate < 0:
+            raise LoraCompressError("--warmup, --weight-decay and --generate must not be negative")
 
     def settings(self) -> dict:
         """The config as plain JSON-able data."""
@@ -121,6 +123,7 @@ class HealReport:
     note: str = ""
     minutes: float = 0.0  # training wall time
     teacher_minutes: float = 0.0  # teacher forwards: held-out set first, training sequences on first use
+    generation_minutes: float = 0.0  # writing the teacher's sequences (part of the time budget)
     trained_params: int = 0
     tokens: dict = field(default_factory=dict)  # {"train": n, "held_out": n}
 
@@ -134,6 +137,7 @@ class HealReport:
         return {"settings": settings, "history": self.history, "held_out_before": self.held_out_before,
                 "held_out_after": self.held_out_after, "stopped": self.stopped, "note": self.note,
                 "steps": self.steps, "minutes": self.minutes, "teacher_minutes": self.teacher_minutes,
+                "generation_minutes": self.generation_minutes,
                 "trained_params": self.trained_params, "tokens": self.tokens}
 
 
@@ -150,7 +154,7 @@ class _Data:
     held_ids: torch.Tensor  # (M, T)
     head: nn.Module | None  # the teacher's output embedding (KL losses only)
     blocks: bool = False  # cache matched block outputs too ("blocks" loss)
-    cache: dict[int, torch.Tensor] = field(default_factory=dict)  # train sequence → (T, C) float32; (K + 1, T, C) with blocks
+    cache: dict[int, torch.Tensor] = field(default_factory=dict)  # train sequence → (T, C), (K + 1, T, C) with blocks
     held_targets: torch.Tensor | None = None  # (M, T, C) float32
     teacher_seconds: float = 0.0
 
@@ -245,6 +249,7 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
     report = HealReport(config, _loss_kind(config.loss, model),
                         resolve_precision(next(model.parameters()).device, config.precision))
     data = _prepare_data(teacher, tokenizer, text, config, report.loss)
+    config = _add_teacher_text(teacher, data, config, report)
     report.tokens = {"train": data.train_ids.numel(), "held_out": data.held_ids.numel()}
     dtype, grad_flags = next(model.parameters()).dtype, {p: p.requires_grad for p in model.parameters()}
     model.float()  # train in float32 whatever the storage dtype; casting back is exact for frozen tensors
@@ -265,6 +270,25 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
             extra.remove()
         _restore(model, dtype, grad_flags)
     return report
+
+
+def _add_teacher_text(teacher: nn.Module, data: _Data, config: HealConfig, report: HealReport) -> HealConfig:
+    """Append ``config.generate`` teacher-written sequences to the training set; returns the config
+    with the time they took taken off the budget."""
+    if not config.generate:
+        return config
+    if data.head is None:
+        raise LoraCompressError("--generate needs a causal LM (a KL loss); drop it for this model")
+    start = time.perf_counter()
+    written = teacher_sequences(teacher, data.train_ids, config.generate, config.seed, report.precision == "bfloat16")
+    data.train_ids = torch.cat([data.train_ids, written])
+    report.generation_minutes = (time.perf_counter() - start) / 60
+    if config.minutes is None:
+        return config
+    if report.generation_minutes >= config.minutes:
+        raise LoraCompressError(f"writing {config.generate} teacher sequences took {report.generation_minutes:.1f} "
+                                f"of the {config.minutes:g} minutes; lower --generate or raise --minutes")
+    return replace(config, minutes=config.minutes - report.generation_minutes)
 
 
 def _restore(model: nn.Module, dtype: torch.dtype, grad_flags: dict) -> None:

@@ -167,7 +167,8 @@ def _factor(factorer: Factorer, modules: dict[str, nn.Module], stats: Statistics
 def _sequential_pass(blocks: Blocks, calls: list, factorer: Factorer, writer: ShardWriter,
                      progress: bool) -> list[torch.Tensor]:
     """Pass 2 of sequential methods; returns the compressed stream's last hidden states."""
-    dense = compressed = block_hidden(calls[0])
+    compressed = block_hidden(calls[0])
+    dense = compressed if factorer.recipe.correct else None  # the dense stream serves only the refit
     for index in tqdm(range(len(blocks.blocks)), desc="compressing blocks", unit="block", disable=not progress):
         with blocks.loaded(index) as block:
             dense, compressed = sequential_block(blocks.blocks[index][0], block, factorer.targets, calls[index],

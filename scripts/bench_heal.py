@@ -96,7 +96,7 @@ def curve(args) -> dict:
 def _heal_options(args) -> dict:
     """The healing options given on the command line (the rest keep HealConfig's defaults)."""
     given = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "precision": args.precision,
-             "loss": args.loss, "block_weight": args.block_weight}
+             "loss": args.loss, "block_weight": args.block_weight, "generate": args.generate}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -144,7 +144,7 @@ def _compare_section(result: dict) -> list[str]:
 
 
 def _settings(settings: dict) -> str:
-    keys = ("lr", "batch_size", "seq_len", "precision", "train", "loss", "block_weight")
+    keys = ("lr", "batch_size", "seq_len", "precision", "train", "loss", "block_weight", "generate")
     return ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)
 
 
@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--precision", help="[default: HealConfig's]")
     parser.add_argument("--loss", help="[default: HealConfig's]")
     parser.add_argument("--block-weight", type=float, help="[default: HealConfig's]")
+    parser.add_argument("--generate", type=int, help="[default: HealConfig's]")
     parser.add_argument("--tag", default="", help="Suffix of the saved JSON's name (keeps runs apart).")
     args = parser.parse_args()
     torch.manual_seed(0)

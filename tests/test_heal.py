@@ -249,3 +249,24 @@ def test_block_targets_are_evenly_spaced_and_end_at_the_last_block():
     picked = block_indices(29)
     assert len(picked) == BLOCK_TARGETS and picked[-1] == 28
     assert max(b - a for a, b in zip(picked, picked[1:])) - min(b - a for a, b in zip(picked, picked[1:])) <= 1
+
+
+def test_teacher_written_sequences_join_the_training_set_reproducibly(compressed, tiny_models, text_file):
+    results = []
+    for _ in range(2):
+        model, teacher, tokenizer = _pair(compressed, tiny_models)
+        report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=3, generate=4, **FAST),
+                       progress=False)
+        results.append((report, model.state_dict()))
+    (report, first), (_, again) = results
+    plain, *_ = _pair(compressed, tiny_models)
+    assert report.tokens["train"] > heal_(plain, teacher, tokenizer, text_file.read_text(),
+                                          HealConfig(steps=1, **FAST), progress=False).tokens["train"]
+    assert report.generation_minutes > 0
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_teacher_written_sequences_need_a_causal_lm(compressed, tiny_models, text_file):
+    model, teacher, tokenizer = _pair(compressed, tiny_models, "bert")
+    with pytest.raises(LoraCompressError, match="--generate needs a causal LM"):
+        heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=1, generate=2, **FAST), progress=False)
