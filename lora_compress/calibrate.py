@@ -181,14 +181,19 @@ def block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> li
 
     handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for ids in batches(tokens):
-            try:
-                forward(model, ids)
-            except _Stop:
-                pass
+        _forward_until_stopped(model, tokens)
     finally:
         handle.remove()
     return captured
+
+
+def _forward_until_stopped(model: nn.Module, tokens: torch.Tensor) -> None:
+    """The model on every calibration batch, each forward cut short where a hook raises _Stop."""
+    for ids in batches(tokens):
+        try:
+            forward(model, ids)
+        except _Stop:
+            pass
 
 
 @torch.no_grad()
@@ -222,11 +227,7 @@ def block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
     for index, block in enumerate(blocks):
         block.forward = recorder(index)
     try:
-        for ids in batches(tokens):
-            try:
-                forward(model, ids)
-            except _Stop:
-                pass
+        _forward_until_stopped(model, tokens)
     finally:
         for block in blocks:
             del block.forward
