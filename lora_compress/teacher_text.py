@@ -25,9 +25,14 @@ def teacher_sequences(teacher: nn.Module, sequences: torch.Tensor, count: int, s
 
     Returns:
         (count, T) token ids on ``sequences``' device.
+
+    Example:
+        >>> written = teacher_sequences(teacher, train_ids, 64, seed=0)  # train_ids: (62, 512)
+        >>> written.shape
+        torch.Size([64, 512])
     """
     length = sequences.shape[1]
-    prompt = min(PROMPT_TOKENS, length // 4)
+    prompt = max(1, min(PROMPT_TOKENS, length // 4))
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(len(sequences), (count,), generator=generator).tolist()
     starts = torch.randint(length - prompt + 1, (count,), generator=generator).tolist()
