@@ -124,12 +124,15 @@ def _curve_section(results: list[dict]) -> list[str]:
                            if "mark" not in p or rep["settings"]["train"] != "lora")  # see curve()
         settings = rep["settings"]
         healing = f"{settings['train']}, {settings.get('loss', 'kl')}, lr {settings['lr']:g}"
+        if settings.get("generate"):
+            healing += f", +{settings['generate']} teacher-written sequences"
+        writing = f" (+{rep['generation_minutes']:.1f} min writing text)" if rep.get("generation_minutes") else ""
         rows.append([f"{r['cut']:.0%}", r["method"], healing, f"{r['dense']:.2f}", f"{r['before']:.2f}",
                      f"{r['before'] / r['dense']:.2f}×", f"{r['after']:.2f}", f"{r['after'] / r['dense']:.2f}×",
-                     f"{rep['steps']} in {rep['minutes']:.1f} min",
+                     f"{rep['steps']} in {rep['minutes']:.1f} min{writing}",
                      f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}",
                      points])
-    header = ["cut", "method", "healing (trained, loss, lr)", "dense ppl", "before", "×dense", "after", "×dense",
+    header = ["cut", "method", "healing (trained, loss, lr, added text)", "dense ppl", "before", "×dense", "after", "×dense",
               "steps", "held-out loss", "curve"]
     return [render_markdown(rows, header)]
 
@@ -171,7 +174,9 @@ def report() -> None:
              "is the training loss), calibration "
              "text asyoulik.txt (its last 8 sequences held out); perplexity on the first 4,096 tokens of "
              "alice29.txt. Minutes are wall clock on this project's 2-core CPU (load average given per run; "
-             "other jobs on the machine slow the steps down).", ""]
+             "other jobs on the machine slow the steps down). Curve minutes count training only; teacher-written "
+             "text (`--generate`), when added, is written first and its minutes count against the same "
+             "15-minute budget.", ""]
     if curves:
         lines += ["## Perplexity before and after healing", "", *_curve_section(curves), ""]
         lines += [f"- {c['cut']:.0%}, {c['command'].removeprefix('python scripts/bench_heal.py ')}: load average "
