@@ -138,6 +138,8 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
     hooks = GramHooks(stats, targets, fisher)
     leaf = model.get_input_embeddings().register_forward_hook(
         lambda m, a, out: out.detach().requires_grad_(True)) if fisher else None
+    wanted = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)  # the backward needs activation gradients only, not 135M+ weight gradients
     try:
         for ids in tqdm(batches(tokens), desc="calibrating", unit="batch", disable=not progress):
             with torch.set_grad_enabled(fisher):
@@ -150,6 +152,8 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
         hooks.remove()
         if leaf is not None:
             leaf.remove()
+        for param, flag in wanted.items():
+            param.requires_grad_(flag)
     return stats
 
 
