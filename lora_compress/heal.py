@@ -12,6 +12,10 @@ Features are the last hidden states (the input of the LM head), with the matched
 stacked before them for "blocks"; the teacher's are cached, so it runs at most once per
 calibration sequence (on first use), never again in later epochs.
 
+``generate`` adds teacher-written sequences to the training set (teacher_text.py): a short text
+is otherwise learnt by heart, and new contexts generalise better (SmolLM2, 15 minutes, 20% cut:
+31.90 → 31.48 alice perplexity; 40%: 57.90 → 54.15).
+
 What learns (``train``): "AB" both factors of every LowRankLinear, first rebalanced so each rank
 component has equal norms in B and A (B·A unchanged); "B" only lora_B; "lora" a small extra
 LoRA (b·a, b starting at zero) on each factored layer, concatenated into the factors at the end
@@ -376,7 +380,8 @@ def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, ta
     hidden = features(model, ids, "blocks" in loss).float()  # (B, T, C) or (B, K + 1, T, C)
     total = hidden.new_zeros(())
     if "blocks" in loss:
-        total = total + block_weight * _token_relative_error(hidden[:, :-1], target[:, :-1])
+        if hidden.shape[1] > 1:  # a one-block model has no block output before the last
+            total = total + block_weight * _token_relative_error(hidden[:, :-1], target[:, :-1])
         hidden, target = hidden[:, -1], target[:, -1]
     if "hidden" in loss:
         total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
