@@ -82,7 +82,8 @@ def healing_table(report) -> str:
     rows = [["held-out loss", _fmt(report.held_out_before), _fmt(report.held_out_after),
              f"{report.held_out_after / max(report.held_out_before, 1e-12):.3f}"]]
     lines = [render(rows, ["", "before", "after", "after/before"]), "",
-             f"{report.steps} steps in {report.minutes:.1f} min (teacher pass {report.teacher_minutes:.1f} min), "
+             f"{report.steps} steps in {report.minutes:.1f} min (teacher pass {report.teacher_minutes:.1f} min"
+             f"{f', writing text {report.generation_minutes:.1f} min before' if report.generation_minutes else ''}), "
              f"stopped by {report.stopped}; trained {report.trained_params:,} parameters "
              f"({report.config.train}, loss {report.loss})"]
     return "\n".join(lines + ([f"note: {report.note}"] if report.note else []))
