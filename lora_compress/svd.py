@@ -173,9 +173,10 @@ def _gram_svd(matrix: torch.Tensor, k: int, power_iters: int, seed: int, sketch:
     Y = G @ _test_matrix(G.shape[0], k, seed, low)
     for _ in range(power_iters):
         Y = G @ _orthonormal(Y.to(matrix.dtype)).to(sketch)
-    Q = torch.linalg.qr(Y.to(matrix.dtype))[0].to(sketch)  # (m, k)
-    Z = torch.linalg.eigh((Q.T @ (G @ Q)).to(matrix.dtype))[1]  # (k, k)
-    return _project(Q.to(matrix.dtype) @ Z, low)
+    Q = torch.linalg.qr(Y.to(matrix.dtype))[0]  # (m, k), orthonormal in the matrix's precision
+    low_Q = Q.to(sketch)
+    Z = torch.linalg.eigh((low_Q.T @ (G @ low_Q)).to(matrix.dtype))[1]  # (k, k)
+    return _project(Q @ Z, low)
 
 
 def _sketch_dtypes(matrix: torch.Tensor) -> list[torch.dtype]:
@@ -225,7 +226,6 @@ def _range(matrix: torch.Tensor, k: int, power_iters: int, seed: int) -> torch.T
     for _ in range(power_iters):
         Y = matrix @ _orthonormal(matrix.T @ _orthonormal(Y))  # (m, k)
     return torch.linalg.qr(Y)[0]
-
 
 
 def choose_svd(shape: tuple[int, int], rank: int, svd: str = "auto") -> str:
