@@ -40,8 +40,7 @@ class Blocks:
                                     f"(a ModuleList) to stream calibration through; drop --stream")
         self.prefix = self.blocks[0][0].rpartition(".")[0] + "."
         self.sources = _checkpoint_names(plan)
-        self.tuple_output = None  # whether a block returns a tuple; learnt from the first real call
-        self.blocks[0][1].register_forward_hook(self._note_output)
+        self.tuple_output = None  # whether a block returns a tuple; learnt by inputs()
         self._load_outside()
 
     def _load_outside(self) -> None:
@@ -51,9 +50,6 @@ class Blocks:
                 if stored not in read:
                     read[stored] = self._read(name)
                 _assign(self.model, name, read[stored])
-
-    def _note_output(self, module, args, output) -> None:
-        self.tuple_output = isinstance(output, tuple)
 
     def _read(self, name: str) -> torch.Tensor:
         tensor = read_tensor(self.plan, self.sources[name])
@@ -97,8 +93,8 @@ class Blocks:
         handles = [m.register_forward_hook(lambda *_, n=n: seen.append(n)) for n, m in outside.items()]
         try:
             with self.loaded(0) as first:
-                tuple_output = returns_tuple(self.model, first, tokens)
-            calls = block_calls(self.model, [block for _, block in self.blocks], tokens, tuple_output)
+                self.tuple_output = returns_tuple(self.model, first, tokens)
+            calls = block_calls(self.model, [block for _, block in self.blocks], tokens, self.tuple_output)
         finally:
             for handle in handles:
                 handle.remove()
@@ -110,7 +106,7 @@ class Blocks:
     def head(self, ids: torch.Tensor, hidden: torch.Tensor):
         """The model's output on ``ids`` with every block replaced by ``hidden``, the last block's output."""
         if self.tuple_output is None:
-            raise RuntimeError("Blocks.head needs a real block call first, to learn the blocks' output type")
+            raise RuntimeError("Blocks.head needs Blocks.inputs first, to learn the blocks' output type")
 
         def replay(*args, **kwargs):
             return (hidden,) if self.tuple_output else hidden
