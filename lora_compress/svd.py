@@ -24,6 +24,8 @@ SVD_METHODS = ("auto", "full", "randomized", "gram")
 OVERSAMPLE = 16  # extra random directions of the randomized SVD (Halko et al.: p ≥ 10)
 POWER_ITERS = 5  # power iterations (p 16 with 5 iterations: the error of p 32 with 4, 5% faster)
 AUTO_FRACTION = 0.5  # auto: randomized while rank + OVERSAMPLE < this fraction of min(out, in), else Gram/eigh
+BF16_RANGE = 2.0 ** 9  # largest σ₁²/σ_r² for which the Gram matrix may be rounded to bf16
+CHOLESKY_QR_LIMIT = 100.0  # estimated condition above which a basis is orthonormalised by Householder QR
 RANDOMIZED_TOLERANCE = 0.01  # stated bound: randomized truncation error ≤ (1 + this) × full SVD's
 
 
@@ -121,7 +123,7 @@ def _gram_eigh_svd(matrix: torch.Tensor, rank: int, total: torch.Tensor):
     truncation error is small enough for G's rounding (eps·σ₁²) to matter.
     """
     eigenvalues, Z = torch.linalg.eigh(matrix @ matrix.T)  # ascending
-    U, S, Vh = _project(Z[:, -rank:], matrix)  # U: (m, r)
+    U, S, Vh = _project(Z[:, -rank:].flip(1), matrix)  # U: (m, r)
     if _gram_too_coarse(total, S, matrix.dtype):
         return None
     rest = eigenvalues[:-rank].flip(0).clamp_min(0).sqrt()
@@ -129,12 +131,15 @@ def _gram_eigh_svd(matrix: torch.Tensor, rank: int, total: torch.Tensor):
 
 
 def _project(basis: torch.Tensor, matrix: torch.Tensor):
-    """``(U, S, Vh)`` with U = ``basis`` (orthonormal columns, m×k) sorted by σ and S·Vh = Uᵀ·M, in
+    """``(U, S, Vh)`` with U = ``basis`` (orthonormal columns, m×k, best first) sorted by σ and S·Vh = Uᵀ·M, in
     the basis's precision (Uᵀ·M is computed in ``matrix``'s: a bf16 copy of M adds ≤ 2⁻⁹·‖M‖ of
     error orthogonal to the truncation error, negligible where _gram_too_coarse allows bf16)."""
     P = (basis.T.to(matrix.dtype) @ matrix).to(basis.dtype)  # (k, n) = Σ Vᵀ
-    S, order = P.norm(dim=1).sort(descending=True)
-    return basis[:, order], S, P[order] / S.clamp_min(torch.finfo(S.dtype).tiny)[:, None]
+    S = P.norm(dim=1)
+    if not bool((S[:-1] >= S[1:]).all()):  # eigenvectors come in descending order: usually sorted already
+        S, order = S.sort(descending=True)
+        basis, P = basis[:, order], P[order]
+    return basis, S, P / S.clamp_min(torch.finfo(S.dtype).tiny)[:, None]
 
 
 @_wide
@@ -156,26 +161,34 @@ def _randomized_svd(matrix: torch.Tensor, rank: int, oversample: int, power_iter
                 return U, S, Vh
     Q = _range(matrix, k, power_iters, seed)  # (m, k)
     B = Q.T @ matrix  # (k, n)
-    Z, S, Vh = _project(torch.linalg.eigh(B @ B.T)[1], B)  # Rayleigh–Ritz: Z (k, k), Σ·Vᵀ = Zᵀ·B
+    Z, S, Vh = _project(torch.linalg.eigh(B @ B.T)[1].flip(1), B)  # Rayleigh–Ritz: Z (k, k), Σ·Vᵀ = Zᵀ·B
     return Q @ Z, S, Vh
 
 
 def _gram_svd(matrix: torch.Tensor, k: int, power_iters: int, seed: int, sketch: torch.dtype):
-    """Subspace iteration on G = M·Mᵀ, formed and multiplied in ``sketch`` precision (orthonormalised
-    in the matrix's own between products), then Rayleigh–Ritz: U = Q·Z with Z the eigenvectors of
-    Qᵀ·G·Q (k×k), and Σ·Vᵀ = Uᵀ·M (_project).
+    """Subspace iteration on G = M·Mᵀ, formed and multiplied in ``sketch`` precision, then Rayleigh–Ritz:
+    U = Q·Z with Z the eigenvectors of Qᵀ·G·Q (k×k), and Σ·Vᵀ = Uᵀ·M (_project).
 
-    σ_i is the norm of row i of Uᵀ·M (not √ of an eigenvalue), so B·A = U_r U_rᵀ M holds and
-    precision does not suffer from squaring M.
+    Orthonormalising (in the matrix's own precision) costs more than a product by G, so after the
+    first product the remaining ``power_iters`` run two per orthonormalisation where one product
+    grows the basis's condition by less than √``CHOLESKY_QR_LIMIT`` (a pair then stays within
+    Cholesky-QR's reach, and bf16 keeps the weakest directions), else one. σ_i is the norm of row i
+    of Uᵀ·M (not √ of an eigenvalue), so B·A = U_r U_rᵀ M holds and precision does not suffer from
+    squaring M.
     """
     low = matrix.to(sketch)
     G = low @ low.T  # (m, m)
-    Y = G @ _test_matrix(G.shape[0], k, seed, low)
-    for _ in range(power_iters):
-        Y = G @ _orthonormal(Y.to(matrix.dtype)).to(sketch)
+    Y, products, remaining = G @ _test_matrix(G.shape[0], k, seed, low), 1, power_iters
+    while remaining:
+        Q, condition = _orthonormal(Y.to(matrix.dtype))
+        products = min(2 if condition ** (2 / products) < CHOLESKY_QR_LIMIT else 1, remaining)
+        Y = Q.to(sketch)
+        for _ in range(products):
+            Y = G @ Y
+        remaining -= products
     Q = torch.linalg.qr(Y.to(matrix.dtype))[0]  # (m, k), orthonormal in the matrix's precision
     low_Q = Q.to(sketch)
-    Z = torch.linalg.eigh((low_Q.T @ (G @ low_Q)).to(matrix.dtype))[1]  # (k, k)
+    Z = torch.linalg.eigh((low_Q.T @ (G @ low_Q)).to(matrix.dtype))[1].flip(1)  # (k, k), descending
     return _project(Q @ Z, low)
 
 
@@ -188,14 +201,18 @@ def _sketch_dtypes(matrix: torch.Tensor) -> list[torch.dtype]:
 
 
 def _gram_too_coarse(total: torch.Tensor, kept: torch.Tensor, sketch: torch.dtype) -> bool:
-    """True when the truncation error is so small that the Gram matrix's rounding could dominate it;
-    a finer sketch (or the range found on M itself, or the full SVD) is used then. ``total`` is ‖M‖².
+    """True when the Gram matrix's rounding could dominate the truncation error; a finer sketch (or
+    the range found on M itself, or the full SVD) is used then. ``total`` is ‖M‖², ``kept`` the
+    kept σ, descending.
 
-    float32/64 Gram: ‖M − M_r‖² < 1000·eps·‖M‖² (rounding ≈ eps·σ₁²). bfloat16 Gram: the relative
-    truncation error is below 20% (its rounding, 2⁻⁸, perturbs the subspace by about that much, which
-    adds ~(2⁻⁸)² relative error: under 1% of the truncation error only when that error is large, as it
-    is at LLM compression ranks).
+    float32/64 Gram: ‖M − M_r‖² < 1000·eps·‖M‖² (rounding ≈ eps·σ₁²). bfloat16 Gram: its rounding,
+    2⁻⁹·σ₁² per entry, must stay below the weakest kept direction (σ₁²/σ_r² < 2⁹; past that, outlier
+    singular values cost over 1% on flat spectra: tests/test_svd.py), and the relative truncation
+    error must be at least 20% (the rounding perturbs the subspace by ~2⁻⁸, which adds ~(2⁻⁸)² relative
+    error: under 1% of the truncation error only when that error is large, as at LLM compression ranks).
     """
+    if sketch == torch.bfloat16 and float(kept[0].square()) >= BF16_RANGE * float(kept[-1].square()):
+        return True
     margin = 0.04 if sketch == torch.bfloat16 else 1000 * torch.finfo(sketch).eps
     return bool(total - kept.pow(2).sum() < margin * total)
 
@@ -210,21 +227,28 @@ def _test_matrix(rows: int, cols: int, seed: int, like: torch.Tensor) -> torch.T
     return _gaussian(rows, cols, seed, like.dtype).to(like.device)
 
 
-def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of Y's columns by Cholesky-QR (Y·R⁻¹ with RᵀR = YᵀY: one k×k Cholesky
-    instead of a Householder QR, accurate enough between power iterations); Householder QR when Y
-    is too ill-conditioned for the Cholesky."""
+def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An orthonormal basis of Y's columns, and Y's condition estimated from R's diagonal.
+
+    Cholesky-QR (Y·R⁻¹ with RᵀR = YᵀY: one k×k Cholesky instead of a Householder QR) while that
+    estimate is below ``CHOLESKY_QR_LIMIT`` (its loss of orthogonality, κ²·eps, stays under 1e-3);
+    Householder QR otherwise, or when the Cholesky fails (including on NaN), with the condition
+    reported as inf.
+    """
     R, info = torch.linalg.cholesky_ex(Y.T @ Y, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(R).all()):
-        return torch.linalg.qr(Y)[0]
-    return torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    if int(info) == 0:
+        diagonal = R.diagonal().abs()
+        condition = float(diagonal.max()) / max(float(diagonal.min()), torch.finfo(Y.dtype).tiny)
+        if condition < CHOLESKY_QR_LIMIT:  # False on NaN
+            return torch.linalg.solve_triangular(R, Y, upper=True, left=False), condition
+    return torch.linalg.qr(Y)[0], math.inf
 
 
 def _range(matrix: torch.Tensor, k: int, power_iters: int, seed: int) -> torch.Tensor:
     """Orthonormal Q (m×k) spanning ≈ the top-k left singular vectors of a wide ``matrix``."""
     Y = matrix @ _test_matrix(matrix.shape[1], k, seed, matrix)  # (m, k)
     for _ in range(power_iters):
-        Y = matrix @ _orthonormal(matrix.T @ _orthonormal(Y))  # (m, k)
+        Y = matrix @ _orthonormal(matrix.T @ _orthonormal(Y)[0])[0]  # (m, k)
     return torch.linalg.qr(Y)[0]
 
 

@@ -81,11 +81,14 @@ def svd_stage() -> str:
                "PEFT PiSSA (full SVD)": lambda name, W: _peft(layers[name], W, "pissa"),
                "PEFT PiSSA pissa_niter_4": lambda name, W: _peft(layers[name], W, "pissa_niter_4")}
     seconds, errors = {s: 0.0 for s in solvers}, {s: [] for s in solvers}
+    by_shape = {}  # (out, in) → {solver: seconds}
     for key, W in weights.items():  # solvers interleaved layer by layer, so load changes hit all alike
         for solver, fn in solvers.items():
             took, error = fn(key.removesuffix(".weight"), W)
             seconds[solver] += took
             errors[solver].append(error)
+            shape = by_shape.setdefault(tuple(W.shape), {})
+            shape[solver] = shape.get(solver, 0.0) + took
     full_err, peft_time = errors["torch.linalg.svd (full)"], seconds["PEFT PiSSA (full SVD)"]
     rows = []
     for solver in solvers:
@@ -101,7 +104,21 @@ def svd_stage() -> str:
             + render(rows, ["solver", "seconds", "speed vs PEFT full", "mean rel. error ‖W−BA‖/‖W‖",
                             "mean error vs full", "worst layer vs full"])
             + f"\n\nauto chose: {'; '.join(picks)} (randomized while rank {RANK} + oversample "
-              f"{svdmath.OVERSAMPLE} is below {svdmath.AUTO_FRACTION} of the smaller side, else Gram/eigh).\n")
+              f"{svdmath.OVERSAMPLE} is below {svdmath.AUTO_FRACTION} of the smaller side, else Gram/eigh).\n\n"
+            + "By shape (same loop):\n\n" + _by_shape_table(by_shape, weights) + "\n")
+
+
+def _by_shape_table(by_shape: dict, weights: dict) -> str:
+    """Seconds of PEFT's full-SVD path and of ``--svd auto`` per layer shape: where the speed-up is won."""
+    counts = {}
+    for W in weights.values():
+        counts[tuple(W.shape)] = counts.get(tuple(W.shape), 0) + 1
+    rows = []
+    for shape, took in by_shape.items():
+        peft, auto = took["PEFT PiSSA (full SVD)"], took["lora-compress --svd auto"]
+        rows.append([f"{shape[0]}×{shape[1]}", counts[shape], f"{peft:.2f}", f"{auto:.2f}",
+                     f"{svdmath.choose_svd(shape, RANK)}", f"{peft / auto:.2f}×"])
+    return render(rows, ["shape", "layers", "PEFT full s", "auto s", "auto picks", "speed-up"])
 
 
 def crossover() -> str:
