@@ -107,18 +107,19 @@ def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) 
 def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: str | None, force: bool, command,
                        progress: bool, dtype: str | None) -> CompressionReport:
     """Plain SVD, one tensor in memory at a time; under torchrun the layers are split, rank 0 writes."""
-    group = join(config.device)
+    group, report = join(config.device), None
     try:
         source = resolve_source(model, gguf_file)
         plan = streaming.plan(source, config, parse_dtype(dtype))
         if not group.is_writer:
-            return streaming.compress_streaming(plan, config, None, group, progress)
+            report = streaming.compress_streaming(plan, config, None, group, progress)
+            return report
         with atomic_folder(Path(out), force) as tmp:
             report = streaming.compress_streaming(plan, config, tmp, group, progress)
             _write_streamed_companions(tmp, source, plan, report, command, load_tokenizer(source), out)
         return report
     finally:
-        leave(group)
+        leave(group, finished=report is not None)
 
 
 def _compress_calibrated_streamed(model: str, out, config: CompressConfig, calib_text: str | None, *,
