@@ -131,9 +131,10 @@ def _gram_eigh_svd(matrix: torch.Tensor, rank: int, total: torch.Tensor):
 
 
 def _project(basis: torch.Tensor, matrix: torch.Tensor):
-    """``(U, S, Vh)`` with U = ``basis`` (orthonormal columns, m×k, best first) sorted by σ and S·Vh = Uᵀ·M, in
-    the basis's precision (Uᵀ·M is computed in ``matrix``'s: a bf16 copy of M adds ≤ 2⁻⁹·‖M‖ of
-    error orthogonal to the truncation error, negligible where _gram_too_coarse allows bf16)."""
+    """``(U, S, Vh)`` with U = ``basis`` (orthonormal columns, m×k, best first; re-sorted by σ where
+    rounding swapped two) and S·Vh = Uᵀ·M, in the basis's precision (Uᵀ·M is computed in
+    ``matrix``'s: a bf16 copy of M adds ≤ 2⁻⁹·‖M‖ of error orthogonal to the truncation error,
+    negligible where _gram_too_coarse allows bf16)."""
     P = (basis.T.to(matrix.dtype) @ matrix).to(basis.dtype)  # (k, n) = Σ Vᵀ
     S = P.norm(dim=1)
     if not bool((S[:-1] >= S[1:]).all()):  # eigenvectors come in descending order: usually sorted already
