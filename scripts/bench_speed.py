@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -110,10 +111,7 @@ def svd_stage() -> str:
 
 def _by_shape_table(by_shape: dict, weights: dict) -> str:
     """Seconds of PEFT's full-SVD path and of ``--svd auto`` per layer shape: where the speed-up is won."""
-    counts = {}
-    for W in weights.values():
-        counts[tuple(W.shape)] = counts.get(tuple(W.shape), 0) + 1
-    rows = []
+    counts, rows = Counter(tuple(W.shape) for W in weights.values()), []
     for shape, took in by_shape.items():
         peft, auto = took["PEFT PiSSA (full SVD)"], took["lora-compress --svd auto"]
         rows.append([f"{shape[0]}×{shape[1]}", counts[shape], f"{peft:.2f}", f"{auto:.2f}",
