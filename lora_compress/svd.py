@@ -273,8 +273,9 @@ def truncated_svd(matrix: torch.Tensor, rank: int, svd: str = "auto", seed: int 
 
     The randomized SVD (defaults ``OVERSAMPLE``, ``POWER_ITERS``) keeps the truncation error
     ‖M − U_r S_r Vh_r‖_F within ``RANDOMIZED_TOLERANCE`` (1%) of the full SVD's on real LLM weights
-    (SmolLM2-135M, all 210 layers at rank 128; tests/test_svd_speed.py checks the band). The Gram
-    solver is exact up to rounding and falls back to the full SVD where that rounding could matter.
+    (SmolLM2-135M, all 210 layers at rank 128; tests/test_svd_speed.py checks the band) and on flat
+    spectra with outlier singular values (tests/test_svd.py). The Gram solver is exact up to
+    rounding and falls back to the full SVD where that rounding could matter.
     """
     method = choose_svd(tuple(matrix.shape), rank, svd)
     total = torch.linalg.vector_norm(matrix).square()  # ‖M‖² without a temporary the size of M
