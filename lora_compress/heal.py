@@ -215,7 +215,10 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
 
 
 def _load_teacher(teacher: str | None, manifest: dict) -> nn.Module:
-    name = teacher or manifest["base_model"]
+    """``teacher``, else the checkpoint the folder was compressed from: the folder it was read from
+    while that still exists (the recorded name may be a path relative to another directory)."""
+    folder = manifest.get("base_model_folder")
+    name = teacher or (folder if folder and Path(folder).is_dir() else manifest["base_model"])
     try:
         return load_dense(resolve_source(name, None if teacher else manifest.get("gguf_file")))
     except LoraCompressError as error:

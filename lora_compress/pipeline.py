@@ -47,6 +47,7 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
     return {
         "format_version": FORMAT_VERSION,
         "base_model": source.name,
+        "base_model_folder": str(source.folder.resolve()),  # where it was read: the name may be relative
         "gguf_file": source.gguf_file,
         "model_class": type(model).__name__,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -40,6 +40,7 @@ def build_report(manifest: dict, evaluation: dict | None = None, evaluate_comman
     healed = "healing" in manifest
     return {
         "base_model": manifest["base_model"],
+        "base_model_folder": manifest.get("base_model_folder"),
         "model_class": manifest.get("model_class"),
         "cut": cut_label(manifest["settings"]) + (", healed" if healed else ""),
         "method": manifest.get("method"),
@@ -246,11 +247,19 @@ def compare_runs(paths: list[str | Path]) -> list[dict]:
     runs = [load_run(path) for path in paths]
     first = runs[0]
     for run in runs[1:]:
-        if os.path.normpath(run["base_model"]) != os.path.normpath(first["base_model"]):
+        if not same_base_model(run, first):
             raise LoraCompressError(f"runs come from different base models: {first['run']} from "
                                     f"{first['base_model']}, {run['run']} from {run['base_model']}; "
                                     f"compare runs of one base model")
     return runs
+
+
+def same_base_model(run: dict, other: dict) -> bool:
+    """True when two runs were compressed from one checkpoint: the same folder on disk where both
+    manifests record it (a relative and an absolute path to it match), else the same name."""
+    if run.get("base_model_folder") and other.get("base_model_folder"):
+        return run["base_model_folder"] == other["base_model_folder"]
+    return os.path.normpath(run["base_model"]) == os.path.normpath(other["base_model"])
 
 
 def comparison_table(runs: list[dict]) -> str:

@@ -141,6 +141,16 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_weights(compressed, tiny_model
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_heal_finds_a_teacher_named_by_a_relative_path_from_another_directory(tiny_models, text_file, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tiny_models["llama"].parent)
+    lc.compress("llama", tmp_path / "small", lc.CompressConfig(ratio=0.3), progress=False)
+    assert json.loads((tmp_path / "small" / MANIFEST).read_text())["base_model"] == "llama"
+    monkeypatch.chdir(tmp_path)  # "llama" means nothing here
+    report = heal(tmp_path / "small", text_file, tmp_path / "healed", HealConfig(steps=1, **FAST), progress=False)
+    assert report.steps == 1
+
+
 def test_heal_writes_a_folder_that_loads_with_the_healing_recorded(compressed, text_file, tmp_path):
     out = tmp_path / "healed"
     report = heal(compressed["gpt2"], text_file, out, HealConfig(steps=3, **FAST), progress=False)

@@ -248,6 +248,14 @@ def test_compare_rejects_runs_of_different_base_models(evaluated, tiny_models, t
     assert result.output.strip().endswith("compare runs of one base model")
 
 
+def test_compare_accepts_one_base_model_named_by_relative_and_absolute_paths(evaluated, tiny_models, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tiny_models["llama"].parent)
+    assert run("compress", "llama", "--ratio", "0.8", "--out", tmp_path / "llama-80", "--quiet").exit_code == 0
+    result = run("compare", evaluated[0], tmp_path / "llama-80")  # the first run named it by its absolute path
+    assert result.exit_code == 0, result.output
+
+
 def test_compare_rejects_a_folder_that_is_no_run(tmp_path):
     result = run("compare", tmp_path)
     assert result.exit_code == 2 and "lora_compress.json" in result.output
