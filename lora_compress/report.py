@@ -255,11 +255,12 @@ def compare_runs(paths: list[str | Path]) -> list[dict]:
 
 
 def same_base_model(run: dict, other: dict) -> bool:
-    """True when two runs were compressed from one checkpoint: the same folder on disk where both
-    manifests record it (a relative and an absolute path to it match), else the same name."""
-    if run.get("base_model_folder") and other.get("base_model_folder"):
-        return run["base_model_folder"] == other["base_model_folder"]
-    return os.path.normpath(run["base_model"]) == os.path.normpath(other["base_model"])
+    """True when two runs were compressed from one checkpoint: the same name (a Hub id, say, read
+    from two machines' caches), or the same folder on disk (named once relatively, once absolutely)."""
+    if os.path.normpath(run["base_model"]) == os.path.normpath(other["base_model"]):
+        return True
+    folder = run.get("base_model_folder")
+    return folder is not None and folder == other.get("base_model_folder")
 
 
 def comparison_table(runs: list[dict]) -> str:
