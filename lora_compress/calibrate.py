@@ -239,7 +239,7 @@ def block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
 
 
 def block_hidden(calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
-    """The hidden states of captured block calls (see :func:`block_inputs`), one per batch."""
+    """The hidden states of captured block calls (see :func:`block_calls`), one per batch."""
     return [_input(*call) for call in calls]
 
 
