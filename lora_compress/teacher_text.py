@@ -7,6 +7,9 @@ it is matched to the teacher all the same (as self-data distillation does for pr
 """
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 from torch import nn
 
@@ -37,13 +40,46 @@ def teacher_sequences(teacher: nn.Module, sequences: torch.Tensor, count: int, s
     rows = torch.randint(len(sequences), (count,), generator=generator).tolist()
     starts = torch.randint(length - prompt + 1, (count,), generator=generator).tolist()
     prompts = torch.stack([sequences[r, s:s + prompt] for r, s in zip(rows, starts)])  # (count, prompt)
-    pad = teacher.config.pad_token_id if teacher.config.pad_token_id is not None else teacher.config.eos_token_id
     written = []
     autocast = torch.autocast(sequences.device.type, dtype=torch.bfloat16, enabled=bfloat16)
-    with torch.random.fork_rng(devices=[]), autocast:
-        torch.manual_seed(seed)
+    sampler = torch.Generator(sequences.device).manual_seed(seed)
+    with autocast:
         for batch in prompts.split(GENERATE_BATCH):
-            written.append(teacher.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, top_k=TOP_K,
-                                            top_p=1.0, temperature=1.0, max_new_tokens=length - prompt,
-                                            min_new_tokens=length - prompt, pad_token_id=pad))
-    return torch.cat(written)[:, :length]
+            written.append(sample_top_k(teacher, batch, length - prompt, sampler, banned=_end_tokens(teacher)))
+    return torch.cat(written)
+
+
+@torch.no_grad()
+def sample_top_k(model: nn.Module, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator,
+                 top_k: int = TOP_K, banned: list[int] = ()) -> torch.Tensor:
+    """``prompts`` (B, P) continued by ``new_tokens`` tokens sampled from ``model``'s ``top_k`` most
+    likely next tokens, with a KV cache: (B, P + new_tokens). Tokens in ``banned`` are never drawn.
+
+    Drawing among the k candidates, not over the whole vocabulary with the rest masked as
+    ``generate`` does, makes SmolLM2 write 1.4× faster on a CPU: there, drawing over 49,152 tokens
+    per row took about as long as all of the model's matrix products.
+    """
+    output, keyword = model(prompts, use_cache=True), _cache_keyword(model)
+    banned = torch.tensor(banned, dtype=torch.long, device=prompts.device)
+    tokens = [prompts]
+    for step in range(new_tokens):
+        logits = output.logits[:, -1].float().index_fill(1, banned, -math.inf)  # (B, V)
+        values, candidates = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        chosen = candidates.gather(1, torch.multinomial(values.softmax(-1), 1, generator=generator))  # (B, 1)
+        tokens.append(chosen)
+        if step + 1 < new_tokens:
+            output = model(chosen, use_cache=True, **{keyword: getattr(output, keyword)})
+    return torch.cat(tokens, dim=1)
+
+
+def _end_tokens(model: nn.Module) -> list[int]:
+    """The model's end-of-sequence token ids, so written sequences run to full length."""
+    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = model.config.eos_token_id if ends is None else ends
+    return [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the KV cache, in and out: ``cache`` in recent transformers (which warns
+    at ``past_key_values``), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

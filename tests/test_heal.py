@@ -14,6 +14,7 @@ from lora_compress.checkpoint import MANIFEST, Source, factored_modules, load_to
 from lora_compress.cli import main
 from lora_compress.errors import LoraCompressError
 from lora_compress.heal import BLOCK_TARGETS, HealConfig, block_indices, heal, heal_
+from lora_compress.teacher_text import sample_top_k
 from helpers import dense
 
 healing = importlib.import_module("lora_compress.heal")  # the module; lc.heal is the function
@@ -274,6 +275,23 @@ def test_teacher_written_sequences_join_the_training_set_reproducibly(compressed
                                           HealConfig(steps=1, **FAST), progress=False).tokens["train"]
     assert report.generation_minutes > 0
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_sampled_tokens_continue_the_prompt_from_the_teachers_top_k(tiny_models, arch):
+    teacher = dense(tiny_models[arch])
+    prompts = torch.randint(teacher.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        banned = teacher(prompts).logits[0, -1].argmax().item()  # the likeliest first token of row 0
+    written = sample_top_k(teacher, prompts, 6, torch.Generator().manual_seed(0), top_k=3, banned=[banned])
+    assert written.shape == (3, 10) and torch.equal(written[:, :4], prompts)
+    with torch.no_grad():
+        logits = teacher(written).logits[:, 3:-1]  # (3, 6, V): a full forward, no cache
+    allowed = logits.index_fill(-1, torch.tensor([banned]), -torch.inf).topk(3, dim=-1).indices
+    assert (allowed == written[:, 4:, None]).any(-1).all()  # each token among the top 3 at its position
+    assert not (written[:, 4:] == banned).any()
+    again = sample_top_k(teacher, prompts, 6, torch.Generator().manual_seed(0), top_k=3, banned=[banned])
+    assert torch.equal(written, again)
 
 
 def test_teacher_written_sequences_need_a_causal_lm(compressed, tiny_models, text_file):
