@@ -3,7 +3,9 @@
 Statistics are sums, never stored activations:
 
     gram[l]   = Σ_t x_t x_tᵀ          (in×in, float64)   inputs of layer l
-    fisher[l] = Σ_t (∂loss/∂y_t)²      (out,  float64)    output-gradient second moments, per channel
+    fisher[l] = Σ_t g_t g_tᵀ          (out×out, float32)  output-gradient second moments, g = ∂loss/∂y_t,
+                                                          for layers with up to FULL_FISHER_MAX outputs;
+                Σ_t g_t²              (out, float64)      their diagonal only, for wider layers
 
 Causal LMs use their next-token loss; encoders (no loss of their own) use ``rᵀh`` for a fixed
 random r on every floating output h, whose squared gradient is the Gauss–Newton weight of an
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from .errors import LoraCompressError
 
 BATCH_SAMPLES = 4  # sequences per forward while calibrating (bounds activation memory)
+FULL_FISHER_MAX = 2048  # widest layer output whose full gradient covariance is kept (out² floats); else its diagonal
 
 
 def calibration_tokens(tokenizer, text: str, samples: int, length: int) -> torch.Tensor:
@@ -65,8 +68,17 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()  # (tokens, features)
 
 
-def _add(store: dict, key, value: torch.Tensor) -> None:
-    store[key] = store[key] + value.double() if key in store else value.double()
+def _add(store: dict, key, value: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
+    store[key] = store[key] + value.to(dtype) if key in store else value.to(dtype)
+
+
+def _add_gradient_moments(store: dict, key, gradient: torch.Tensor) -> None:
+    """Add Σ_t g_t g_tᵀ (float32: out² floats) to ``store[key]``, or Σ_t g_t² past FULL_FISHER_MAX outputs."""
+    flat = _flat(gradient)  # (tokens, out)
+    if flat.shape[1] <= FULL_FISHER_MAX:
+        _add(store, key, flat.T @ flat, torch.float32)
+    else:
+        _add(store, key, flat.pow(2).sum(0))
 
 
 @dataclass
@@ -75,7 +87,7 @@ class Statistics:
 
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # owner name → (in, in)
     owner: dict[str, str] = field(default_factory=dict)  # layer name → name whose Gram it shares
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out,)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out, out), or (out,) when wide
     tokens: int = 0
 
     def gram(self, name: str) -> torch.Tensor:
@@ -119,7 +131,7 @@ class GramHooks:
                 flat = _flat(x.detach())  # (tokens, in)
                 _add(self.stats.grams, name, flat.T @ flat)
             if self.fisher and output.requires_grad:
-                output.register_hook(lambda g: _add(self.stats.fisher, name, _flat(g).pow(2).sum(0)))
+                output.register_hook(lambda g: _add_gradient_moments(self.stats.fisher, name, g))
         return forward_hook
 
     def remove(self) -> None:

@@ -72,7 +72,8 @@ def curve(args) -> dict:
     model, teacher = lc.load(folder), load_dense(resolve_source(str(SMOLLM2)))
     manifest = json.loads((folder / "lora_compress.json").read_text())
     budget = "budget" if manifest["settings"].get("budget") else "uniform"
-    figures = {"cut": args.cut, "method": f"{manifest['method']} ({budget})",
+    fisher = "full F" if "covariance" in manifest["calibration"]["sensitivity"] else "diagonal F"
+    figures = {"cut": args.cut, "method": f"{manifest['method']} ({budget})", "fisher": fisher,
                "dense": perplexity(teacher, tokenizer, EVAL), "before": perplexity(model, tokenizer, EVAL)}
     snapshots = {}  # a snapshot copies the factors, so it misses an extra LoRA still in its hooks: none then
     marks = [] if args.train == "lora" else args.snapshots
@@ -127,7 +128,8 @@ def _curve_section(results: list[dict]) -> list[str]:
         if settings.get("generate"):
             healing += f", +{settings['generate']} teacher-written sequences"
         writing = f" (+{rep['generation_minutes']:.1f} min writing text)" if rep.get("generation_minutes") else ""
-        rows.append([f"{r['cut']:.0%}", r["method"], healing, f"{r['dense']:.2f}", f"{r['before']:.2f}",
+        method = f"{r['method']}, {r.get('fisher', 'diagonal F')}"  # runs before the full F recorded none
+        rows.append([f"{r['cut']:.0%}", method, healing, f"{r['dense']:.2f}", f"{r['before']:.2f}",
                      f"{r['before'] / r['dense']:.2f}×", f"{r['after']:.2f}", f"{r['after'] / r['dense']:.2f}×",
                      f"{rep['steps']} in {rep['minutes']:.1f} min{writing}",
                      f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}",

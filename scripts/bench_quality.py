@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from prepare_examples import MINILM, SMOLLM2, TEXT, VADER_MOVIES
 
-from lora_compress.calibrate import calibration_tokens
+from lora_compress.calibrate import FULL_FISHER_MAX, calibration_tokens
 from lora_compress.checkpoint import load_dense, load_tokenizer, resolve_source
 from lora_compress.compress import CompressConfig, compress_
 from lora_compress.evaluate import mean_pool
@@ -152,10 +152,11 @@ def main() -> None:
              f"Methods: *plain SVD* truncates W; *whiten* is SVD-LLM's closed form (SVD of W·L, L Lᵀ = XᵀX of "
              f"the dense model's inputs); *sequential* compresses block by block, whitening each layer with "
              f"the inputs of the already compressed model and weighting its rows by the output-gradient "
-             f"second moments (SVD of diag(√g)·W·L). *uniform* = "
+             f"second moments (SVD of Rᵀ·W·L, R·Rᵀ = F + damping, F = covariance of the calibration loss's "
+             f"gradient at the layer's outputs; its diagonal past {FULL_FISHER_MAX} outputs). *uniform* = "
              f"the same ratio in every layer; *budget* = ranks per layer from the Fisher-weighted whitened "
-             f"truncation loss Σ_(i>r) σ_i²(diag(√g)·W·L) (g = mean squared gradient of the calibration "
-             f"loss per output channel), traded across layers by Lagrangian relaxation plus a greedy fill.\n"]
+             f"truncation loss Σ_(i>r) σ_i²(Rᵀ·W·L), traded across layers by Lagrangian relaxation plus a "
+             f"greedy fill.\n"]
     tables = [("smollm2", smollm2_rows, "## SmolLM2-135M: perplexity (first 4,096 tokens, 1,024-token windows)",
                ["cut", "method", "alice29 ppl", "lcet10 ppl", "kept", "seconds"]),
               ("minilm", minilm_rows, "## all-MiniLM-L6-v2: embeddings of movie-review snippets",

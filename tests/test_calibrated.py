@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import build_bert, build_llama
 from lora_compress.allocate import LayerCost, allocate
 from lora_compress.aware import aware_factors, weighted_spectrum
-from lora_compress.calibrate import calibration_tokens, run_sequential
+from lora_compress.calibrate import calibration_tokens, collect_statistics, run_sequential
 from lora_compress.checkpoint import load
 from lora_compress.cli import main
 from lora_compress.compress import CompressConfig, compress_
@@ -62,6 +62,43 @@ def test_channel_weights_lower_the_weighted_error(layer):
     weighted = aware_factors(W, 4, X.T @ X, weights=weights)
     unweighted = aware_factors(W, 4, X.T @ X)
     assert output_error(weighted, W, X, weights=weights) < output_error(unweighted, W, X, weights=weights)
+
+
+def _covariance_error(factors, W, X, covariance) -> float:
+    """‖(W − B·A)·Xᵀ‖ in the metric of an output covariance F: √trace(Dᵀ·F·D)."""
+    diff = (W.double() - factors.B.double() @ factors.A.double()) @ X.T  # (out, N)
+    return float((diff * (covariance @ diff)).sum().sqrt())
+
+
+def test_output_covariance_weighting_finds_the_optimum_the_diagonal_misses(layer, monkeypatch):
+    W, X = layer
+    monkeypatch.setattr("lora_compress.aware.FISHER_DAMPING", 0.0)  # undamped: the metric is F itself
+    gradients = correlated_inputs(tokens=300, features=W.shape[0], seed=2)  # (N, out): correlated output gradients
+    F = gradients.T @ gradients
+    full = aware_factors(W, 4, X.T @ X, weights=F)
+    diagonal = aware_factors(W, 4, X.T @ X, weights=F.diagonal())
+    R = torch.linalg.cholesky(F)
+    optimum = torch.linalg.svdvals(R.T @ W @ X.T)[4:].pow(2).sum().sqrt()  # best rank 4 in that metric
+    assert _covariance_error(full, W, X, F) == pytest.approx(float(optimum), rel=1e-6)
+    assert _covariance_error(diagonal, W, X, F) > 1.05 * _covariance_error(full, W, X, F)
+    assert float(weighted_spectrum(W, X.T @ X, F)[4:].sum().sqrt()) == pytest.approx(float(optimum), rel=1e-6)
+
+
+def test_statistics_keep_the_full_gradient_covariance_up_to_the_width_limit(monkeypatch):
+    model = build_llama(None, vocab=64)
+    from lora_compress.targets import find_targets
+
+    full = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False)
+    monkeypatch.setattr("lora_compress.calibrate.FULL_FISHER_MAX", 40)  # narrower than the MLP's hidden layer
+    mixed = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False)
+    for name, covariance in full.fisher.items():
+        out = covariance.shape[0]
+        assert covariance.shape == (out, out) and torch.allclose(covariance, covariance.T)
+        expected = (out, out) if out <= 40 else (out,)
+        assert mixed.fisher[name].shape == expected
+        diagonal = mixed.fisher[name].diagonal() if out <= 40 else mixed.fisher[name]
+        assert torch.allclose(covariance.diagonal().double(), diagonal.double(), rtol=1e-4)
+    assert {f.dim() for f in mixed.fisher.values()} == {1, 2}
 
 
 def test_rank_deficient_gram_takes_the_ridge_path(layer):
