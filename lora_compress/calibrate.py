@@ -72,13 +72,31 @@ def _add(store: dict, key, value: torch.Tensor, dtype: torch.dtype = torch.float
     store[key] = store[key] + value.to(dtype) if key in store else value.to(dtype)
 
 
-def _add_gradient_moments(store: dict, key, gradient: torch.Tensor) -> None:
-    """Add Σ_t g_t g_tᵀ (float32: out² floats) to ``store[key]``, or Σ_t g_t² past FULL_FISHER_MAX outputs."""
+def _add_gradient_moments(stats: "Statistics", name: str, gradient: torch.Tensor) -> None:
+    """Add Σ_t g_t g_tᵀ (float32: out² floats) and its fourth moments to ``stats``, or Σ_t g_t² past
+    FULL_FISHER_MAX outputs."""
     flat = _flat(gradient)  # (tokens, out)
-    if flat.shape[1] <= FULL_FISHER_MAX:
-        _add(store, key, flat.T @ flat, torch.float32)
-    else:
-        _add(store, key, flat.pow(2).sum(0))
+    if flat.shape[1] > FULL_FISHER_MAX:
+        _add(stats.fisher, name, flat.pow(2).sum(0))
+        return
+    _add(stats.fisher, name, flat.T @ flat, torch.float32)
+    squares = flat.double().pow(2)  # (tokens, out)
+    _add(stats.fourth, name, torch.stack([squares.sum(1).pow(2).sum(), squares.pow(2).sum()]))
+
+
+def shrunk_covariance(total: torch.Tensor, fourth: torch.Tensor, count: int) -> torch.Tensor:
+    """(1 − α)·Σ + α·diag(Σ) for a sum Σ = Σ_t g_t g_tᵀ over ``count`` samples, with the Ledoit–Wolf
+    intensity α for a diagonal target; ``fourth`` = [Σ_t ‖g_t‖⁴, Σ_t Σ_i g_ti⁴]."""
+    if count < 2:
+        return total
+    mean = total.double() / count  # S, (out, out)
+    off_square = mean.pow(2).sum() - mean.diagonal().pow(2).sum()  # Σ_{i≠j} s_ij²
+    off_fourth = (fourth[0] - fourth[1]) / count  # mean over t of Σ_{i≠j} (g_ti·g_tj)²
+    variance = (off_fourth - off_square).clamp_min(0) / (count - 1)  # Σ_{i≠j} Var(s_ij)
+    alpha = float((variance / off_square.clamp_min(1e-300)).clamp(0, 1))
+    shrunk = total * (1 - alpha)
+    shrunk.diagonal().copy_(total.diagonal())
+    return shrunk
 
 
 @dataclass
@@ -88,11 +106,21 @@ class Statistics:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # owner name → (in, in)
     owner: dict[str, str] = field(default_factory=dict)  # layer name → name whose Gram it shares
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out, out), or (out,) when wide
+    fourth: dict[str, torch.Tensor] = field(default_factory=dict)  # name → [Σ_t ‖g_t‖⁴, Σ_t Σ_i g_ti⁴] (full F)
     tokens: int = 0
 
     def gram(self, name: str) -> torch.Tensor:
         """The (in, in) Gram of the inputs of layer ``name``."""
         return self.grams[self.owner[name]]
+
+    def shrink_fisher(self) -> None:
+        """Shrink each full gradient covariance F towards its diagonal, F ← (1 − α)·F + α·diag(F), once
+        every token is in, with the Ledoit–Wolf intensity for that target (Schäfer & Strimmer 2005):
+        α = Σ_{i≠j} Var(f_ij) / Σ_{i≠j} f_ij², from the fourth moments. Few calibration tokens for a
+        wide layer make F noisy and α large; many make α small."""
+        for name, moments in self.fourth.items():
+            self.fisher[name] = shrunk_covariance(self.fisher[name], moments, self.tokens)
+        self.fourth = {}
 
 
 def forward(model: nn.Module, ids: torch.Tensor, **options):
@@ -131,7 +159,7 @@ class GramHooks:
                 flat = _flat(x.detach())  # (tokens, in)
                 _add(self.stats.grams, name, flat.T @ flat)
             if self.fisher and output.requires_grad:
-                output.register_hook(lambda g: _add_gradient_moments(self.stats.fisher, name, g))
+                output.register_hook(lambda g: _add_gradient_moments(self.stats, name, g))
         return forward_hook
 
     def remove(self) -> None:
@@ -166,6 +194,7 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
             leaf.remove()
         for param, flag in wanted.items():
             param.requires_grad_(flag)
+    stats.shrink_fisher()
     return stats
 
 

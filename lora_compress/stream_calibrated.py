@@ -137,6 +137,7 @@ def _backward(modules: dict[str, nn.Module], inputs: list[torch.Tensor], planner
             hooks.last = (None, None)
     finally:
         hooks.remove()
+    stats.shrink_fisher()
     planner.add(modules, stats)
     return grads
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import build_bert, build_llama
 from lora_compress.allocate import LayerCost, allocate
 from lora_compress.aware import aware_factors, weighted_spectrum
-from lora_compress.calibrate import calibration_tokens, collect_statistics, run_sequential
+from lora_compress.calibrate import calibration_tokens, collect_statistics, run_sequential, shrunk_covariance
 from lora_compress.checkpoint import load
 from lora_compress.cli import main
 from lora_compress.compress import CompressConfig, compress_
@@ -99,6 +99,18 @@ def test_statistics_keep_the_full_gradient_covariance_up_to_the_width_limit(monk
         diagonal = mixed.fisher[name].diagonal() if out <= 40 else mixed.fisher[name]
         assert torch.allclose(covariance.diagonal().double(), diagonal.double(), rtol=1e-4)
     assert {f.dim() for f in mixed.fisher.values()} == {1, 2}
+
+
+@pytest.mark.parametrize("samples, lowest, highest", [(5, 0.5, 1.0), (20_000, 0.0, 0.05)])
+def test_gradient_covariance_shrinks_towards_its_diagonal_more_when_samples_are_few(samples, lowest, highest):
+    gradients = correlated_inputs(tokens=samples, features=30, seed=3)  # (N, out), strongly correlated
+    total = gradients.T @ gradients
+    fourth = torch.stack([gradients.pow(2).sum(1).pow(2).sum(), gradients.pow(4).sum()])
+    shrunk = shrunk_covariance(total, fourth, samples)
+    off = ~torch.eye(30, dtype=torch.bool)
+    alpha = 1 - float(shrunk[off].norm() / total[off].norm())
+    assert lowest <= alpha <= highest
+    assert torch.equal(shrunk.diagonal(), total.diagonal())
 
 
 def test_rank_deficient_gram_takes_the_ridge_path(layer):
