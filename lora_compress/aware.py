@@ -8,9 +8,10 @@ Methods (``CompressConfig.method``):
   the inputs X_c that the already compressed layers produce (C = X_cᵀX_c), and its outputs are
   weighted by the output-gradient second moments F = Σ g·gᵀ (two-sided whitening, a
   Kronecker-factored curvature C ⊗ F: SVD of Rᵀ·W·L with R·Rᵀ = F + damping, B = R⁻ᵀ·U_r Σ_r),
-  so the kept directions are those the loss is sensitive to. F is the full out×out covariance
-  for layers with up to FULL_FISHER_MAX outputs (SmolLM2 at a 20% cut: alice29 perplexity 36.28
-  with its diagonal, 34.84 with it) and its diagonal g (R = diag(√g)) for wider ones.
+  so the kept directions are those the loss is sensitive to. F is the full out×out covariance,
+  shrunk towards its diagonal (calibrate.py), for layers with up to FULL_FISHER_MAX outputs, and
+  its diagonal g (R = diag(√g)) for wider ones (benchmarks/quality.md: the full F beats the
+  diagonal at every cut on SmolLM2 and MiniLM).
 - ``sequential-refit``: as ``sequential``, and each layer is fitted to the dense model's outputs
   on the dense inputs X_d: the rank-r minimiser of ‖BA·X_cᵀ − W·X_dᵀ‖ is the whitened SVD of
   the least-squares target W* = W·(X_dᵀX_c)·C⁻¹ (shrunk towards W by a ridge). Measured worse
@@ -55,7 +56,7 @@ RECIPES = {
 }
 CORRECTION_RIDGE = 0.1  # relative ridge of the closed-loop least-squares refit
 FISHER_FLOOR = 1e-2  # diagonal weights g/mean(g) are floored here so no output channel is ignored
-FISHER_DAMPING = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (SmolLM2, 20% cut: 0.001–0.1 all beat the diagonal)
+FISHER_DAMPING = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (unshrunk F, SmolLM2 20% cut: 0.001–0.1 all beat the diagonal)
 
 
 def channel_weights(fisher: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,9 @@ def _row_factor(weights: torch.Tensor | None) -> torch.Tensor | None:
 
 SENSITIVITY = ("fisher-weighted whitened truncation loss: sum over dropped i of sigma_i^2 of R^T·W·L, "
                f"R R^T = F + {FISHER_DAMPING:g}·mean(diag F)·I with F the mean output-gradient covariance of the "
-               f"calibration loss (its diagonal g, R = diag(sqrt(g)), for layers wider than {FULL_FISHER_MAX} "
-               "outputs), L L^T = X^T X of the layer's calibration inputs")
+               "calibration loss, shrunk towards its diagonal by the Ledoit-Wolf intensity (its diagonal g, "
+               f"R = diag(sqrt(g)), for layers wider than {FULL_FISHER_MAX} outputs), L L^T = X^T X of the "
+               "layer's calibration inputs")
 
 
 def _weigh_rows(matrix: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:

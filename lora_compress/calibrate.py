@@ -7,6 +7,11 @@ Statistics are sums, never stored activations:
                                                           for layers with up to FULL_FISHER_MAX outputs;
                 Σ_t g_t²              (out, float64)      their diagonal only, for wider layers
 
+Once every token is in, each full F is shrunk towards its diagonal by the Ledoit–Wolf intensity
+(``Statistics.shrink_fisher``): with few calibration tokens for a wide layer, the raw covariance
+is mostly noise (SmolLM2 with 8×256 tokens, 40% cut: 123.6 alice29 perplexity unshrunk against
+105.2 with the diagonal alone; 95.9 shrunk).
+
 Causal LMs use their next-token loss; encoders (no loss of their own) use ``rᵀh`` for a fixed
 random r on every floating output h, whose squared gradient is the Gauss–Newton weight of an
 output-change error. Layers that share an input tensor (q/k/v, gate/up) share one Gram.
