@@ -56,7 +56,7 @@ RECIPES = {
 }
 CORRECTION_RIDGE = 0.1  # relative ridge of the closed-loop least-squares refit
 FISHER_FLOOR = 1e-2  # diagonal weights g/mean(g) are floored here so no output channel is ignored
-FISHER_DAMPING = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (unshrunk F, SmolLM2 20% cut: 0.001–0.1 all beat the diagonal)
+FISHER_DAMPING = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (SmolLM2 20%, F unshrunk: 0.001–0.1 beat the diagonal)
 
 
 def channel_weights(fisher: torch.Tensor) -> torch.Tensor:
