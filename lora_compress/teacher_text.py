@@ -43,10 +43,10 @@ def teacher_sequences(teacher: nn.Module, sequences: torch.Tensor, count: int, s
     prompts = torch.stack([sequences[r, s:s + prompt] for r, s in zip(rows, starts)])  # (count, prompt)
     written = []
     autocast = torch.autocast(sequences.device.type, dtype=torch.bfloat16, enabled=bfloat16)
-    sampler = torch.Generator(sequences.device).manual_seed(seed)
+    sampler, ends = torch.Generator(sequences.device).manual_seed(seed), _end_tokens(teacher)
     with autocast:
         for batch in prompts.split(GENERATE_BATCH):
-            written.append(sample_top_k(teacher, batch, length - prompt, sampler, banned=_end_tokens(teacher)))
+            written.append(sample_top_k(teacher, batch, length - prompt, sampler, banned=ends))
     return torch.cat(written)
 
 

@@ -72,7 +72,8 @@ def curve(args) -> dict:
     model, teacher = lc.load(folder), load_dense(resolve_source(str(SMOLLM2)))
     manifest = json.loads((folder / "lora_compress.json").read_text())
     budget = "budget" if manifest["settings"].get("budget") else "uniform"
-    fisher = "full F" if "covariance" in manifest["calibration"]["sensitivity"] else "diagonal F"
+    sensitivity = (manifest.get("calibration") or {}).get("sensitivity")  # None without --budget
+    fisher = None if sensitivity is None else "full F" if "covariance" in sensitivity else "diagonal F"
     figures = {"cut": args.cut, "method": f"{manifest['method']} ({budget})", "fisher": fisher,
                "dense": perplexity(teacher, tokenizer, EVAL), "before": perplexity(model, tokenizer, EVAL)}
     snapshots = {}  # a snapshot copies the factors, so it misses an extra LoRA still in its hooks: none then
@@ -128,7 +129,8 @@ def _curve_section(results: list[dict]) -> list[str]:
         if settings.get("generate"):
             healing += f", +{settings['generate']} teacher-written sequences"
         writing = f" (+{rep['generation_minutes']:.1f} min writing text)" if rep.get("generation_minutes") else ""
-        method = f"{r['method']}, {r.get('fisher', 'diagonal F')}"  # runs before the full F recorded none
+        fisher = r.get("fisher", "diagonal F")  # runs before the full F recorded none; None: not recorded
+        method = r["method"] if fisher is None else f"{r['method']}, {fisher}"
         rows.append([f"{r['cut']:.0%}", method, healing, f"{r['dense']:.2f}", f"{r['before']:.2f}",
                      f"{r['before'] / r['dense']:.2f}×", f"{r['after']:.2f}", f"{r['after'] / r['dense']:.2f}×",
                      f"{rep['steps']} in {rep['minutes']:.1f} min{writing}",
