@@ -92,6 +92,9 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               help="Speed rule: leave a layer dense rather than factor it at a rank keeping more than this "
               "share of its weights (such factored layers run slower than dense ones).")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
+@click.option("--workers", default=0, show_default=True,
+              help="--method svd: layers factored at once, each on its share of the CPU threads; 0 = auto (one "
+              "per thread while every layer is 2048² weights or fewer, else 1).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Cast the model to this dtype first (default: the checkpoint's).")
 @click.option("--stream", is_flag=True, help="Read and write one tensor at a time with --method svd (memory ≈ "
@@ -103,7 +106,7 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, max_keep, device, dtype, stream, force, quiet, gguf_file):
+             svd, seed, max_keep, device, workers, dtype, stream, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .compress import CompressConfig
     from .distributed import is_main_process
@@ -112,7 +115,8 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
 
     config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
                             calib_samples=calib_samples, calib_len=calib_len, include=tuple(include),
-                            exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device)
+                            exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
+                            workers=workers)
     if calib and config.method == "svd":
         click.echo("warning: --calib is unused by --method svd (plain SVD needs no calibration text)", err=True)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),

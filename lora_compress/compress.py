@@ -25,6 +25,7 @@ from .errors import LoraCompressError
 from .layers import dense_weight, is_conv1d
 from .patch import factor_module_
 from .targets import find_targets
+from .workers import layer_workers, ordered_map
 
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
 METHODS = ("svd", "whiten", "sequential", "sequential-refit")  # plain SVD, then the activation-aware ones (aware.py)
@@ -51,6 +52,7 @@ class CompressConfig:
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
     device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
+    workers: int = 0  # plain SVD: layers factored at once, each on its share of the threads; 0 = auto (workers.py)
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
@@ -59,6 +61,8 @@ class CompressConfig:
             raise LoraCompressError(f"give exactly one of --rank, --ratio, --energy, --budget (got {given})")
         if self.rank is not None and self.rank <= 0:
             raise LoraCompressError(f"--rank {self.rank} must be a positive integer")
+        if self.workers < 0:
+            raise LoraCompressError(f"--workers {self.workers} is negative; pass 0 (auto) or a count of layers")
         for name in ("ratio", "energy", "budget", "max_keep"):
             value = getattr(self, name)
             if value is not None and not (0 < value <= 1):
@@ -193,9 +197,20 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
     report = CompressionReport(config)
-    for name, module in tqdm(targets.items(), desc="factoring", unit="layer", disable=not progress):
-        report.layers.append(factor_layer_(model, name, module, config))
+    workers = layer_workers(config.workers, [dense_weight(m).shape for m in targets.values()], config.device)
+    outcomes = ordered_map(lambda target: _factor_target(target, config), targets.items(), workers)
+    for name, (result, factors) in tqdm(zip(targets, outcomes), total=len(targets), desc="factoring",
+                                        unit="layer", disable=not progress):
+        if factors is not None:
+            factor_module_(model, name, factors)
+        report.layers.append(result)
     return report
+
+
+def _factor_target(target: tuple[str, nn.Module], config: CompressConfig):
+    """(LayerResult, Factors or None) for one ``(name, module)``; the module is not touched."""
+    result = new_layer_result(*target)
+    return result, factor_weight(result, dense_weight(target[1]), config)
 
 
 def check_calibrated(config: CompressConfig, tokens) -> None:
@@ -233,17 +248,6 @@ def new_layer_result(name: str, module: nn.Module) -> LayerResult:
     weight = dense_weight(module)
     return LayerResult(name, tuple(weight.shape), None, getattr(module, "bias", None) is not None,
                        is_conv1d(module))
-
-
-@torch.no_grad()
-def factor_layer_(model: nn.Module, name: str, module: nn.Module, config: CompressConfig,
-                  whitening: torch.Tensor | None = None, rank: int | None = None) -> LayerResult:
-    """Factor one layer (plain or whitened SVD) and swap it in, unless that saves nothing."""
-    result = new_layer_result(name, module)
-    factors = factor_weight(result, dense_weight(module), config, whitening, rank)
-    if factors is not None:
-        factor_module_(model, name, factors)
-    return result
 
 
 @torch.no_grad()

@@ -29,9 +29,10 @@ from .checkpoint import (ADAPTERS, FORMAT_VERSION, INDEX, WEIGHTS, Source, check
 from .compress import CompressConfig, CompressionReport, _check_fixed_rank, factor_weight, new_layer_result
 from .distributed import Group, check_split
 from .errors import LoraCompressError
-from .layers import is_conv1d
+from .layers import dense_weight, is_conv1d
 from .targets import find_targets
 from .tensorfile import DTYPE_NAMES, HEADER_BYTES, TensorFileWriter
+from .workers import layer_workers, ordered_map
 
 MAX_SHARD_BYTES = 2 << 30  # output shard size (written a tensor at a time, never buffered)
 _METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}
@@ -47,6 +48,10 @@ class Plan:
     stamps: dict[Path, tuple[int, int]]  # file → (size, mtime_ns) when the run started
     targets: dict[str, nn.Module]
     keys: dict[str, str]  # output name → checkpoint name: untouched tensors and target weights, model order
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each target's weight."""
+        return [tuple(dense_weight(module).shape) for module in self.targets.values()]
 
 
 def plan(source: Source, config: CompressConfig, dtype: torch.dtype | None = None) -> Plan:
@@ -172,15 +177,25 @@ def factored_layers(plan_: Plan, config: CompressConfig, group: Group = Group(),
     names = list(plan_.targets)
     check_split(group, len(names))
     bar = tqdm(total=len(names), desc="factoring", unit="layer", disable=not (progress and group.is_writer))
+    for outcome in _outcomes(plan_, config, group, names):
+        if isinstance(outcome, str):
+            raise LoraCompressError(outcome)
+        bar.update()
+        yield outcome
+    bar.close()
+
+
+def _outcomes(plan_: Plan, config: CompressConfig, group: Group, names: list[str]):
+    """Each target's :func:`_factor_one` outcome, in order: one process factors several layers at
+    once on its threads (workers.py); K processes factor one layer each per round."""
+    if group.world == 1:
+        workers = layer_workers(config.workers, plan_.shapes(), config.device)
+        yield from ordered_map(lambda name: _factor_one(plan_, config, name), names, workers)
+        return
     for start in range(0, len(names), group.world):
         index = start + group.rank
         mine = _factor_one(plan_, config, names[index]) if index < len(names) else None
-        for outcome in group.share(mine)[:len(names) - start]:
-            if isinstance(outcome, str):
-                raise LoraCompressError(outcome)
-            bar.update()
-            yield outcome
-    bar.close()
+        yield from group.share(mine)[:len(names) - start]
 
 
 def _factor_one(plan_: Plan, config: CompressConfig, name: str):

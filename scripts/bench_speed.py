@@ -28,10 +28,13 @@ from lora_compress import CompressConfig, compress_  # noqa: E402
 from lora_compress import svd as svdmath  # noqa: E402
 from lora_compress.checkpoint import load_dense, resolve_source  # noqa: E402
 from lora_compress.tables import render  # noqa: E402
+from lora_compress.workers import ordered_map  # noqa: E402
 
 OUT = REPO / "benchmarks" / "speed.md"
 SCRATCH = REPO / ".cache" / "bench_speed" / str(os.getpid())  # own folder: parts may run side by side
 RANK = 128
+STAGE_ROUNDS = 3
+STAGE_WORKERS = torch.get_num_threads()
 CALIB = TEXT / "asyoulik.txt"
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -106,7 +109,44 @@ def svd_stage() -> str:
                             "mean error vs full", "worst layer vs full"])
             + f"\n\nauto chose: {'; '.join(picks)} (randomized while rank {RANK} + oversample "
               f"{svdmath.OVERSAMPLE} is below {svdmath.AUTO_FRACTION} of the smaller side, else Gram/eigh).\n\n"
-            + "By shape (same loop):\n\n" + _by_shape_table(by_shape, weights) + "\n")
+            + "By shape (same loop):\n\n" + _by_shape_table(by_shape, weights) + "\n\n"
+            + stage_rounds(weights, layers, STAGE_ROUNDS))
+
+
+def _stage_seconds(weights: dict, layers: dict, solver: str) -> float:
+    """Wall seconds of one whole SVD stage, layers back to back as ``compress`` runs them."""
+    pairs = [(layers[key.removesuffix(".weight")], W) for key, W in weights.items()]
+    if solver.startswith("PEFT"):
+        for layer, W in pairs:
+            layer.get_base_layer().weight.data = W.clone()
+        return _timed(lambda: [layer.pissa_init("default", "pissa") for layer, _ in pairs])[0]
+    factor = _full_factors if solver.startswith("torch") else (lambda W: svdmath.factorize(W, RANK))
+    workers = STAGE_WORKERS if "workers" in solver else 1
+    return _timed(lambda: list(ordered_map(factor, weights.values(), workers)))[0]
+
+
+def _full_factors(W):
+    """PEFT's full-SVD path without PEFT: torch.linalg.svd, then the rank-r factors."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :RANK] * S[:RANK], Vh[:RANK]
+
+
+def stage_rounds(weights: dict, layers: dict, rounds: int) -> str:
+    """The whole stage per solver, ``rounds`` times with the solver order rotated; median round."""
+    solvers = ["PEFT PiSSA (full SVD)", "lora-compress --svd auto", f"lora-compress --svd auto, {STAGE_WORKERS} workers",
+               f"torch.linalg.svd (full), {STAGE_WORKERS} workers"]
+    seconds = {solver: [] for solver in solvers}
+    for turn in range(rounds):
+        for solver in solvers[turn % len(solvers):] + solvers[:turn % len(solvers)]:
+            seconds[solver].append(_stage_seconds(weights, layers, solver))
+    median = {solver: sorted(times)[len(times) // 2] for solver, times in seconds.items()}
+    peft = median["PEFT PiSSA (full SVD)"]
+    rows = [[solver, f"{median[solver]:.2f}", " ".join(f"{t:.2f}" for t in seconds[solver]),
+             f"{peft / median[solver]:.2f}×"] for solver in solvers]
+    return (f"#### The whole stage as compress runs it: all {len(weights)} layers back to back, {rounds} rounds "
+            f"(solver order rotated), median round; {STAGE_WORKERS} workers = {STAGE_WORKERS} layers at once, "
+            f"each on 1 of the {torch.get_num_threads()} torch threads (workers.py)\n\n"
+            + render(rows, ["solver", "median s", "rounds s", "speed vs PEFT full"]) + "\n")
 
 
 def _by_shape_table(by_shape: dict, weights: dict) -> str:
