@@ -44,6 +44,7 @@ from .calibrate import forward
 from .checkpoint import (Source, atomic_folder, check_output_folder, copy_side_files, factored_modules, load,
                          load_dense, load_tokenizer, read_manifest, resolve_source, write_compressed)
 from .errors import LoraCompressError
+from .kl import linear_kl
 from .layers import LowRankLinear
 from .patch import replace_module
 from .precision import bf16_is_fast
@@ -389,11 +390,9 @@ def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, ta
     if "hidden" in loss:
         total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
     if "kl" in loss:
-        with torch.autocast(hidden.device.type, enabled=False):  # logits in float32: bf16 rounding shifts the KL
-            logp = model.get_output_embeddings()(hidden).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
-            with torch.no_grad():
-                logq = head(target.to(head.weight.dtype)).float().log_softmax(-1).flatten(0, 1)  # (B·T, V)
-        total = total + F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+        device = hidden.device.type  # logits stay float32 (bf16 rounding shifts the KL); the gradient's
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32  # at autocast's
+        total = total + linear_kl(hidden.flatten(0, 1), target.flatten(0, 1), model.get_output_embeddings(), head, low)
     return total
 
 

@@ -298,3 +298,24 @@ def test_teacher_written_sequences_need_a_causal_lm(compressed, tiny_models, tex
     model, teacher, tokenizer = _pair(compressed, tiny_models, "bert")
     with pytest.raises(LoraCompressError, match="--generate needs a causal LM"):
         heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=1, generate=2, **FAST), progress=False)
+
+
+def test_linear_kl_gives_kl_div_and_its_gradient_block_by_block(monkeypatch):
+    from lora_compress import kl
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50).requires_grad_(False)  # with a bias
+    teacher_hidden = torch.randn(13, 16) * 3
+    hidden = (teacher_hidden + torch.randn(13, 16)).requires_grad_(True)
+    logp = head(hidden).log_softmax(-1)
+    expected = torch.nn.functional.kl_div(logp, head(teacher_hidden).log_softmax(-1), log_target=True,
+                                          reduction="batchmean")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    monkeypatch.setattr(kl, "BLOCK_ELEMENTS", 4 * 50)  # four rows a block: 13 rows take four blocks
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        loss = kl.linear_kl(hidden, teacher_hidden, head, head, dtype)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        assert expected.item() > 0.05 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert (grad - expected_grad).norm() <= tolerance * expected_grad.norm()
+    with torch.no_grad():
+        assert kl.linear_kl(hidden, teacher_hidden, head, head).item() == pytest.approx(expected.item(), rel=1e-5)
