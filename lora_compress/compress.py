@@ -14,6 +14,7 @@ ranks keeping at most ``max_keep`` of its weights; above that it stays dense.
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -198,12 +199,12 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     _check_fixed_rank(targets, config.rank)
     report = CompressionReport(config)
     workers = layer_workers(config.workers, [dense_weight(m).shape for m in targets.values()], config.device)
-    outcomes = ordered_map(lambda target: _factor_target(target, config), targets.items(), workers)
-    for name, (result, factors) in tqdm(zip(targets, outcomes), total=len(targets), desc="factoring",
-                                        unit="layer", disable=not progress):
-        if factors is not None:
-            factor_module_(model, name, factors)
-        report.layers.append(result)
+    with closing(ordered_map(lambda target: _factor_target(target, config), targets.items(), workers)) as outcomes:
+        for name, (result, factors) in tqdm(zip(targets, outcomes), total=len(targets), desc="factoring",
+                                            unit="layer", disable=not progress):
+            if factors is not None:
+                factor_module_(model, name, factors)
+            report.layers.append(result)
     return report
 
 

@@ -390,8 +390,9 @@ def distill_loss(model: nn.Module, head: nn.Module | None, ids: torch.Tensor, ta
     if "hidden" in loss:
         total = total + (hidden - target).pow(2).sum() / target.pow(2).sum()
     if "kl" in loss:
-        device = hidden.device.type  # logits stay float32 (bf16 rounding shifts the KL); the gradient's
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32  # at autocast's
+        # logits stay float32 (bf16 rounding shifts the KL); the gradient's product runs at autocast's precision
+        device = hidden.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
         total = total + linear_kl(hidden.flatten(0, 1), target.flatten(0, 1), model.get_output_embeddings(), head, low)
     return total
 

@@ -15,7 +15,7 @@ Under torchrun the layers are split across processes (see distributed.py).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,20 +221,20 @@ def compress_streaming(plan_: Plan, config: CompressConfig, folder: Path | None,
         The CompressionReport, identical on every process.
     """
     report = CompressionReport(config)
-    layers = factored_layers(plan_, config, group, progress)
     writer = ShardWriter(folder, max_shard_bytes or MAX_SHARD_BYTES) if folder is not None else None
-    for key, stored in plan_.keys.items():
-        module_name, factors = key.rpartition(".")[0], None
-        if module_name in plan_.targets and key.endswith(".weight"):
-            result, factors = next(layers)
-            report.layers.append(result)
-        if writer is None:
-            continue
-        if factors is not None:
-            writer.add(f"{module_name}.lora_A", factors.A.contiguous())
-            writer.add(f"{module_name}.lora_B", factors.B.contiguous())
-        else:
-            writer.add(key, read_tensor(plan_, stored).to(plan_.dtype))
+    with closing(factored_layers(plan_, config, group, progress)) as layers:  # closing gives the threads back
+        for key, stored in plan_.keys.items():
+            module_name, factors = key.rpartition(".")[0], None
+            if module_name in plan_.targets and key.endswith(".weight"):
+                result, factors = next(layers)
+                report.layers.append(result)
+            if writer is None:
+                continue
+            if factors is not None:
+                writer.add(f"{module_name}.lora_A", factors.A.contiguous())
+                writer.add(f"{module_name}.lora_B", factors.B.contiguous())
+            else:
+                writer.add(key, read_tensor(plan_, stored).to(plan_.dtype))
     if writer is not None:
         writer.close()
         write_adapters(folder)
