@@ -119,6 +119,9 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
                             workers=workers)
     if calib and config.method == "svd":
         click.echo("warning: --calib is unused by --method svd (plain SVD needs no calibration text)", err=True)
+    if workers and config.method != "svd":
+        click.echo(f"warning: --workers is unused by --method {config.method} (it factors one layer at a time)",
+                   err=True)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
                                  progress=not quiet, stream=stream, dtype=dtype)
     if is_main_process():

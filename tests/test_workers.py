@@ -76,3 +76,15 @@ def test_two_workers_write_the_factors_one_thread_writes(tiny_model, tmp_path, s
     one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
     assert any(key.endswith("lora_A") for key in one) and one.keys() == two.keys()
     assert all(torch.equal(one[key], two[key]) for key in one)  # bitwise: same threads per layer
+
+
+def test_workers_with_a_calibrated_method_warns_that_they_go_unused(tiny_models, text_file, tmp_path):
+    from click.testing import CliRunner
+
+    from lora_compress.cli import main
+
+    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--ratio", "0.5", "--calib",
+                                       str(text_file), "--calib-samples", "2", "--calib-len", "16", "--workers",
+                                       "2", "--quiet", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "warning: --workers is unused by --method sequential" in result.output
