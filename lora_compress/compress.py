@@ -198,7 +198,7 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     targets = find_targets(model, config.include, config.exclude)
     _check_fixed_rank(targets, config.rank)
     report = CompressionReport(config)
-    workers = layer_workers(config.workers, [dense_weight(m).shape for m in targets.values()], config.device)
+    workers = factoring_workers(config, targets)
     with closing(ordered_map(lambda target: _factor_target(target, config), targets.items(), workers)) as outcomes:
         for name, (result, factors) in tqdm(zip(targets, outcomes), total=len(targets), desc="factoring",
                                             unit="layer", disable=not progress):
@@ -206,6 +206,11 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
                 factor_module_(model, name, factors)
             report.layers.append(result)
     return report
+
+
+def factoring_workers(config: CompressConfig, targets: dict[str, nn.Module]) -> int:
+    """Layers of ``targets`` to factor at once under ``config`` (workers.layer_workers)."""
+    return layer_workers(config.workers, [tuple(dense_weight(m).shape) for m in targets.values()], config.device)
 
 
 def _factor_target(target: tuple[str, nn.Module], config: CompressConfig):

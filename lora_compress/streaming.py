@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (ADAPTERS, FORMAT_VERSION, INDEX, WEIGHTS, Source, check_weight_files,
                          model_class, weight_files)
-from .compress import CompressConfig, CompressionReport, _check_fixed_rank, factor_weight, new_layer_result
+from .compress import (CompressConfig, CompressionReport, _check_fixed_rank, factor_weight, factoring_workers,
+                       new_layer_result)
 from .distributed import Group, check_split
 from .errors import LoraCompressError
-from .layers import dense_weight, is_conv1d
+from .layers import is_conv1d
 from .targets import find_targets
 from .tensorfile import DTYPE_NAMES, HEADER_BYTES, TensorFileWriter
-from .workers import layer_workers, ordered_map
+from .workers import ordered_map
 
 MAX_SHARD_BYTES = 2 << 30  # output shard size (written a tensor at a time, never buffered)
 _METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}
@@ -48,10 +49,6 @@ class Plan:
     stamps: dict[Path, tuple[int, int]]  # file → (size, mtime_ns) when the run started
     targets: dict[str, nn.Module]
     keys: dict[str, str]  # output name → checkpoint name: untouched tensors and target weights, model order
-
-    def shapes(self) -> list[tuple[int, int]]:
-        """(out, in) of each target's weight."""
-        return [tuple(dense_weight(module).shape) for module in self.targets.values()]
 
 
 def plan(source: Source, config: CompressConfig, dtype: torch.dtype | None = None) -> Plan:
@@ -189,7 +186,7 @@ def _outcomes(plan_: Plan, config: CompressConfig, group: Group, names: list[str
     """Each target's :func:`_factor_one` outcome, in order: one process factors several layers at
     once on its threads (workers.py); K processes factor one layer each per round."""
     if group.world == 1:
-        workers = layer_workers(config.workers, plan_.shapes(), config.device)
+        workers = factoring_workers(config, plan_.targets)
         yield from ordered_map(lambda name: _factor_one(plan_, config, name), names, workers)
         return
     for start in range(0, len(names), group.world):
