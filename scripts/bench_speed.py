@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -120,15 +121,10 @@ def _stage_seconds(weights: dict, layers: dict, solver: str) -> float:
         for layer, W in pairs:
             layer.get_base_layer().weight.data = W.clone()
         return _timed(lambda: [layer.pissa_init("default", "pissa") for layer, _ in pairs])[0]
-    factor = _full_factors if solver.startswith("torch") else (lambda W: svdmath.factorize(W, RANK))
+    svd = "full" if solver.startswith("torch") else "auto"  # full: what the interleaved loop's first row times
     workers = STAGE_WORKERS if "workers" in solver else 1
-    return _timed(lambda: list(ordered_map(factor, weights.values(), workers)))[0]
-
-
-def _full_factors(W):
-    """PEFT's full-SVD path without PEFT: torch.linalg.svd, then the rank-r factors."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return U[:, :RANK] * S[:RANK], Vh[:RANK]
+    return _timed(lambda: list(ordered_map(lambda W: svdmath.factorize(W, RANK, svd=svd), weights.values(),
+                                           workers)))[0]
 
 
 def stage_rounds(weights: dict, layers: dict, rounds: int) -> str:
@@ -139,7 +135,7 @@ def stage_rounds(weights: dict, layers: dict, rounds: int) -> str:
     for turn in range(rounds):
         for solver in solvers[turn % len(solvers):] + solvers[:turn % len(solvers)]:
             seconds[solver].append(_stage_seconds(weights, layers, solver))
-    median = {solver: sorted(times)[len(times) // 2] for solver, times in seconds.items()}
+    median = {solver: statistics.median(times) for solver, times in seconds.items()}
     peft = median["PEFT PiSSA (full SVD)"]
     rows = [[solver, f"{median[solver]:.2f}", " ".join(f"{t:.2f}" for t in seconds[solver]),
              f"{peft / median[solver]:.2f}×"] for solver in solvers]
