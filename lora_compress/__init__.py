@@ -3,24 +3,39 @@
     >>> import lora_compress as lc
     >>> lc.compress("models/minilm", "out/minilm-50", lc.CompressConfig(ratio=0.5))
     >>> model = lc.load("out/minilm-50")
+
+The package follows the data flow, each room importing only the rooms below it:
+core ← storage ← calibrate ← methods ← stream ← evaluation | healing | export ← report ← jobs ← cli.
 """
-__version__ = "0.1.0"
+from .calibrate.tokens import calibration_tokens
+from .core.layers import LowRankLinear
+from .core.svd import Factors, factorize
+from .errors import LoraCompressError, LoraCompressWarning
+from .evaluation.drift import block_drift
+from .evaluation.metrics import EvalConfig, evaluate
+from .export.dense import export_dense, merge_adapter_
+from .export.extract import ExtractConfig, ExtractionReport, extract
+from .healing.distill import HealConfig, HealReport, heal, heal_
+from .jobs.compress import compress
+from .jobs.evaluate import evaluate_folder
+from .methods.allocate import LayerCost, allocate
+from .methods.compress import compress_
+from .methods.config import CompressConfig
+from .methods.registry import LayerInputs, Method, MethodConfig, get_method, method_names, register_method
+from .methods.results import CompressionReport, LayerResult
+from .methods.sequential import SequentialConfig
+from .methods.sequential_refit import SequentialRefitConfig
+from .methods.svd import SvdConfig
+from .methods.whiten import WhitenConfig
+from .report.compare import compare_runs
+from .report.folder import write_report
+from .storage.compressed import apply_adapters, load
+from .version import __version__
 
-from .allocate import allocate
-from .calibrate import calibration_tokens
-from .checkpoint import apply_adapters, load
-from .compress import CompressConfig, CompressionReport, compress_
-from .drift import block_drift
-from .errors import LoraCompressError
-from .evaluate import EvalConfig, evaluate
-from .heal import HealConfig, HealReport, heal, heal_
-from .layers import LowRankLinear
-from .peft_export import ExtractConfig, ExtractionReport, export_dense, extract, merge_adapter_
-from .pipeline import compress, evaluate_folder
-from .report import compare_runs, write_report
-from .svd import factorize
-
-__all__ = ["allocate", "calibration_tokens", "CompressConfig", "CompressionReport", "EvalConfig", "ExtractConfig", "ExtractionReport", "HealConfig",
-           "HealReport", "LoraCompressError", "LowRankLinear", "apply_adapters", "compress", "compress_", "evaluate",
-           "evaluate_folder", "export_dense", "extract", "factorize", "heal", "heal_", "load", "merge_adapter_",
-           "block_drift", "compare_runs", "write_report"]
+__all__ = ["CompressConfig", "CompressionReport", "EvalConfig", "ExtractConfig", "ExtractionReport", "Factors",
+           "HealConfig", "HealReport", "LayerCost", "LayerInputs", "LayerResult", "LoraCompressError",
+           "LoraCompressWarning", "LowRankLinear", "Method", "MethodConfig", "SequentialConfig",
+           "SequentialRefitConfig", "SvdConfig", "WhitenConfig", "__version__", "allocate", "apply_adapters",
+           "block_drift", "calibration_tokens", "compare_runs", "compress", "compress_", "evaluate",
+           "evaluate_folder", "export_dense", "extract", "factorize", "get_method", "heal", "heal_", "load",
+           "merge_adapter_", "method_names", "register_method", "write_report"]

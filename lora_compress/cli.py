@@ -4,21 +4,29 @@ from __future__ import annotations
 import functools
 import shlex
 import sys
+import warnings
 
 import click
 
-from .errors import LoraCompressError
+from .errors import LoraCompressError, LoraCompressWarning
 
 
 def user_errors(command):
-    """Turn LoraCompressError into one line on stderr and exit code 2."""
+    """Turn LoraCompressError into one line on stderr and exit code 2, and the library's warnings
+    (LoraCompressWarning) into ``warning:`` lines on stderr as they happen."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except LoraCompressError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", LoraCompressWarning)
+            shown = warnings.showwarning
+            warnings.showwarning = lambda message, category, *rest, **options: (
+                click.echo(f"warning: {message}", err=True) if issubclass(category, LoraCompressWarning)
+                else shown(message, category, *rest, **options))
+            try:
+                return command(*args, **kwargs)
+            except LoraCompressError as error:
+                click.echo(f"error: {error}", err=True)
+                sys.exit(2)
     return wrapper
 
 
@@ -43,24 +51,62 @@ def main():
 
 
 model_argument = click.argument("model")
-gguf_option = click.option("--gguf-file", help="Name of a GGUF file inside MODEL's folder.")
+gguf_option = click.option("--gguf-file", help="Name of a GGUF file inside the model's folder (MODEL, BASE or --base).")
+include_option = click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
+exclude_option = click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
+force_option = click.option("--force", is_flag=True, help="Replace an existing output folder.")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+CALIB_HELP = "Calibration text: a UTF-8 file (.txt, or .jsonl with a text field), or a datasets name."
+
+
+def calibration_options(samples: int | None = 32, length: int | None = 256, calib_help: str = CALIB_HELP,
+                        required: bool = False):
+    """--calib, --calib-samples and --calib-len, spelled and explained alike in every command."""
+    def decorate(command):
+        length_help = "Tokens per calibration sequence." + ("" if length else " [default: 512, or the model's context if shorter]")
+        samples_help = "Calibration sequences." + ("" if samples else " [default: every sequence the text holds]")
+        command = click.option("--calib-len", type=int, default=length, show_default=bool(length), help=length_help)(command)
+        command = click.option("--calib-samples", type=int, default=samples, show_default=bool(samples),
+                               help=samples_help)(command)
+        return click.option("--calib", required=required, help=calib_help)(command)
+    return decorate
+
+
+def method_help() -> str:
+    """--method's help, from the registry: every method's one-line summary."""
+    from .methods.registry import methods
+
+    listed = "; ".join(f"{m.name}: {m.summary}" for m in methods())
+    return f"How each layer is factored. {listed}. auto = sequential with --calib, else svd."
+
+
+def method_choices() -> list[str]:
+    from .methods.registry import method_names
+
+    return ["auto", *method_names()]
+
+
+def deprecated(old: str, new: str, value, current):
+    """``value`` of a deprecated option (with a one-line notice) when given, else the current option's."""
+    if value is None:
+        return current
+    warnings.warn(f"{old} is deprecated; use {new}", LoraCompressWarning, stacklevel=2)
+    return value if current is None else current
 
 
 @main.command()
 @model_argument
 @gguf_option
-@click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
-@click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
+@include_option
+@exclude_option
 @click.option("--spectrum", is_flag=True, help="Per layer type: ranks keeping 90/95/99% of the energy.")
 @click.option("--plot", type=click.Path(), help="With --spectrum: write spectrum/energy PNGs into this folder.")
-@click.option("--calib", type=click.Path(), help="With --spectrum: also whitened spectra from this calibration text.")
-@click.option("--calib-samples", default=32, show_default=True, help="Calibration sequences.")
-@click.option("--calib-len", default=256, show_default=True, help="Tokens per calibration sequence.")
+@calibration_options(calib_help="With --spectrum: also whitened spectra from this calibration text (a UTF-8 file, "
+                     "or a datasets name).")
 @user_errors
 def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_samples, calib_len):
     """List targeted layers: shapes, parameters, break-even rank (or, with --spectrum, their spectra)."""
-    from .inspection import inspect_model
-    from .spectra import inspect_spectra
+    from .report.inspect import inspect_model, inspect_spectra
 
     if spectrum or plot or calib:
         click.echo(inspect_spectra(model, gguf_file, tuple(include), tuple(exclude), plot, calib,
@@ -77,17 +123,13 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
 @click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
               "layer (needs --calib).")
-@click.option("--method", default="auto", show_default=True,
-              help="svd, whiten (SVD-LLM), sequential or sequential-refit; auto = sequential with --calib, "
-              "else svd.")
-@click.option("--calib", help="Calibration text: a UTF-8 file (.txt, or .jsonl with a text field).")
-@click.option("--calib-samples", default=32, show_default=True, help="Calibration sequences.")
-@click.option("--calib-len", default=256, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--include", multiple=True, help="Regex on module names to target (repeatable).")
-@click.option("--exclude", multiple=True, help="Regex on module names to leave dense (repeatable).")
+@click.option("--method", default="auto", show_default=True, type=click.Choice(method_choices()), help=method_help())
+@calibration_options()
+@include_option
+@exclude_option
 @click.option("--svd", default="auto", show_default=True,
               help="SVD solver: auto, full, randomized or gram (eigh of the smaller Gram matrix).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD, compress's only random step.")
 @click.option("--max-keep", default=0.9, show_default=True,
               help="Speed rule: leave a layer dense rather than factor it at a rank keeping more than this "
               "share of its weights (such factored layers run slower than dense ones).")
@@ -101,27 +143,22 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               "one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
               "transformer block at a time with a calibrated method (memory ≈ one block + the calibration "
               "hidden states at every block boundary; one process).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@force_option
+@quiet_option
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
              svd, seed, max_keep, device, workers, dtype, stream, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
-    from .compress import CompressConfig
-    from .distributed import is_main_process
-    from .pipeline import compress as compress_checkpoint
-    from .tables import compression_table
+    from .jobs.compress import compress as compress_checkpoint
+    from .methods.config import CompressConfig
+    from .report.tables import compression_table
+    from .stream.distributed import is_main_process
 
     config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
                             calib_samples=calib_samples, calib_len=calib_len, include=tuple(include),
                             exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
                             workers=workers)
-    if calib and config.method == "svd":
-        click.echo("warning: --calib is unused by --method svd (plain SVD needs no calibration text)", err=True)
-    if workers and config.method != "svd":
-        click.echo(f"warning: --workers is unused by --method {config.method} (it factors one layer at a time)",
-                   err=True)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
                                  progress=not quiet, stream=stream, dtype=dtype)
     if is_main_process():
@@ -130,23 +167,23 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
 
 
 @main.command()
-@model_argument
+@click.argument("base")
 @click.argument("compressed", type=click.Path())
 @click.option("--text", "text_file", required=True, type=click.Path(), help="Real text to evaluate on.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the figures as JSON here.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Causal LMs: tokens of --text used.")
 @click.option("--no-report", is_flag=True, help="Do not write COMPRESSED/report/ (report.md, report.json, plots).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @gguf_option
 @user_errors
-def evaluate(model, compressed, text_file, json_path, max_tokens, no_report, quiet, gguf_file):
-    """Compare COMPRESSED with its dense MODEL on real text; update COMPRESSED/report/."""
-    from .evaluate import EvalConfig
-    from .pipeline import evaluate_folder, write_json
-    from .report import write_report
-    from .tables import evaluation_table
+def evaluate(base, compressed, text_file, json_path, max_tokens, no_report, quiet, gguf_file):
+    """Compare COMPRESSED with its dense BASE model on real text; update COMPRESSED/report/."""
+    from .evaluation.metrics import EvalConfig
+    from .jobs.evaluate import evaluate_folder, write_json
+    from .report.folder import write_report
+    from .report.tables import evaluation_table
 
-    figures = evaluate_folder(model, compressed, text_file, gguf_file=gguf_file,
+    figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file,
                               config=EvalConfig(max_tokens=max_tokens), progress=not quiet)
     click.echo(evaluation_table(figures))
     if json_path:
@@ -162,23 +199,30 @@ def evaluate(model, compressed, text_file, json_path, max_tokens, no_report, qui
 @click.option("--rank", type=int, help="Same rank for every changed layer (capped at a layer's smaller dimension).")
 @click.option("--energy", type=float, help="Keep this fraction of each delta's squared singular values.")
 @click.option("--budget", type=float, help="Adapter weights as a fraction of the changed layers' dense weights.")
-@click.option("--calib", type=click.Path(), help="Text file: also factor activation-aware; keep what checks better.")
-@click.option("--include", multiple=True, help="Regex on module names to factor (repeatable).")
+@calibration_options(samples=16, calib_help=CALIB_HELP + " Also factor activation-aware; keep what checks better "
+                     "(3/4 of the sequences fit, 1/4 check).")
+@include_option
 @click.option("--exclude", multiple=True, help="Regex on module names never factored; saved whole if changed.")
 @click.option("--svd", default="auto", show_default=True, help="SVD solver for --rank: auto, full, randomized or gram.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD and of the check inputs.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of extract's random steps: the randomized SVD, and the random token ids the output check "
+              "runs on without --calib.")
+@force_option
+@quiet_option
+@gguf_option
+@click.option("--tuned-gguf-file", help="Name of a GGUF file inside the --tuned folder.")
 @user_errors
-def extract(base, tuned, out, rank, energy, budget, calib, include, exclude, svd, seed, force, quiet):
+def extract(base, tuned, out, rank, energy, budget, calib, calib_samples, calib_len, include, exclude, svd, seed,
+            force, quiet, gguf_file, tuned_gguf_file):
     """Write the fine-tune TUNED − BASE as a PEFT LoRA adapter folder OUT."""
-    from .peft_export import ExtractConfig, extract as extract_adapter
-    from .tables import extraction_table
+    from .export.extract import ExtractConfig, extract as extract_adapter
+    from .report.tables import extraction_table
 
     config = ExtractConfig(rank=rank, energy=energy, budget=budget, include=tuple(include),
-                           exclude=tuple(exclude), svd=svd, seed=seed)
-    report = extract_adapter(base, tuned, out, config, calib=calib, force=force, command=command_line(),
-                             progress=not quiet)
+                           exclude=tuple(exclude), svd=svd, seed=seed, calib_samples=calib_samples,
+                           calib_len=calib_len)
+    report = extract_adapter(base, tuned, out, config, calib=calib, gguf_file=gguf_file,
+                             tuned_gguf_file=tuned_gguf_file, force=force, command=command_line(), progress=not quiet)
     click.echo(extraction_table(report))
     click.echo(f"wrote {out}")
 
@@ -188,13 +232,14 @@ def extract(base, tuned, out, rank, energy, budget, calib, include, exclude, svd
 @click.option("--dense", is_flag=True, required=True, help="Write a plain transformers checkpoint (the only format).")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist unless --force).")
 @click.option("--base", help="For a PEFT adapter FOLDER: the base model (default: the one its config names).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@force_option
+@gguf_option
 @user_errors
-def export(folder, dense, out, base, force):
+def export(folder, dense, out, base, force, gguf_file):
     """Export FOLDER (compressed, or a PEFT LoRA adapter) as a plain dense checkpoint."""
-    from .peft_export import export_dense
+    from .export.dense import export_dense
 
-    export_dense(folder, out, base=base, force=force, command=command_line())
+    export_dense(folder, out, base=base, gguf_file=gguf_file, force=force, command=command_line())
     click.echo(f"wrote {out} (loads with transformers' from_pretrained alone)")
 
 
@@ -204,7 +249,7 @@ def export(folder, dense, out, base, force):
 @user_errors
 def compare(runs, plot):
     """One table across compressed folders RUNS of one base model (e.g. a rank sweep)."""
-    from .report import compare_runs, comparison_plot, comparison_table
+    from .report.compare import compare_runs, comparison_plot, comparison_table
 
     loaded = compare_runs(list(runs))
     click.echo(comparison_table(loaded))
@@ -214,7 +259,8 @@ def compare(runs, plot):
 
 @main.command()
 @click.argument("folder", type=click.Path())
-@click.option("--calib", required=True, type=click.Path(), help="Calibration text (its last 8 sequences are held out).")
+@calibration_options(samples=None, length=None, required=True,
+                     calib_help=CALIB_HELP + " Its last 8 sequences are held out.")
 @click.option("--out", required=True, type=click.Path(), help="Healed folder to write (must not exist unless --force).")
 @click.option("--steps", type=int, help="Optimizer steps (the schedule spans them).")
 @click.option("--minutes", type=float, help="Training wall-clock budget [default: 10 when --steps is not given].")
@@ -228,29 +274,34 @@ def compare(runs, plot):
 @click.option("--generate", default=0, show_default=True,
               help="Teacher-written sequences (continuations of calibration text) added to the training set; "
               "writing them counts against --minutes.")
-@click.option("--seq-len", type=int,
-              help="Tokens per calibration sequence [default: 512, or the model's context if shorter].")
 @click.option("--batch-size", default=2, show_default=True, help="Sequences per step.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the batch order.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of heal's random steps: the batch order, the extra LoRA's start and the teacher-written text.")
 @click.option("--checkpointing", is_flag=True, help="Gradient checkpointing: less memory, slower steps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
               help="Matmuls of the student's body in training steps; auto = bfloat16 where the device has fast "
               "bf16 kernels (weights, heads, KL, teacher and held-out loss stay float32).")
-@click.option("--teacher", help="Dense model to match [default: the manifest's base model].")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--base", help="The dense model to match (the teacher) [default: the manifest's base model].")
+@gguf_option
+@force_option
+@quiet_option
+@click.option("--teacher", help="Deprecated spelling of --base.")
+@click.option("--seq-len", type=int, help="Deprecated spelling of --calib-len.")
 @user_errors
-def heal(folder, calib, out, steps, minutes, lr, train, lora_rank, loss, block_weight, generate, seq_len, batch_size,
-         seed, checkpointing, precision, teacher, force, quiet):
-    """Fine-tune compressed FOLDER's factors to match its dense teacher; write OUT."""
-    from .heal import HealConfig, heal as heal_folder
-    from .tables import healing_table
+def heal(folder, calib, calib_samples, calib_len, out, steps, minutes, lr, train, lora_rank, loss, block_weight,
+         generate, batch_size, seed, checkpointing, precision, base, gguf_file, force, quiet, teacher, seq_len):
+    """Fine-tune compressed FOLDER's factors to match its dense base model; write OUT."""
+    from .healing.distill import HealConfig, heal as heal_folder
+    from .report.tables import healing_table
 
+    base = deprecated("--teacher", "--base", teacher, base)
+    calib_len = deprecated("--seq-len", "--calib-len", seq_len, calib_len)
     minutes = 10.0 if minutes is None and steps is None else minutes
     config = HealConfig(steps=steps, minutes=minutes, lr=lr, train=train, lora_rank=lora_rank, loss=loss,
-                        block_weight=block_weight, generate=generate, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                        checkpointing=checkpointing, precision=precision)
-    report = heal_folder(folder, calib, out, config, teacher=teacher, force=force, command=command_line(),
-                         progress=not quiet)
+                        block_weight=block_weight, generate=generate, calib_len=calib_len,
+                        calib_samples=calib_samples, batch_size=batch_size, seed=seed, checkpointing=checkpointing,
+                        precision=precision)
+    report = heal_folder(folder, calib, out, config, base=base, gguf_file=gguf_file, force=force,
+                         command=command_line(), progress=not quiet)
     click.echo(healing_table(report))
     click.echo(f"wrote {out}")

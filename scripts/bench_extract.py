@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_finetune import FINETUNE, LOKR_ADAPTER  # noqa: E402
 from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
-from lora_compress.calibrate import calibration_tokens, collect_statistics  # noqa: E402
-from lora_compress.checkpoint import load_dense, resolve_source  # noqa: E402
-from lora_compress.peft_export import ExtractConfig, factor_deltas, merge_, model_deltas  # noqa: E402
-from lora_compress.tables import render  # noqa: E402
+from lora_compress.calibrate.statistics import collect_statistics  # noqa: E402
+from lora_compress.calibrate.tokens import calibration_tokens  # noqa: E402
+from lora_compress.storage.checkpoint import load_dense, resolve_source  # noqa: E402
+from lora_compress.export.extract import ExtractConfig, factor_deltas, model_deltas  # noqa: E402
+from lora_compress.export.peft_format import merge_  # noqa: E402
+from lora_compress.report.tables import render  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "extract.md"

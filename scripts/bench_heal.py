@@ -28,10 +28,9 @@ from bench_quality import perplexity
 from prepare_examples import CACHE, SMOLLM2, TEXT
 
 import lora_compress as lc
-from lora_compress.checkpoint import Source, load_dense, load_tokenizer, resolve_source
-from lora_compress.heal import HealConfig, heal_
-from lora_compress.tables import render
-from lora_compress.text import read_text
+from lora_compress.storage.checkpoint import Source, load_dense, load_tokenizer, resolve_source
+from lora_compress.healing.distill import HealConfig, heal_
+from lora_compress.storage.text import read_text
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "heal.md"
 WORK = CACHE / "bench_heal"

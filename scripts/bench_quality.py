@@ -22,11 +22,13 @@ from torch.nn import functional as F
 
 from prepare_examples import MINILM, SMOLLM2, TEXT, VADER_MOVIES
 
-from lora_compress.calibrate import FULL_FISHER_MAX, calibration_tokens
-from lora_compress.checkpoint import load_dense, load_tokenizer, resolve_source
-from lora_compress.compress import CompressConfig, compress_
-from lora_compress.evaluate import mean_pool
-from lora_compress.text import read_text
+from lora_compress.calibrate.statistics import FULL_FISHER_MAX
+from lora_compress.calibrate.tokens import calibration_tokens
+from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
+from lora_compress.methods.compress import compress_
+from lora_compress.methods.config import CompressConfig
+from lora_compress.evaluation.metrics import mean_pool
+from lora_compress.storage.text import read_text
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.md"
 CALIB, EVAL, OTHER = TEXT / "asyoulik.txt", TEXT / "alice29.txt", TEXT / "lcet10.txt"

@@ -1,7 +1,8 @@
 """Which parts of the calibrated methods help: MiniLM embeddings at one cut, variant by variant.
 
 Cosine similarity of mean-pooled embeddings to the dense model on the first 400 movie-review
-snippets of bench_quality.py, after keeping 80% of the targeted weights.
+snippets of bench_quality.py, after keeping 80% of the targeted weights. The ablated variants are
+methods of their own, registered here (one config + one handler each), as a user would add one.
 
 Usage: python scripts/bench_quality_ablations.py [--calib-samples 8]
 """
@@ -10,24 +11,48 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 
 from bench_quality import CALIB, MINILM, embed, movie_snippets
 
-from lora_compress import aware
-from lora_compress.aware import Recipe
-from lora_compress.calibrate import calibration_tokens
-from lora_compress.checkpoint import load_dense, load_tokenizer, resolve_source
-from lora_compress.compress import CompressConfig, compress_
-from lora_compress.text import read_text
+from lora_compress import CompressConfig, MethodConfig, calibration_tokens, compress_, register_method
+from lora_compress.core.whitening import aware_factors
+from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
+from lora_compress.storage.text import read_text
 
-# label: (method, rank option, recipe swapped in for "sequential", refit ridge)
+
+@dataclass(frozen=True)
+class ClosedLoopConfig(MethodConfig):
+    """The closed loop alone: compressed-stream inputs, no output weighting, no refit."""
+
+
+@register_method("closed-loop", ClosedLoopConfig, calibration=True, closed_loop=True,
+                 summary="ablation: whitening on the compressed model's own inputs, block by block")
+def factor_closed_loop(weight, rank, inputs, config, **solver):
+    return aware_factors(weight, rank, inputs.gram, cholesky=inputs.cholesky)
+
+
+@dataclass(frozen=True)
+class ClosedLoopRefitConfig(MethodConfig):
+    """The closed loop with the least-squares refit to the dense outputs, no output weighting."""
+
+    ridge: float = 0.0  # relative ridge of the refit; 0 is the exact least squares
+
+
+@register_method("closed-loop-refit", ClosedLoopRefitConfig, calibration=True, closed_loop=True, dense_stream=True,
+                 summary="ablation: the closed loop refitted to the dense outputs")
+def factor_closed_loop_refit(weight, rank, inputs, config, **solver):
+    return aware_factors(weight, rank, inputs.gram, cross=inputs.cross, cholesky=inputs.cholesky, ridge=config.ridge)
+
+
+# label: (method or its config, rank option)
 VARIANTS = {
-    "whiten, uniform": ("whiten", "ratio", None, 0.0),
-    "sequential inputs, uniform": ("sequential", "ratio", Recipe(True, False, False), 0.0),
-    "sequential + exact refit, uniform": ("sequential", "ratio", Recipe(True, True, False), 0.0),
-    "sequential + refit (ridge 0.1), uniform": ("sequential", "ratio", Recipe(True, True, False), 0.1),
-    "sequential + Fisher row weights, uniform": ("sequential", "ratio", Recipe(True, False, True), 0.0),
-    "whiten + budget allocation": ("whiten", "budget", None, 0.0),
+    "whiten, uniform": ("whiten", "ratio"),
+    "sequential inputs, uniform": ("closed-loop", "ratio"),
+    "sequential + exact refit, uniform": (ClosedLoopRefitConfig(ridge=0.0), "ratio"),
+    "sequential + refit (ridge 0.1), uniform": (ClosedLoopRefitConfig(ridge=0.1), "ratio"),
+    "sequential + Fisher row weights, uniform": ("sequential", "ratio"),
+    "whiten + budget allocation": ("whiten", "budget"),
 }
 
 
@@ -40,9 +65,7 @@ def main() -> None:
     tokens = calibration_tokens(tokenizer, read_text(CALIB), args.calib_samples, 256)
     texts = movie_snippets()[0][:400]
     reference = embed(dense, tokenizer, texts)
-    default = aware.RECIPES["sequential"]
-    for label, (method, option, recipe, ridge) in VARIANTS.items():
-        aware.RECIPES["sequential"], aware.CORRECTION_RIDGE = recipe or default, ridge
+    for label, (method, option) in VARIANTS.items():
         model, start = copy.deepcopy(dense), time.perf_counter()
         compress_(model, CompressConfig(method=method, **{option: 0.8}), progress=False, tokens=tokens)
         cosine = float((embed(model, tokenizer, texts) * reference).sum(-1).mean())

@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
 from lora_compress import CompressConfig, compress_  # noqa: E402
-from lora_compress import svd as svdmath  # noqa: E402
-from lora_compress.checkpoint import load_dense, resolve_source  # noqa: E402
-from lora_compress.tables import render  # noqa: E402
-from lora_compress.workers import ordered_map  # noqa: E402
+from lora_compress.core import svd as svdmath  # noqa: E402
+from lora_compress.storage.checkpoint import load_dense, resolve_source  # noqa: E402
+from lora_compress.report.tables import render  # noqa: E402
+from lora_compress.core.workers import ordered_map  # noqa: E402
 
 OUT = REPO / "benchmarks" / "speed.md"
 SCRATCH = REPO / ".cache" / "bench_speed" / str(os.getpid())  # own folder: parts may run side by side

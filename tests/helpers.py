@@ -5,8 +5,8 @@ import torch
 
 from safetensors.torch import load_file
 
-from lora_compress import streaming
-from lora_compress.checkpoint import load_dense, resolve_source
+from lora_compress.storage.checkpoint import load_dense, resolve_source
+from lora_compress.storage.shards import output_files
 
 
 def dense(folder):
@@ -34,4 +34,4 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def saved_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor a compressed folder holds, across its shards."""
-    return {key: load_file(path)[key] for key, path in streaming.output_files(folder).items()}
+    return {key: load_file(path)[key] for key, path in output_files(folder).items()}

@@ -5,14 +5,13 @@ import torch
 
 from helpers import dense, saved_tensors
 from lora_compress import CompressConfig
-from lora_compress.calibrate import block_calls, block_hidden, call_block, find_blocks, returns_tuple
-from lora_compress.checkpoint import read_manifest
-from lora_compress.pipeline import compress
-from lora_compress.targets import find_targets
+from lora_compress.calibrate.blocks import block_calls, block_hidden, call_block, find_blocks, returns_tuple
+from lora_compress.jobs.compress import compress
+from lora_compress.storage.compressed import read_manifest
 
 
 def _blocks(model) -> list[torch.nn.Module]:
-    return [block for _, block in find_blocks(model, find_targets(model))]
+    return [block for _, block in find_blocks(model)]
 
 
 def _block_by_block(model, calls) -> torch.Tensor:

@@ -8,14 +8,17 @@ import torch
 from click.testing import CliRunner
 
 from conftest import build_bert, build_llama
-from lora_compress.allocate import LayerCost, allocate
-from lora_compress.aware import aware_factors, weighted_spectrum
-from lora_compress.calibrate import calibration_tokens, collect_statistics, run_sequential, shrunk_covariance
-from lora_compress.checkpoint import load
+from lora_compress.calibrate.closed_loop import run_sequential
+from lora_compress.calibrate.statistics import collect_statistics, shrunk_covariance
+from lora_compress.calibrate.tokens import calibration_tokens
 from lora_compress.cli import main
-from lora_compress.compress import CompressConfig, compress_
+from lora_compress.core.svd import cholesky_factor, factorize
+from lora_compress.core.whitening import aware_factors, weighted_spectrum
 from lora_compress.errors import LoraCompressError
-from lora_compress.svd import cholesky_factor, factorize
+from lora_compress.methods.allocate import LayerCost, allocate
+from lora_compress.methods.compress import compress_
+from lora_compress.methods.config import CompressConfig
+from lora_compress.storage.compressed import load
 
 
 def correlated_inputs(tokens=400, features=24, seed=0) -> torch.Tensor:
@@ -70,12 +73,11 @@ def _covariance_error(factors, W, X, covariance) -> float:
     return float((diff * (covariance @ diff)).sum().sqrt())
 
 
-def test_output_covariance_weighting_finds_the_optimum_the_diagonal_misses(layer, monkeypatch):
+def test_output_covariance_weighting_finds_the_optimum_the_diagonal_misses(layer):
     W, X = layer
-    monkeypatch.setattr("lora_compress.aware.FISHER_DAMPING", 0.0)  # undamped: the metric is F itself
     gradients = correlated_inputs(tokens=300, features=W.shape[0], seed=2)  # (N, out): correlated output gradients
     F = gradients.T @ gradients
-    full = aware_factors(W, 4, X.T @ X, weights=F)
+    full = aware_factors(W, 4, X.T @ X, weights=F, damping=0.0)  # undamped: the metric is F itself
     diagonal = aware_factors(W, 4, X.T @ X, weights=F.diagonal())
     R = torch.linalg.cholesky(F)
     optimum = torch.linalg.svdvals(R.T @ W @ X.T)[4:].pow(2).sum().sqrt()  # best rank 4 in that metric
@@ -84,13 +86,13 @@ def test_output_covariance_weighting_finds_the_optimum_the_diagonal_misses(layer
     assert float(weighted_spectrum(W, X.T @ X, F)[4:].sum().sqrt()) == pytest.approx(float(optimum), rel=1e-6)
 
 
-def test_statistics_keep_the_full_gradient_covariance_up_to_the_width_limit(monkeypatch):
+def test_statistics_keep_the_full_gradient_covariance_up_to_the_width_limit():
     model = build_llama(None, vocab=64)
-    from lora_compress.targets import find_targets
+    from lora_compress.core.targets import find_targets
 
     full = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False)
-    monkeypatch.setattr("lora_compress.calibrate.FULL_FISHER_MAX", 40)  # narrower than the MLP's hidden layer
-    mixed = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False)
+    mixed = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False,
+                               full_fisher_max=40)  # narrower than the MLP's hidden layer
     for name, covariance in full.fisher.items():
         out = covariance.shape[0]
         assert covariance.shape == (out, out) and torch.allclose(covariance, covariance.T)
@@ -126,14 +128,11 @@ def test_rank_deficient_gram_takes_the_ridge_path(layer):
 
 
 @pytest.mark.parametrize("rank", [3, 8])
-def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank, monkeypatch):
-    from lora_compress import aware
-
-    monkeypatch.setattr(aware, "CORRECTION_RIDGE", 0.0)  # the exact least-squares refit
+def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank):
     W, X_d = layer
     drift = correlated_inputs(seed=5) * 0.3
     X_c = X_d + drift  # what a compressed model feeds this layer
-    refit = aware_factors(W, rank, X_c.T @ X_c, cross=X_d.T @ X_c)
+    refit = aware_factors(W, rank, X_c.T @ X_c, cross=X_d.T @ X_c, ridge=0.0)  # the exact least-squares refit
     open_loop = aware_factors(W, rank, X_c.T @ X_c)
     assert output_error(refit, W, X_c, X_d) < output_error(open_loop, W, X_c, X_d)
 
@@ -207,7 +206,7 @@ def tiny_tokens(samples=8, length=24) -> torch.Tensor:
 def test_sequential_groups_layers_that_share_inputs():
     model = build_llama(None, vocab=64)
     seen = []
-    from lora_compress.targets import find_targets
+    from lora_compress.core.targets import find_targets
 
     run_sequential(model, tiny_tokens(), find_targets(model), lambda names, gram, cross: seen.append(names), False)
     short = [[n.split(".")[-1] for n in group] for group in seen[:4]]
@@ -308,9 +307,9 @@ def test_calibration_longer_than_the_model_positions_is_refused():
 
 @pytest.mark.real
 def test_minilm_budget_keeps_embeddings_close(minilm_dir, real_text_dir):
-    from lora_compress.checkpoint import load_dense, load_tokenizer, resolve_source
-    from lora_compress.evaluate import mean_pool
-    from lora_compress.text import paragraphs, read_text
+    from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
+    from lora_compress.evaluation.metrics import mean_pool
+    from lora_compress.storage.text import paragraphs, read_text
 
     source = resolve_source(str(minilm_dir))
     tokenizer = load_tokenizer(source)

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compress as lc
-from lora_compress.checkpoint import ADAPTERS, INDEX, MANIFEST, WEIGHTS
+from lora_compress.storage.checkpoint import INDEX, WEIGHTS
+from lora_compress.storage.compressed import ADAPTERS, MANIFEST
 
 from helpers import dense, inputs_for, outputs, rel_error
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from lora_compress import CompressConfig, LoraCompressError, LowRankLinear, compress_
-from lora_compress.layers import is_conv1d
-from lora_compress.targets import find_targets
+from lora_compress.core.layers import is_conv1d
+from lora_compress.core.targets import find_targets
 
 from helpers import dense, inputs_for, outputs, rel_error
 

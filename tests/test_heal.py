@@ -10,16 +10,17 @@ import torch
 from click.testing import CliRunner
 
 import lora_compress as lc
-from lora_compress.checkpoint import MANIFEST, Source, factored_modules, load_tokenizer
+from lora_compress.storage.checkpoint import Source, load_tokenizer
+from lora_compress.storage.compressed import MANIFEST, factored_modules
 from lora_compress.cli import main
 from lora_compress.errors import LoraCompressError
-from lora_compress.heal import BLOCK_TARGETS, HealConfig, block_indices, heal, heal_
-from lora_compress.teacher_text import sample_top_k
+from lora_compress.healing.distill import BLOCK_TARGETS, HealConfig, block_indices, heal, heal_
+from lora_compress.healing.teacher_text import sample_top_k
 from helpers import dense
 
-healing = importlib.import_module("lora_compress.heal")  # the module; lc.heal is the function
+healing = importlib.import_module("lora_compress.healing.distill")  # the module; lc.heal is the function
 
-FAST = dict(seq_len=32, batch_size=2, lr=1e-2, warmup=2)
+FAST = dict(calib_len=32, batch_size=2, lr=1e-2, warmup=2)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_the_same_seed_gives_the_same_result(compressed, tiny_models, text_file)
     for seed in (0, 0, 1):
         model, teacher, tokenizer = _pair(compressed, tiny_models)
         heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=4, seed=seed, **FAST), progress=False)
-        results.append(lc.checkpoint.adapter_tensors(model))
+        results.append(lc.storage.compressed.adapter_tensors(model))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     assert not all(torch.equal(results[0][k], results[2][k]) for k in results[0])
 
@@ -112,7 +113,7 @@ def test_gradient_checkpointing_gives_the_same_weights(compressed, tiny_models, 
         heal_(model, teacher, tokenizer, text_file.read_text(),
               HealConfig(steps=3, checkpointing=checkpointing, **FAST), progress=False)
         assert not model.is_activation_checkpointing
-        results.append(lc.checkpoint.adapter_tensors(model))
+        results.append(lc.storage.compressed.adapter_tensors(model))
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
 
 
@@ -170,7 +171,7 @@ def test_heal_writes_a_folder_that_loads_with_the_healing_recorded(compressed, t
 def test_a_healed_folder_exports_to_a_dense_checkpoint_with_the_same_outputs(compressed, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lora_compress.peft_export import export_dense
+    from lora_compress.export.dense import export_dense
     from helpers import inputs_for, outputs
 
     heal(compressed["llama"], text_file, tmp_path / "healed", HealConfig(steps=2, **FAST), progress=False)
@@ -193,11 +194,22 @@ def test_heal_with_an_extra_lora_records_the_grown_ranks(compressed, text_file, 
 def test_cli_heal_prints_the_losses_and_writes_the_folder(compressed, text_file, tmp_path):
     out = tmp_path / "healed"
     result = CliRunner().invoke(main, ["heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
-                                       "--steps", "2", "--seq-len", "32", "--quiet"])
+                                       "--steps", "2", "--calib-len", "32", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "held-out loss" in result.output and "stopped by steps" in result.output
     settings = json.loads((out / MANIFEST).read_text())["healing"]["settings"]
     assert settings["steps"] == 2 and settings["command"].startswith("lora-compress ")
+
+
+def test_cli_heal_old_spellings_still_work_with_a_one_line_notice(compressed, tiny_models, text_file, tmp_path):
+    out = tmp_path / "healed"
+    result = CliRunner().invoke(main, ["heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
+                                       "--steps", "1", "--seq-len", "32", "--teacher", str(tiny_models["llama"]),
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    notices = [line for line in result.output.splitlines() if "deprecated" in line]
+    assert notices == ["warning: --teacher is deprecated; use --base", "warning: --seq-len is deprecated; use --calib-len"]
+    assert json.loads((out / MANIFEST).read_text())["healing"]["settings"]["calib_len"] == 32
 
 
 def test_cli_heal_help_lists_the_options():
@@ -209,10 +221,10 @@ def test_cli_heal_help_lists_the_options():
 @pytest.mark.parametrize("args, message", [
     (lambda c, d, t, o: [str(d), "--calib", str(t), "--out", str(o)], "no lora_compress.json"),
     (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "missing.txt"), "--out", str(o)], "does not exist"),
-    (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "short.txt"), "--out", str(o)], "at least 2 × --seq-len"),
+    (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "short.txt"), "--out", str(o)], "at least 2 × --calib-len"),
     (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(c)], "already exists"),
-    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--teacher", str(d.parent / "gpt2")],
-     "pass --teacher with the model it was compressed from"),
+    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--base", str(d.parent / "gpt2")],
+     "pass --base with the model it was compressed from"),
     (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--lr", "0"], "--lr 0.0 must be positive"),
 ])
 def test_cli_heal_refuses_bad_input_with_one_line(args, message, compressed, tiny_models, text_file, tmp_path):
@@ -250,7 +262,7 @@ def test_healing_smollm2_lowers_its_held_out_loss(smollm2_dir, real_text_dir):
     lc.compress_(model, lc.CompressConfig(ratio=0.9, include=(r"layers\.(0|1)\.",)), progress=False)
     tokenizer = load_tokenizer(Source(smollm2_dir, str(smollm2_dir)))
     text = (real_text_dir / "asyoulik.txt").read_text()[:12000]
-    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, seq_len=128, batch_size=2, lr=1e-4, warmup=1),
+    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, calib_len=128, batch_size=2, lr=1e-4, warmup=1),
                    progress=False)
     assert report.held_out_after < 0.95 * report.held_out_before  # measured: 5.72 → 5.22 (bf16 body), 5.07 (float32)
 
@@ -301,7 +313,7 @@ def test_teacher_written_sequences_need_a_causal_lm(compressed, tiny_models, tex
 
 
 def test_linear_kl_gives_kl_div_and_its_gradient_block_by_block(monkeypatch):
-    from lora_compress import kl
+    from lora_compress.healing import kl
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50).requires_grad_(False)  # with a bias

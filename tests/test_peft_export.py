@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from lora_compress import CompressConfig, LoraCompressError, compress, load
 from lora_compress.cli import main
-from lora_compress.peft_export import ExtractConfig, budget_ranks, export_dense, extract
+from lora_compress.export.dense import export_dense
+from lora_compress.export.extract import ExtractConfig, budget_ranks, extract
 
 peft = pytest.importorskip("peft")
 
@@ -153,7 +154,7 @@ def test_calibration_reports_both_variants_and_keeps_the_better(tiny_models, tmp
     tuned = make_tuned(base, tmp_path / "tuned", rank=6, scale=0.01)
     config = ExtractConfig(rank=2, calib_samples=8, calib_len=16)
     report = extract(str(base), str(tuned), tmp_path / "adapter", config, calib=text_file, progress=False)
-    errors = {v: report.output_error[v]["logits_rel_error"] for v in ("svd", "whitened")}
+    errors = {v: report.output_error[v]["logits_rel_error"] for v in ("svd", "whiten")}
     assert report.method == min(errors, key=errors.get)
     assert "held-out tokens" in report.check_inputs
     tokenizer = AutoTokenizer.from_pretrained(base)

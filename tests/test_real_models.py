@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lora_compress as lc
-from lora_compress.evaluate import EvalConfig
+from lora_compress.evaluation.metrics import EvalConfig
 
 pytestmark = pytest.mark.real
 

@@ -10,14 +10,16 @@ import torch
 from click.testing import CliRunner
 
 from helpers import dense, inputs_for
-from lora_compress import plots, report
+from lora_compress.report import folder as report, plots
 from lora_compress.cli import main
-from lora_compress.compress import CompressConfig, compress_
-from lora_compress.drift import block_drift, find_blocks
+from lora_compress.calibrate.blocks import block_stack, split_name
+from lora_compress.core.targets import find_targets
 from lora_compress.errors import LoraCompressError
-from lora_compress.pipeline import compress
-from lora_compress.spectra import layer_spectra, split_name, spectrum_table
-from lora_compress.targets import find_targets
+from lora_compress.evaluation.drift import block_drift
+from lora_compress.jobs.compress import compress
+from lora_compress.methods.compress import compress_
+from lora_compress.methods.config import CompressConfig
+from lora_compress.report.spectra import layer_spectra, spectrum_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -113,7 +115,7 @@ def test_block_drift_leaves_padding_out(tiny_models):
 
 
 def test_find_blocks_is_none_without_a_stack():
-    assert find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    assert block_stack(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -183,8 +185,9 @@ def _fake_manifest(blocks: int = 4) -> dict:
     return manifest
 
 
+@pytest.mark.slow
 def test_plots_render_without_a_display_and_without_pyplot(tmp_path):
-    script = (f"import json, sys; from pathlib import Path; from lora_compress import report; "
+    script = (f"import json, sys; from pathlib import Path; from lora_compress.report import folder as report; "
               f"manifest = json.loads(Path({str(tmp_path / 'manifest.json')!r}).read_text()); "
               f"images, note = report.draw_plots(report.build_report(manifest, {{'blocks': "
               f"{{'stack': 'model.layers', 'tokens': 9, 'cumulative': [0.1, 0.2, 0.4, 0.5], "

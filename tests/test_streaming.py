@@ -16,12 +16,15 @@ from safetensors.torch import load_file
 
 from helpers import dense, inputs_for, outputs, rel_error, saved_tensors
 from lora_compress import CompressConfig, LoraCompressError, load
-from lora_compress import streaming, tensorfile
-from lora_compress.blockwise import Blocks
-from lora_compress.checkpoint import ADAPTERS, INDEX, MANIFEST, WEIGHTS, load_dense, resolve_source
 from lora_compress.cli import main
-from lora_compress.pipeline import compress
-from lora_compress.stream_calibrated import compress_blockwise
+from lora_compress.jobs.compress import compress
+from lora_compress.storage import shards, tensorfile
+from lora_compress.storage.checkpoint import INDEX, WEIGHTS, load_dense, resolve_source
+from lora_compress.storage.compressed import ADAPTERS, MANIFEST
+from lora_compress.stream.block_loader import BlockLoader
+from lora_compress.stream.blockwise import compress_blockwise
+from lora_compress.stream.lazy import open_lazily
+from lora_compress.stream.tensorwise import compress_tensorwise
 
 
 def _manifest(folder):
@@ -55,7 +58,7 @@ def test_streaming_writes_the_same_tensors_and_manifest_as_in_memory(tiny_model,
 def test_sharded_input_gives_sharded_output_that_loads_like_in_memory(tiny_models, tmp_path, monkeypatch):
     source = _sharded_copy(tiny_models["llama"], tmp_path / "sharded")
     assert (source / INDEX).exists()
-    monkeypatch.setattr(streaming, "MAX_SHARD_BYTES", 10_000)
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 10_000)
     compress(str(source), tmp_path / "stream", CompressConfig(rank=4), progress=False, stream=True)
     compress(str(tiny_models["llama"]), tmp_path / "memory", CompressConfig(rank=4), progress=False)
     assert (tmp_path / "stream" / INDEX).exists() and not (tmp_path / "stream" / WEIGHTS).exists()
@@ -68,11 +71,11 @@ def test_sharded_input_gives_sharded_output_that_loads_like_in_memory(tiny_model
 def test_shard_changed_while_reading_is_detected(tiny_models, tmp_path):
     source = shutil.copytree(tiny_models["llama"], tmp_path / "src")
     config = CompressConfig(ratio=0.5)
-    plan = streaming.plan(resolve_source(str(source)), config)
+    plan = open_lazily(resolve_source(str(source)), config)
     with open(source / WEIGHTS, "ab") as handle:
         handle.write(b"\0" * 8)
     with pytest.raises(LoraCompressError, match="changed on disk while compressing"):
-        streaming.compress_streaming(plan, config, tmp_path / "out", progress=False)
+        compress_tensorwise(plan, config, tmp_path / "out", progress=False)
 
 
 def test_disk_full_leaves_no_output_folder(tiny_models, tmp_path, monkeypatch):
@@ -120,6 +123,7 @@ def calibrated_pair(request, tiny_models, text_file, tmp_path_factory):
 FACTOR_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
+@pytest.mark.slow
 def test_streamed_calibration_gives_the_in_memory_factors_ranks_and_manifest(calibrated_pair):
     root, source = calibrated_pair
     assert (source / INDEX).exists()
@@ -135,6 +139,7 @@ def test_streamed_calibration_gives_the_in_memory_factors_ranks_and_manifest(cal
     assert sorted(os.listdir(root / "memory")) == sorted(os.listdir(root / "stream"))
 
 
+@pytest.mark.slow
 def test_streamed_calibrated_output_loads_with_the_in_memory_outputs(calibrated_pair):
     root, source = calibrated_pair
     original = dense(source)
@@ -146,7 +151,7 @@ def test_streamed_calibrated_output_loads_with_the_in_memory_outputs(calibrated_
 
 
 def test_streamed_calibration_writes_shards_that_load(tiny_models, text_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(streaming, "MAX_SHARD_BYTES", 10_000)
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 10_000)
     compress(str(tiny_models["llama"]), tmp_path / "stream", _calibrated(text_file, "whiten-ratio"),
              progress=False, stream=True)
     compress(str(tiny_models["llama"]), tmp_path / "memory", _calibrated(text_file, "whiten-ratio"), progress=False)
@@ -157,10 +162,10 @@ def test_streamed_calibration_writes_shards_that_load(tiny_models, text_file, tm
 
 def test_streamed_calibration_leaves_every_block_on_the_meta_device(tiny_models, text_file, tmp_path):
     config = _calibrated(text_file, "sequential-budget")
-    plan = streaming.plan(resolve_source(str(tiny_models["llama"])), config)
+    plan = open_lazily(resolve_source(str(tiny_models["llama"])), config)
     tokens = torch.randint(2, 40, (6, 16), generator=torch.Generator().manual_seed(0))
     (tmp_path / "out").mkdir()
-    compress_blockwise(Blocks(plan), config, tokens, tmp_path / "out", progress=False)
+    compress_blockwise(BlockLoader(plan), config, tokens, tmp_path / "out", progress=False)
     in_memory = [name for name, param in plan.model.named_parameters() if not param.is_meta]
     assert in_memory and not any(name.startswith("model.layers.") for name in in_memory)
     assert all(module.weight.is_meta for module in plan.targets.values())  # swapped-out dense layers too
@@ -220,6 +225,7 @@ def _torchrun(processes, model, out, *extra):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_what_one_process_writes(tiny_models, tmp_path):
     run = _torchrun(2, tiny_models["gpt2"], tmp_path / "two")
     assert run.returncode == 0, run.stderr[-2000:]
@@ -236,6 +242,7 @@ def test_two_torchrun_processes_write_what_one_process_writes(tiny_models, tmp_p
     assert _manifest(tmp_path / "one")["layers"] == _manifest(tmp_path / "two")["layers"]
 
 
+@pytest.mark.slow
 def test_more_processes_than_layers_is_refused(tiny_models, tmp_path):
     run = _torchrun(2, tiny_models["llama"], tmp_path / "out", "--include", r"layers\.0\.mlp\.up_proj")
     assert run.returncode != 0

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lora_compress.svd import (break_even_rank, energy_kept, factorize, rank_for_energy, rank_for_ratio,
+from lora_compress.core.svd import (break_even_rank, energy_kept, factorize, rank_for_energy, rank_for_ratio,
                                truncated_svd)
 
 

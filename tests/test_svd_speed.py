@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_compress import svd as svdmath
+from lora_compress.core import svd as svdmath
 
 
 def _with_spectrum(m, n, singular_values, seed=0):

@@ -9,8 +9,8 @@ import torch
 
 from helpers import saved_tensors
 from lora_compress import CompressConfig, LoraCompressError
-from lora_compress.pipeline import compress
-from lora_compress.workers import SMALL_LAYER, layer_workers, ordered_map
+from lora_compress.jobs.compress import compress
+from lora_compress.core.workers import SMALL_LAYER, layer_workers, ordered_map
 
 
 def test_ordered_map_yields_in_input_order_when_later_items_finish_first():
@@ -62,6 +62,7 @@ def test_negative_workers_is_one_clear_error():
         CompressConfig(ratio=0.5, workers=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_two_workers_write_the_factors_one_thread_writes(tiny_model, tmp_path, stream):
     threads = torch.get_num_threads()

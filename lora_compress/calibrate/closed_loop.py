@@ -1,0 +1,118 @@
+"""The closed loop: compress block by block on the inputs the already compressed model produces.
+
+Two streams of hidden states run through the blocks: the dense model's and the compressed
+model's. Inside a block, layers that read the same tensor form a group (q/k/v; o; gate/up;
+down), compressed in call order, each group seeing the inputs that the already compressed
+groups produce.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import Stop, block_calls, block_hidden, call_block, find_blocks, returns_tuple
+from .statistics import accumulate, flat_features
+
+
+def _record_inputs(block, members, calls, hidden) -> tuple[list[list[str]], dict, list]:
+    """Run the dense block, keeping each group's inputs; returns groups, inputs, block outputs.
+
+    A group is a run of consecutive layer calls reading the same tensor (q/k/v; gate/up).
+    """
+    groups, inputs, state = [], {}, {"last": None, "first_batch": True}
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            x, shared = args[0], args[0] is state["last"]
+            state["last"] = x
+            if state["first_batch"]:
+                groups[-1].append(name) if shared else groups.append([name])
+            if not shared:
+                inputs.setdefault(name, []).append(x.detach())
+        return forward_hook
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in members.items()]
+    outputs = []
+    try:
+        for call, h in zip(calls, hidden):
+            outputs.append(call_block(block, call, h))
+            state.update(last=None, first_batch=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups, inputs, outputs
+
+
+def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gram of the compressed stream's inputs to a group, and its cross-Gram with the dense inputs
+    (None without ``dense_inputs``)."""
+    sums, batch = {}, {"index": 0}
+
+    def hook(module, args, output):
+        x_c = flat_features(args[0])  # (tokens, in)
+        accumulate(sums, "gram", x_c.T @ x_c)
+        if dense_inputs is not None:
+            accumulate(sums, "cross", flat_features(dense_inputs[batch["index"]]).T @ x_c)
+        raise Stop
+
+    handle = owner_module.register_forward_hook(hook)
+    try:
+        for index, (call, h) in enumerate(zip(calls, hidden)):
+            batch["index"] = index
+            try:
+                call_block(block, call, h)
+            except Stop:
+                pass
+    finally:
+        handle.remove()
+    return sums["gram"], sums.get("cross")
+
+
+@torch.no_grad()
+def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn.Module], compress_group,
+                   progress: bool = True, dense_stream: bool = True) -> dict[str, nn.Module]:
+    """Compress block by block, feeding each group the inputs the compressed model produces.
+
+    ``compress_group(names, gram, cross)`` factors the layers ``names`` (which share one input)
+    given ``gram`` = X_cᵀX_c of the compressed stream's inputs and ``cross`` = X_dᵀX_c with the
+    dense stream's inputs, both (in, in) float64; without ``dense_stream`` the dense model is not
+    run alongside (one block pass fewer per block) and ``cross`` is None.
+
+    Returns:
+        The targets outside the blocks (e.g. a pooler), left for the caller.
+    """
+    blocks = find_blocks(model)
+    if not any(target.startswith(name + ".") for name, _ in blocks for target in targets):
+        return dict(targets)
+    modules = [block for _, block in blocks]
+    calls = block_calls(model, modules, tokens, returns_tuple(model, modules[0], tokens))
+    compressed = block_hidden(calls[0])
+    dense = compressed if dense_stream else None
+    for (block_name, block), block_call in tqdm(zip(blocks, calls), total=len(blocks), desc="compressing blocks",
+                                                unit="block", disable=not progress):
+        dense, compressed = sequential_block(block_name, block, targets, block_call, dense, compressed,
+                                             compress_group)
+    return {n: m for n, m in targets.items() if not any(n.startswith(b + ".") for b, _ in blocks)}
+
+
+@torch.no_grad()
+def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Module], calls: list,
+                     dense: list[torch.Tensor] | None, compressed: list[torch.Tensor], compress_group):
+    """Compress one block's targets group by group (see :func:`run_sequential`); ``dense`` None: no
+    dense stream (the groups are then read off the compressed stream's first batch).
+
+    Returns:
+        The block's (dense, compressed) output hidden states, one per batch: the next block's inputs.
+    """
+    members = {n: m for n, m in targets.items() if n.startswith(block_name + ".")}
+    if dense is None:
+        groups, dense_inputs, dense_next = _record_inputs(block, members, calls[:1], compressed[:1])[0], None, None
+    else:
+        groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
+    for group in groups:
+        owner = block.get_submodule(group[0][len(block_name) + 1:])
+        gram, cross = _group_statistics(block, owner, calls, compressed,
+                                        dense_inputs[group[0]] if dense_inputs else None)
+        compress_group(group, gram, cross)
+    return dense_next, [call_block(block, call, h) for call, h in zip(calls, compressed)]

@@ -1,0 +1,52 @@
+"""Factor a model's targeted layers in place by the config's method: the one in-memory entry point.
+
+    compress_(model, CompressConfig(ratio=0.5))                                →  CompressionReport
+    compress_(model, CompressConfig(budget=0.8, calib="play.txt"), tokens=ids)
+
+The method's record (methods/registry.py) picks the pass: data-free methods factor every layer from
+its weight (methods/plain.py), calibrated ones gather statistics first (methods/calibrated.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LoraCompressError
+from .calibrated import compress_calibrated_
+from .config import CompressConfig
+from .plain import compress_plain_
+from .results import CompressionReport
+
+
+def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
+              tokens: torch.Tensor | None = None) -> CompressionReport:
+    """Factor every targeted layer of ``model`` in place (plain SVD, or activation-aware with ``tokens``).
+
+    Args:
+        model: a transformers model (or any nn.Module with nn.Linear / Conv1D layers).
+        config: rank option, targets, method and SVD settings.
+        progress: show a progress bar over layers.
+        tokens: calibration token ids (samples, length), needed by every calibrated method
+            (see :func:`lora_compress.calibrate.tokens.calibration_tokens`).
+
+    Returns:
+        A CompressionReport listing each targeted layer's rank (None when left dense).
+
+    Example:
+        >>> report = compress_(model, CompressConfig(ratio=0.5))
+        >>> report.params / report.dense_params
+        0.49...
+
+    Raises:
+        LoraCompressError: a bad rank for some layer, a pattern matching nothing, a bad weight.
+    """
+    if config.record.calibration:
+        check_calibrated(config, tokens)
+        return compress_calibrated_(model, config, tokens, progress)
+    return compress_plain_(model, config, progress)
+
+
+def check_calibrated(config: CompressConfig, tokens) -> None:
+    """Refuse a calibrated method without calibration tokens (or text)."""
+    if config.record.calibration and tokens is None:
+        raise LoraCompressError(f"--method {config.method} needs calibration text; pass --calib FILE")

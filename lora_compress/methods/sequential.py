@@ -1,0 +1,49 @@
+"""``sequential`` (the default with calibration text): closed loop and two-sided whitening.
+
+Block by block, each layer is fitted on the inputs X_c that the already compressed layers produce
+(C = X_cᵀX_c = L·Lᵀ), and its outputs are weighted by the output-gradient covariance F of the
+calibration loss: the SVD of Rᵀ·W·L with R·Rᵀ = F + damping, B = R⁻ᵀ·U_r Σ_r, A = V_rᵀ·L⁻¹. Together C
+and F are a Kronecker-factored estimate of the loss's curvature in the layer, so the kept directions
+are those the loss is sensitive to. F is the full out×out covariance, shrunk towards its diagonal
+(calibrate/statistics.py), for layers with up to FULL_FISHER_MAX outputs, and its diagonal g
+(R = diag √g, floored) for wider ones (benchmarks/quality.md: the full F beats the diagonal at every
+cut on SmolLM2 and MiniLM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.svd import Factors
+from ..core.whitening import aware_factors, channel_weights
+from ..errors import LoraCompressError
+from .registry import LayerInputs, MethodConfig, register_method
+
+
+@dataclass(frozen=True)
+class SequentialConfig(MethodConfig):
+    """The output weighting's knobs."""
+
+    fisher_damping: float = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (SmolLM2 20%, F unshrunk: 0.001–0.1 beat the diagonal)
+    fisher_floor: float = 1e-2  # diagonal weights g/mean(g) are floored here so no output channel is ignored
+
+    def __post_init__(self):
+        for name in ("fisher_damping", "fisher_floor"):
+            if getattr(self, name) < 0:
+                raise LoraCompressError(f"{name} {getattr(self, name)} is negative; pass 0 or more")
+
+
+def output_weights(inputs: LayerInputs, config: SequentialConfig) -> torch.Tensor | None:
+    """The layer's output weighting on a common scale (None without gradient moments)."""
+    return None if inputs.fisher is None else channel_weights(inputs.fisher, config.fisher_floor)
+
+
+@register_method("sequential", SequentialConfig, calibration=True, gradients=True, closed_loop=True,
+                 summary="closed loop, block by block: SVD of Rᵀ·W·L, whitened by the compressed model's own "
+                         "inputs (L·Lᵀ = XᵀX) and weighted by the loss gradient's covariance (R·Rᵀ = F)")
+def factor_sequential(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: SequentialConfig,
+                      **solver) -> Factors:
+    """The rank-``rank`` minimiser of ‖Rᵀ·(W − B·A)·X_cᵀ‖_F."""
+    return aware_factors(weight, rank, inputs.gram, weights=output_weights(inputs, config),
+                         cholesky=inputs.cholesky, damping=config.fisher_damping)

@@ -1,0 +1,101 @@
+"""``lora-compress compare``: runs of one base model side by side (a table, and quality vs parameters)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LoraCompressError
+from ..storage.compressed import read_manifest
+from . import plots
+from .folder import REPORT_DIR, REPORT_JSON, build_report, number, read_existing
+from .tables import render
+
+
+def load_run(path: str | Path) -> dict:
+    """One run for ``compare``: a compressed folder (its report, else its manifest) or a report.json.
+
+    Raises:
+        LoraCompressError: the path is neither.
+    """
+    path = Path(path)
+    if path.is_file():
+        report = read_existing(path)
+        if "base_model" not in report:
+            raise LoraCompressError(f"{path} is not a lora-compress report.json; pass a compressed folder or its "
+                                    f"{REPORT_DIR}/{REPORT_JSON}")
+        label = path.parent.parent.name if path.parent.name == REPORT_DIR else path.stem
+    else:
+        report = read_existing(path / REPORT_DIR / REPORT_JSON) or build_report(read_manifest(path))
+        label = path.name
+    return {**report, "run": label}
+
+
+def compare_runs(paths: list[str | Path]) -> list[dict]:
+    """Load runs of one base model.
+
+    Raises:
+        LoraCompressError: the runs come from different base models.
+    """
+    runs = [load_run(path) for path in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        if not same_base_model(run, first):
+            raise LoraCompressError(f"runs come from different base models: {first['run']} from "
+                                    f"{first['base_model']}, {run['run']} from {run['base_model']}; "
+                                    f"compare runs of one base model")
+    return runs
+
+
+def same_base_model(run: dict, other: dict) -> bool:
+    """True when two runs were compressed from one checkpoint: the same name (a Hub id, say, read
+    from two machines' caches), or the same folder on disk (named once relatively, once absolutely)."""
+    if os.path.normpath(run["base_model"]) == os.path.normpath(other["base_model"]):
+        return True
+    folder = run.get("base_model_folder")
+    return folder is not None and folder == other.get("base_model_folder")
+
+
+def comparison_table(runs: list[dict]) -> str:
+    """One row per run: cut, parameters kept, disk, and the quality figures evaluate measured."""
+    rows = []
+    for run in runs:
+        targeted, evaluation = run["targeted_params"], run["evaluation"] or {}
+        row = [run["run"], run["cut"], f"{targeted['compressed'] / targeted['dense']:.3f}"]
+        if evaluation:
+            row += [f"{evaluation['params']['compressed_total']:,}", f"{evaluation['disk']['ratio']:.3f}"]
+            row += [number(value) for value in _quality_figures(evaluation).values()]
+        rows.append(row)
+    evaluated = next((run["evaluation"] for run in runs if run["evaluation"]), None)
+    header = ["run", "cut", "targeted kept", "params (whole)", "disk ratio"]
+    header += list(_quality_figures(evaluated)) if evaluated else []
+    note = "" if all(run["evaluation"] for run in runs) else \
+        "\nruns without figures: not evaluated yet (lora-compress evaluate MODEL DIR --text FILE)"
+    return render([row + ["-"] * (len(header) - len(row)) for row in rows], header) + note
+
+
+def _quality_figures(evaluation: dict) -> dict:
+    figures = {}
+    if "perplexity" in evaluation:
+        figures["ppl dense"] = evaluation["perplexity"]["dense"]
+        figures["ppl compressed"] = evaluation["perplexity"]["compressed"]
+    return {**figures, **evaluation["drift"]}
+
+
+def comparison_plot(runs: list[dict], path: str | Path) -> Path:
+    """Perplexity (causal LMs) or embedding cosine (encoders) against whole-model parameters.
+
+    Raises:
+        LoraCompressError: no run has evaluation figures.
+    """
+    evaluated = [run for run in runs if run["evaluation"]]
+    if not evaluated:
+        raise LoraCompressError("no run has evaluation figures to plot; run `lora-compress evaluate` on them first")
+    causal = "perplexity" in evaluated[0]["evaluation"]
+    metric = "perplexity" if causal else "cosine_mean"
+    points = [{"label": f"{run['run']} ({run['cut']})", "params": run["evaluation"]["params"]["compressed_total"],
+               "value": run["evaluation"]["perplexity"]["compressed"] if causal else run["evaluation"]["drift"][metric],
+               "dense": run["evaluation"]["perplexity"]["dense"] if causal else 1.0} for run in evaluated]
+    model = Path(os.path.normpath(runs[0]["base_model"])).name
+    text = Path(evaluated[0]["evaluation"]["text"]).name
+    what = f"perplexity on {text}" if causal else f"embedding cosine to dense on {text}"
+    return plots.quality_vs_params(points, metric, f"{model}: {what} vs parameters ({len(points)} runs)", Path(path))

@@ -1,0 +1,70 @@
+"""What ``lora-compress inspect`` shows: the targeted layers of a checkpoint, or their spectra."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..calibrate.statistics import collect_statistics
+from ..calibrate.tokens import calibration_tokens, read_calibration_text
+from ..core.counting import total_params
+from ..core.layers import dense_weight
+from ..core.svd import break_even_rank
+from ..core.targets import find_targets
+from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
+from .plots import spectrum_plots
+from .spectra import layer_spectra, spectrum_table
+from .tables import render
+
+
+def inspect_model(model: str, gguf_file: str | None = None, include=(), exclude=()) -> str:
+    """A table of targeted layers (shape, parameters, break-even rank) and totals."""
+    source = resolve_source(model, gguf_file)
+    dense = load_dense(source)
+    targets = find_targets(dense, include, exclude)
+    rows = []
+    for name, module in targets.items():
+        out_features, in_features = dense_weight(module).shape
+        rows.append([name, type(module).__name__, f"{out_features}×{in_features}",
+                     f"{out_features * in_features:,}", break_even_rank(out_features, in_features)])
+    targeted = sum(int(r[3].replace(",", "")) for r in rows)
+    total = total_params(dense)
+    return (f"{render(rows, ['layer', 'type', 'out×in', 'params', 'break-even rank'])}\n\n"
+            f"{type(dense).__name__}: {total:,} parameters (tied embeddings once); "
+            f"{len(rows)} targeted layers hold {targeted:,} ({targeted / total:.1%})")
+
+
+def calibration_grams(model, tokenizer, targets: dict, calib: str, samples: int, length: int, progress: bool = True):
+    """A ``grams(name)`` callable from calibration text, for whitened spectra."""
+    tokens = calibration_tokens(tokenizer, read_calibration_text(calib), samples, length)  # (samples, length)
+    stats = collect_statistics(model, tokens, targets, fisher=False, progress=progress)
+    return stats.gram
+
+
+def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclude=(), plot=None,
+                    calib: str | None = None, calib_samples: int = 32, calib_len: int = 256,
+                    progress: bool = True) -> str:
+    """What ``lora-compress inspect --spectrum`` prints; with ``plot``, PNGs into that folder.
+
+    Plain spectra always; whitened ones too when ``calib`` names calibration text
+    (``calib_samples`` sequences of ``calib_len`` tokens, as ``compress --calib`` uses).
+
+    Raises:
+        LoraCompressError: bad model, patterns or calibration text; matplotlib missing for ``plot``.
+    """
+    source = resolve_source(model, gguf_file)
+    dense = load_dense(source)
+    targets = find_targets(dense, include, exclude)
+    name = f"{Path(os.path.normpath(source.name)).name} ({len(targets)} layers)"
+    grams = calibration_grams(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,
+                              progress) if calib else None  # first: a bad --calib fails before the slow part
+    results = {"plain": layer_spectra(targets, progress=progress)}
+    if grams is not None:
+        results["whitened"] = layer_spectra(targets, grams, progress)
+    lines = []
+    for kind, spectra in results.items():
+        what = "σ of W" if kind == "plain" else f"σ of W·L, L Lᵀ = XᵀX of inputs from {calib}"
+        lines += [f"{kind} spectra ({what}):", spectrum_table(spectra), ""]
+        if plot:
+            paths = spectrum_plots(spectra, name, Path(plot), whitened=kind == "whitened")
+            lines += [f"wrote {path}" for path in paths] + [""]
+    return "\n".join(lines).rstrip()

@@ -1,0 +1,168 @@
+"""README.md model cards: what an output folder holds, how it was made, and how to load it.
+
+Every folder lora-compress writes gets one (compressed model, PEFT adapter, dense export), so a
+folder found later on a disk or the Hub still says where it came from::
+
+    ---                      YAML front matter the Hub reads (base_model, library_name, tags)
+    # <title>
+    what it is · base model · method · settings · the exact command · figures · how to load it
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CARD = "README.md"
+KINDS = ("compressed", "adapter", "dense")
+
+
+@dataclass(frozen=True)
+class Card:
+    """The facts a model card states."""
+
+    kind: str  # compressed | adapter | dense
+    base_model: str  # the checkpoint the folder derives from, as the user named it
+    method: str  # one line: what was done
+    command: str  # the exact command line (or library call)
+    settings: dict = field(default_factory=dict)  # options that shaped the result
+    figures: dict = field(default_factory=dict)  # measured figures; empty = not measured
+    notes: tuple[str, ...] = ()  # anything a user must know (skipped layers, warnings)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"card kind {self.kind!r} is unknown; choose one of {', '.join(KINDS)}")
+
+
+def write_card(folder: str | Path, card: Card, load_path: str | None = None) -> Path:
+    """Write ``README.md`` into ``folder``; ``load_path`` is the folder name shown in the snippets.
+
+    Example:
+        >>> write_card(tmp, Card("adapter", "HuggingFaceTB/SmolLM2-135M", "delta SVD", "lora-compress extract ..."),
+        ...            load_path="out/adapter")
+    """
+    path = Path(folder) / CARD
+    path.write_text(render_card(card, load_path or str(folder)))
+    return path
+
+
+def render_card(card: Card, load_path: str) -> str:
+    """The card as markdown text."""
+    parts = [_front_matter(card), f"# {Path(load_path).name}\n", _INTRO[card.kind] + "\n",
+             "## How it was made\n", f"- Base model: `{card.base_model}`", f"- Method: {card.method}"]
+    parts += [f"- {key}: `{_plain(value)}`" for key, value in card.settings.items() if value not in (None, (), [], {})]
+    parts += ["", "Command:", "", "```", card.command, "```", "", "## Figures\n", _figures(card), ""]
+    if card.notes:
+        parts += ["## Notes\n", *[f"- {note}" for note in card.notes], ""]
+    parts += ["## How to load it\n", _LOADING[card.kind].format(path=load_path, base=card.base_model)]
+    return "\n".join(parts)
+
+
+def _front_matter(card: Card) -> str:
+    library = {"compressed": "lora-compress", "adapter": "peft", "dense": "transformers"}[card.kind]
+    return (f"---\nbase_model: {json.dumps(card.base_model)}\nlibrary_name: {library}\n"
+            f"tags:\n- lora-compress\n- {card.kind}\n---\n")
+
+
+def _plain(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _figures(card: Card) -> str:
+    """Nested figures as a two-column markdown table (keys joined with dots)."""
+    if not card.figures:
+        return _NOT_MEASURED[card.kind]
+    rows = ["| figure | value |", "|---|---|"]
+    rows += [f"| {key} | {_format(value)} |" for key, value in _flatten(card.figures)]
+    return "\n".join(rows)
+
+
+def _flatten(figures: dict, prefix: str = ""):
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+_NOT_MEASURED = {
+    "compressed": "Not measured here; run `lora-compress evaluate BASE DIR --text FILE` for drift and perplexity.",
+    "adapter": "Not measured here.",
+    "dense": "Not measured here; evaluate it with lm-eval (below), or run `lora-compress evaluate` on the "
+             "compressed folder it came from.",
+}
+
+_INTRO = {
+    "compressed": "A compressed checkpoint written by lora-compress: chosen linear layers are replaced by "
+                  "low-rank factors `lora_B · lora_A`; everything else is the base model's.",
+    "adapter": "A PEFT LoRA adapter extracted by lora-compress from the difference between a fine-tuned "
+               "checkpoint and its base model (tuned − base ≈ lora_B · lora_A per layer). Any scale is "
+               "folded into `lora_B`; `lora_alpha` equals the rank, so PEFT's scale alpha/r is 1.",
+    "dense": "A plain transformers checkpoint of the original architecture, exported by lora-compress "
+             "(low-rank factors multiplied back into dense weights). It loads without lora-compress.",
+}
+
+_LOADING = {
+    "compressed": """```python
+import lora_compress as lc
+
+model = lc.load("{path}")                       # the factored model, from this folder alone
+
+# or patch a dense copy of the base model with the factors:
+from transformers import AutoModel
+model = lc.apply_adapters(AutoModel.from_pretrained("{base}"), "{path}")
+```
+
+For tools that only read plain checkpoints: `lora-compress export {path} --dense --out PLAIN`.
+""",
+    "adapter": """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM   # or AutoModel for an encoder
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "{path}")
+model = model.merge_and_unload()                 # optional: a plain model again
+```
+
+vLLM: `LLM(model="{base}", enable_lora=True)` and pass `LoRARequest("adapter", 1, "{path}")` to `generate`.
+""",
+    "dense": """```python
+from transformers import AutoModelForCausalLM   # or AutoModel for an encoder
+
+model = AutoModelForCausalLM.from_pretrained("{path}")
+```
+
+lm-eval: `lm_eval --model hf --model_args pretrained={path} --tasks hellaswag`.
+vLLM: `LLM(model="{path}")`.
+""",
+}
+
+
+def compressed_card(manifest: dict, method: str | None = None) -> Card:
+    """The card of a compressed folder, from its manifest (``lora_compress.json``); ``method`` is the
+    one-line description of the method (the registry's summary), else the manifest's method name."""
+    layers = manifest["layers"].values()
+    factored = sum(1 for layer in layers if layer.get("rank") is not None)
+    params = manifest["targeted_params"]
+    figures = {"layers factored": f"{factored} of {len(layers)} targeted",
+               "targeted weight parameters, dense": params["dense"],
+               "targeted weight parameters, compressed": params["compressed"],
+               "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
+    notes = ("Output drift and perplexity were not measured at compress time; run "
+             "`lora-compress evaluate BASE DIR --text FILE`.",)
+    return Card("compressed", manifest["base_model"], method or manifest["method"], manifest["command"],
+                {**manifest_settings(manifest), "versions": manifest.get("versions")}, figures, notes)
+
+
+def manifest_settings(manifest: dict) -> dict:
+    """The compress settings worth stating (calibration sizes only when there was calibration text)."""
+    settings = manifest["settings"]
+    return {key: value for key, value in settings.items() if settings.get("calib") or not key.startswith("calib_")}

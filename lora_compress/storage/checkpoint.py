@@ -1,0 +1,186 @@
+"""Reading dense checkpoints with safetensors (single file, shards, GGUF, Hub): never a pickle.
+
+    resolve_source(MODEL) → Source(folder, name, gguf_file) → load_dense(source) → nn.Module
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import LoraCompressError
+
+INDEX = "model.safetensors.index.json"
+WEIGHTS = "model.safetensors"
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+              "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+              "generation_config.json", "chat_template.jinja")
+_INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2", "BOOL")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dense checkpoint lives: a folder, and a GGUF file name inside it if any."""
+
+    folder: Path
+    name: str  # what the user typed (folder path or Hub id), recorded in manifests
+    gguf_file: str | None = None
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> Source:
+    """A local checkpoint folder, or a Hub id fetched through transformers' cache.
+
+    Raises:
+        LoraCompressError: the folder is missing and the name cannot be fetched.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Source(path.resolve(), model, gguf_file)
+    if path.exists():
+        raise LoraCompressError(f"{model} is a file, not a checkpoint folder; pass the folder that holds config.json")
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise LoraCompressError(f"model folder {model} does not exist; pass a checkpoint folder or a Hub id")
+    return Source(_fetch_from_hub(model, gguf_file), model, gguf_file)
+
+
+def _fetch_from_hub(repo_id: str, gguf_file: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.model", "*.jinja"] + ([gguf_file] if gguf_file else ["*.safetensors"])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # the hub raises many types; all mean "not available here"
+        raise LoraCompressError(f"model folder {repo_id} does not exist and the Hub could not provide it "
+                                f"({type(error).__name__}); pass a local checkpoint folder") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: one file, or the shards its index names.
+
+    Raises:
+        LoraCompressError: no config.json, no weights, or an index naming a missing shard.
+    """
+    if not (folder / "config.json").is_file():
+        gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
+        hint = f" (or --gguf-file {gguf.name} to read the GGUF file there)" if gguf else ""
+        raise LoraCompressError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder{hint}")
+    if (folder / INDEX).is_file():
+        index = read_json(folder / INDEX)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise LoraCompressError(f"{INDEX} in {folder} names shard {shard}, which is missing; "
+                                        f"copy the complete checkpoint")
+        return [folder / s for s in shards]
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    raise LoraCompressError(f"{folder} has no {WEIGHTS} or {INDEX}; only safetensors checkpoints are read "
+                            f"(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Open every file's header and reject corrupt files and integer/quantised 2-D weights."""
+    for file in files:
+        try:
+            with safe_open(file, "pt") as handle:
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    if len(tensor_slice.get_shape()) == 2 and key.endswith("weight") \
+                            and tensor_slice.get_dtype() in _INTEGER_DTYPES:
+                        raise LoraCompressError(
+                            f"{key} in {file.name} is stored as {tensor_slice.get_dtype()} (quantised); "
+                            f"dequantise the checkpoint to float16/bfloat16/float32 first")
+        except LoraCompressError:
+            raise
+        except Exception as error:
+            raise LoraCompressError(f"{file} is not a readable safetensors file ({error}); "
+                                    f"download or copy it again") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise LoraCompressError(f"{path} is not valid JSON ({error}); restore the file") from None
+
+
+def model_class(config) -> type:
+    """The transformers class named first in config.architectures (AutoModel if none)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def load_dense(source: Source, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """Build the dense model of a checkpoint folder (safetensors or GGUF), in eval mode.
+
+    Raises:
+        LoraCompressError: the folder is not a valid checkpoint (see weight_files/check_weight_files).
+    """
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        return _load_gguf(source)
+    check_weight_files(weight_files(source.folder))
+    config = AutoConfig.from_pretrained(source.folder)
+    try:
+        model = model_class(config).from_pretrained(source.folder, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise LoraCompressError(f"transformers could not load {source.folder} ({error}); "
+                                f"check the checkpoint matches its config.json") from None
+    return model.eval()
+
+
+def _load_gguf(source: Source) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not (source.folder / source.gguf_file).is_file():
+        raise LoraCompressError(f"{source.gguf_file} is not in {source.folder}; pass --gguf-file with a file there")
+    model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # GGUF weights arrive dequantised to float32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.eval()
+
+
+def load_tokenizer(source: Source):
+    """The checkpoint's tokenizer, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def copy_side_files(source: Source, model: nn.Module, tokenizer, folder: Path) -> None:
+    """Config and tokenizer files into ``folder`` (from the GGUF when the source is one)."""
+    model.config.save_pretrained(folder)
+    copied = False
+    for name in SIDE_FILES:
+        if (source.folder / name).is_file() and not source.gguf_file:
+            shutil.copy2(source.folder / name, folder / name)
+            copied = True
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True when the model predicts next tokens (has an LM head and is a decoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The names of the tensors in one safetensors file (its header only is read)."""
+    with safe_open(path, "pt") as handle:
+        return list(handle.keys())

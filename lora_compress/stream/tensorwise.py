@@ -1,0 +1,100 @@
+"""Plain-SVD compression one tensor at a time: peak memory ≈ one weight + one output shard.
+
+    shards ──read_tensor (one)──▶ factor_weight ──▶ ShardWriter ──▶ OUT/model-0000k-of-0000N.safetensors
+                                                                      model.safetensors.index.json
+
+Untouched tensors are copied through, cast to the checkpoint's dtype; factors are computed by the
+same code as the in-memory path, so the output holds the same tensors bit for bit and the same
+manifest (one output file below ``max_shard_bytes``, else shards and an index). Under torchrun the
+layers are split across processes (see distributed.py).
+"""
+from __future__ import annotations
+
+from contextlib import closing
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..core.layers import is_conv1d
+from ..core.workers import ordered_map
+from ..errors import LoraCompressError
+from ..methods.config import CompressConfig
+from ..methods.plain import factor_weight, factoring_workers
+from ..methods.results import CompressionReport, new_layer_result
+from ..storage.shards import ShardWriter, write_adapters
+from .distributed import Group, check_split
+from .lazy import LazyCheckpoint, read_tensor
+
+
+def factored_layers(checkpoint: LazyCheckpoint, config: CompressConfig, group: Group = Group(), progress: bool = True):
+    """Yield ``(LayerResult, Factors | None)`` for every target, in model order, on every process.
+
+    Process p computes targets p, p+K, …; each round's results are shared with all processes.
+    """
+    names = list(checkpoint.targets)
+    check_split(group, len(names))
+    bar = tqdm(total=len(names), desc="factoring", unit="layer", disable=not (progress and group.is_writer))
+    for outcome in _outcomes(checkpoint, config, group, names):
+        if isinstance(outcome, str):
+            raise LoraCompressError(outcome)
+        bar.update()
+        yield outcome
+    bar.close()
+
+
+def _outcomes(checkpoint: LazyCheckpoint, config: CompressConfig, group: Group, names: list[str]):
+    """Each target's :func:`_factor_one` outcome, in order: one process factors several layers at
+    once on its threads (workers.py); K processes factor one layer each per round."""
+    if group.world == 1:
+        workers = factoring_workers(config, checkpoint.targets)
+        yield from ordered_map(lambda name: _factor_one(checkpoint, config, name), names, workers)
+        return
+    for start in range(0, len(names), group.world):
+        index = start + group.rank
+        mine = _factor_one(checkpoint, config, names[index]) if index < len(names) else None
+        yield from group.share(mine)[:len(names) - start]
+
+
+def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, name: str):
+    """(result, CPU factors) for one layer, or the error message to share with the other processes."""
+    module = checkpoint.model.get_submodule(name)
+    result = new_layer_result(name, module)
+    try:
+        weight = read_tensor(checkpoint, f"{name}.weight").to(checkpoint.dtype)
+        factors = factor_weight(result, weight.T if is_conv1d(module) else weight, config)
+    except LoraCompressError as error:
+        return str(error)
+    if factors is not None:
+        factors = type(factors)(factors.B.cpu(), factors.A.cpu(), factors.singular_values.cpu(),
+                                factors.energy_kept)
+    return result, factors
+
+
+def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, folder: Path | None, group: Group = Group(),
+                       progress: bool = True, max_shard_bytes: int | None = None) -> CompressionReport:
+    """Factor every target and write weights + adapters into ``folder`` (rank 0; others pass None).
+
+    Returns:
+        The CompressionReport, identical on every process.
+    """
+    report = CompressionReport(config)
+    writer = ShardWriter(folder, max_shard_bytes) if folder is not None else None
+    with closing(factored_layers(checkpoint, config, group, progress)) as layers:  # closing gives the threads back
+        for key, stored in checkpoint.keys.items():
+            module_name, factors = key.rpartition(".")[0], None
+            if module_name in checkpoint.targets and key.endswith(".weight"):
+                result, factors = next(layers)
+                report.layers.append(result)
+            if writer is None:
+                continue
+            if factors is not None:
+                writer.add(f"{module_name}.lora_A", factors.A.contiguous())
+                writer.add(f"{module_name}.lora_B", factors.B.contiguous())
+            else:
+                writer.add(key, read_tensor(checkpoint, stored).to(checkpoint.dtype))
+    if writer is not None:
+        writer.close()
+        write_adapters(folder)
+    return report
+
+
