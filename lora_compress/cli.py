@@ -135,20 +135,23 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               "share of its weights (such factored layers run slower than dense ones).")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
 @click.option("--workers", default=0, show_default=True,
-              help="--method svd: layers factored at once, each on its share of the CPU threads; 0 = auto (one "
-              "per thread while every layer is 2048² weights or fewer, else 1).")
+              help="Layers factored at once (a calibrated method: those of one group, e.g. q/k/v), each on its share "
+              "of the CPU threads; 0 = auto (one per thread while every layer is 2048² weights or fewer, else 1).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Cast the model to this dtype first (default: the checkpoint's).")
+              help="Store the output in this dtype (default: the checkpoint's). Calibration computes in float32 "
+              "where the device has no fast kernels for a half-precision dtype.")
 @click.option("--stream", is_flag=True, help="Read and write one tensor at a time with --method svd (memory ≈ "
               "one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
               "transformer block at a time with a calibrated method (memory ≈ one block + the calibration "
               "hidden states at every block boundary; one process).")
+@click.option("--memory-limit", help="Cap on this run's memory, e.g. 20G (default: what the machine has "
+              "available). The path is chosen to fit it before any compute: in memory, else streamed.")
 @force_option
 @quiet_option
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, max_keep, device, workers, dtype, stream, force, quiet, gguf_file):
+             svd, seed, max_keep, device, workers, dtype, stream, memory_limit, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .jobs.compress import compress as compress_checkpoint
     from .methods.config import CompressConfig
@@ -160,7 +163,7 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
                             exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
                             workers=workers)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
-                                 progress=not quiet, stream=stream, dtype=dtype)
+                                 progress=not quiet, stream=stream, dtype=dtype, memory_limit=memory_limit)
     if is_main_process():
         click.echo(compression_table(report))
         click.echo(f"wrote {out}")

@@ -58,8 +58,6 @@ def test_options_of_another_method_are_refused():
 def test_unused_options_warn_from_the_library():
     with pytest.warns(LoraCompressWarning, match="--calib is unused by --method svd"):
         CompressConfig(ratio=0.5, method="svd", calib="text.txt")
-    with pytest.warns(LoraCompressWarning, match="--workers is unused by --method sequential"):
-        CompressConfig(ratio=0.5, calib="text.txt", workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CompressConfig(ratio=0.5)  # nothing unused: no warning

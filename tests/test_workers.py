@@ -79,13 +79,11 @@ def test_two_workers_write_the_factors_one_thread_writes(tiny_model, tmp_path, s
     assert all(torch.equal(one[key], two[key]) for key in one)  # bitwise: same threads per layer
 
 
-def test_workers_with_a_calibrated_method_warns_that_they_go_unused(tiny_models, text_file, tmp_path):
-    from click.testing import CliRunner
-
-    from lora_compress.cli import main
-
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--ratio", "0.5", "--calib",
-                                       str(text_file), "--calib-samples", "2", "--calib-len", "16", "--workers",
-                                       "2", "--quiet", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    assert "warning: --workers is unused by --method sequential" in result.output
+def test_workers_factor_a_calibrated_group_at_once_with_the_factors_of_one(tiny_model, text_file, tmp_path):
+    config = dict(ratio=0.5, calib=str(text_file), calib_samples=2, calib_len=16)
+    compress(str(tiny_model), tmp_path / "one", CompressConfig(**config, workers=1), progress=False)
+    compress(str(tiny_model), tmp_path / "two", CompressConfig(**config, workers=2), progress=False)
+    one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
+    assert any(key.endswith("lora_A") for key in one) and one.keys() == two.keys()
+    for key in one:  # float64 factoring on one or two threads: equal up to rounding
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)

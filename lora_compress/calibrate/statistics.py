@@ -17,6 +17,7 @@ output-change error. Layers that share an input tensor (q/k/v, gate/up) share on
 from __future__ import annotations
 
 import resource
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .forward import forward
+from .timing import StageTimer
 from .tokens import batches
 
 FULL_FISHER_MAX = 2048  # widest layer output whose full gradient covariance is kept (out² floats); else its diagonal
@@ -111,12 +113,14 @@ class GramHooks:
     """Forward hooks summing each layer's input Gram; consecutive layers reading one tensor share it."""
 
     def __init__(self, stats: Statistics, modules: dict[str, nn.Module], fisher: bool = False,
-                 full_fisher_max: int = FULL_FISHER_MAX):
+                 full_fisher_max: int = FULL_FISHER_MAX, timer: StageTimer | None = None):
         self.stats, self.fisher, self.full_fisher_max, self.last = stats, fisher, full_fisher_max, (None, None)
+        self.timer = timer
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name):
         def forward_hook(module, args, output):
+            start = time.perf_counter()
             x = args[0]
             owner = self.last[1] if x is self.last[0] else name
             self.last = (x, owner)
@@ -125,8 +129,19 @@ class GramHooks:
                 flat = flat_features(x.detach())  # (tokens, in)
                 accumulate(self.stats.grams, name, flat.T @ flat)
             if self.fisher and output.requires_grad:
-                output.register_hook(lambda g: _add_gradient_moments(self.stats, name, g, self.full_fisher_max))
+                output.register_hook(lambda g: self._timed(_add_gradient_moments, self.stats, name, g,
+                                                           self.full_fisher_max))
+            self._record(start)
         return forward_hook
+
+    def _timed(self, function, *args) -> None:
+        start = time.perf_counter()
+        function(*args)
+        self._record(start)
+
+    def _record(self, start: float) -> None:
+        if self.timer is not None:
+            self.timer.record("statistics", time.perf_counter() - start)
 
     def remove(self) -> None:
         self.last = (None, None)

@@ -2,13 +2,23 @@
 
     minimise ‖Rᵀ·(B·A·X_cᵀ − W*·X_dᵀ)‖_F  over rank-r B (out×r), A (r×in)
 
-    C = X_cᵀX_c = L·Lᵀ            the inputs the factors will see (Cholesky, float64)
-    R·Rᵀ = output weighting       per-channel weights w (R = diag √w) or a covariance F (damped)
+    C = X_cᵀX_c                    the inputs the factors will see (float64 sums)
+    R·Rᵀ = output weighting        per-channel weights w (R = diag √w) or a covariance F (damped)
     W* = W                         or, with the dense inputs' cross-Gram, the least-squares refit
-    SVD of Rᵀ·W*·L = U Σ Vᵀ  →  B = R⁻ᵀ·U_r Σ_r,  A = V_rᵀ·L⁻¹
 
-The truncation loss Σ_{i>r} σ_i² of Rᵀ·W*·L is the error above, so the spectrum doubles as a cost
-per rank. Tensors in, tensors out: the methods (lora_compress.methods) choose the knobs.
+The best rank-r map keeps the top-r left singular directions of Y = Rᵀ·W*·X_cᵀ, the eigenvectors U_r
+of Y·Yᵀ = Rᵀ·W*·C·W*ᵀ·R, and projects W* onto them: B·A = R⁻ᵀ·U_r·U_rᵀ·Rᵀ·W*. Two routes compute it,
+on the smaller side of W (both give SVD-LLM's factors; they differ by rounding only):
+
+    out ≤ in   output space: eigh of Rᵀ·W·C·Wᵀ·R (out×out); no Cholesky of C, no ridge, C may be singular
+               B = R⁻ᵀ·U_r·Σ_r,  A = Σ_r⁻¹·U_rᵀ·Rᵀ·W
+    out > in   input space: C = L·Lᵀ (Cholesky), SVD of Rᵀ·W·L via its in×in Gram
+               B = R⁻ᵀ·U_r·Σ_r,  A = V_rᵀ·L⁻¹
+
+The output route never forms L: for a wide layer (down_proj, in = 8,960 or 14,336) that saves an
+in×in Cholesky (in³/3 multiply-adds) and its in² floats. The truncation loss Σ_{i>r} σ_i² is the
+error above, so the spectrum doubles as a cost per rank. Tensors in, tensors out: the methods
+(lora_compress.methods) choose the knobs.
 """
 from __future__ import annotations
 
@@ -52,10 +62,25 @@ def _unweigh_rows(matrix: torch.Tensor, factor: torch.Tensor | None) -> torch.Te
     return torch.linalg.solve_triangular(factor.T, matrix, upper=True)
 
 
+def needs_cholesky(shape: tuple[int, int], refit: bool = False) -> bool:
+    """Whether factoring a layer of ``shape`` (out, in) takes the Cholesky factor of its input Gram:
+    for tall layers (out > in) and for the refit; the output route needs none."""
+    return refit or shape[0] > shape[1]
+
+
+def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """C + damping·mean(diag C)·I (C itself when damping is 0)."""
+    if not damping:
+        return gram
+    shifted = gram.clone()
+    shifted.diagonal().add_(damping * float(gram.diagonal().mean()))
+    return shifted
+
+
 @torch.no_grad()
 def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: torch.Tensor | None = None,
                   weights: torch.Tensor | None = None, cholesky: torch.Tensor | None = None,
-                  damping: float = 0.0, ridge: float = 0.0) -> svdmath.Factors:
+                  damping: float = 0.0, ridge: float = 0.0, input_damping: float = 0.0) -> svdmath.Factors:
     """Rank-``rank`` factors minimising ‖Rᵀ·(B·A·X_cᵀ − W·X_dᵀ)‖_F with R·Rᵀ the output weighting.
 
     Args:
@@ -64,9 +89,11 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
         cross: X_dᵀX_c with the dense inputs, (in, in); None means X_d = X_c (plain whitening).
         weights: per-output-channel weights w, (out,), or an output covariance F, (out, out);
             None means all ones.
-        cholesky: L with L·Lᵀ = C when already computed (layers sharing inputs share it).
+        cholesky: L with L·Lᵀ = C when already computed (layers sharing inputs share it); used only
+            where :func:`needs_cholesky` says so.
         damping: F + damping·mean(diag F)·I is factored (full covariances only).
         ridge: the refit's relative ridge (see :func:`refit_target`); 0 is the exact least squares.
+        input_damping: C + input_damping·mean(diag C)·I is whitened against (0: C itself).
 
     Returns:
         Factors (B, A) in ``weight.dtype``; singular values are those of Rᵀ·W*·L.
@@ -75,16 +102,28 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
         >>> f = aware_factors(W, 8, X.T @ X)       # SVD-LLM's closed form
         >>> (W - f.B @ f.A) @ X.T                   # the smallest rank-8 output error
     """
-    L = svdmath.cholesky_factor(gram)[0] if cholesky is None else cholesky  # (in, in)
     target = weight.double()  # (out, in)
     if cross is not None:
         target = refit_target(target, gram.double(), cross.double(), ridge)
     R = row_factor(weights, damping)
-    M = _weigh_rows(target, R) @ L  # (out, in)
-    U, S, Vh, S_all = svdmath.truncated_svd(M, rank, svd="gram")  # float64 Gram/eigh: exact for these
-    A = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
+    Y = _weigh_rows(target, R)  # Rᵀ·W*, (out, in)
+    if needs_cholesky(tuple(weight.shape), cross is not None):
+        L = svdmath.cholesky_factor(_damped(gram, input_damping))[0] if cholesky is None or input_damping else cholesky
+        U, S, Vh, S_all = svdmath.truncated_svd(Y @ L, rank, svd="gram")  # float64 Gram/eigh: exact for these
+        A = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
+    else:
+        U, S, S_all = _output_space(Y, _damped(gram.double(), input_damping), rank)
+        S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # a direction the inputs never excite: B·A
+        A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)    # keeps U·Uᵀ·Y there, as the Cholesky route
     B = _unweigh_rows(U * S, R)  # (out, r)
     return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), S_all.float(), svdmath.energy_kept(S_all, rank))
+
+
+def _output_space(Y: torch.Tensor, gram: torch.Tensor, rank: int):
+    """(U_r, σ_r, σ_all) of Y·X from the eigendecomposition of Y·C·Yᵀ (out×out), descending."""
+    eigenvalues, Z = torch.linalg.eigh(Y @ gram @ Y.T)  # ascending; (out,), (out, out)
+    singular = eigenvalues.flip(0).clamp_min(0).sqrt()
+    return Z[:, -rank:].flip(1), singular[:rank], singular
 
 
 def refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -100,10 +139,16 @@ def refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge
 
 @torch.no_grad()
 def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor | None = None,
-                      cholesky: torch.Tensor | None = None, damping: float = 0.0) -> torch.Tensor:
-    """σ_i² of Rᵀ·W·L (R from ``weights`` and ``damping`` as in :func:`aware_factors`), descending,
-    via the eigenvalues of the smaller Gram of that matrix."""
-    L = svdmath.cholesky_factor(gram)[0] if cholesky is None else cholesky
-    M = _weigh_rows(weight.double(), row_factor(weights, damping)) @ L  # (out, in)
-    square = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+                      cholesky: torch.Tensor | None = None, damping: float = 0.0,
+                      input_damping: float = 0.0) -> torch.Tensor:
+    """σ_i² of Rᵀ·W·L (R from ``weights`` and ``damping`` as in :func:`aware_factors`), descending:
+    the eigenvalues of Rᵀ·W·C·Wᵀ·R (out ≤ in) or of Lᵀ·Wᵀ·R·Rᵀ·W·L (out > in)."""
+    Y = _weigh_rows(weight.double(), row_factor(weights, damping))  # (out, in)
+    gram = _damped(gram.double(), input_damping)
+    if not needs_cholesky(tuple(weight.shape)):
+        square = Y @ gram @ Y.T  # (out, out)
+    else:
+        L = svdmath.cholesky_factor(gram)[0] if cholesky is None or input_damping else cholesky
+        M = Y @ L  # (out, in)
+        square = M.T @ M  # (in, in)
     return torch.linalg.eigvalsh(square).flip(0).clamp_min(0)

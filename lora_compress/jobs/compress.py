@@ -9,12 +9,13 @@ The output is written into a temporary folder beside OUT and renamed at the end 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
-from ..errors import LoraCompressError
+from ..errors import LoraCompressError, LoraCompressWarning
 from ..methods.compress import check_calibrated, compress_
 from ..methods.config import CompressConfig
 from ..methods.registry import get_method
@@ -30,6 +31,7 @@ from ..stream.distributed import join, launched, leave
 from ..stream.lazy import open_lazily
 from ..stream.tensorwise import compress_tensorwise
 from ..version import versions
+from . import memory
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -55,39 +57,65 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
 
 def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: str | None = None,
              force: bool = False, command: str | None = None, progress: bool = True,
-             stream: bool = False, dtype: str | None = None) -> CompressionReport:
+             stream: bool = False, dtype: str | None = None, memory_limit: int | str | None = None) -> CompressionReport:
     """Compress a checkpoint (folder, GGUF or Hub id) into a self-contained folder ``out``.
+
+    Before any compute the peak memory of the in-memory and the streamed path is estimated from
+    the shapes and the calibration size (jobs/memory.py) and compared with the memory available,
+    or ``memory_limit`` (bytes, or a size such as ``"20G"``): the in-memory path when it fits, else
+    streamed (a warning says so), else a LoraCompressError naming the figures.
 
     ``stream`` reads and writes one tensor (plain SVD; implied under torchrun, see
     :mod:`lora_compress.stream.tensorwise`) or one transformer block (calibrated methods, see
     :mod:`lora_compress.stream.blockwise`) at a time; ``dtype`` (float32, float16, bfloat16)
-    casts the model first.
+    sets the dtype the output is stored in (the checkpoint's by default; the calibrated pass
+    computes in float32 where the device has no fast kernels for a half-precision dtype).
 
     Example:
         >>> report = compress("models/minilm", "out/minilm-50", CompressConfig(ratio=0.5))
         >>> model = load("out/minilm-50")
 
     Raises:
-        LoraCompressError: bad input of any kind; nothing is written then.
+        LoraCompressError: bad input of any kind, or not enough memory for any path; nothing is written then.
     """
     check_output_folder(Path(out), force)
     calib_text = read_calibration_text(config.calib) if config.calib and config.record.calibration else None
-    if stream or launched():
-        if config.record.calibration:
-            return _compress_calibrated_streamed(model, out, config, calib_text, gguf_file=gguf_file, force=force,
-                                                 command=command, progress=progress, dtype=dtype)
-        return _compress_streamed(model, out, config, gguf_file=gguf_file, force=force, command=command,
-                                  progress=progress, dtype=dtype)
+    if launched() and config.record.calibration:
+        raise LoraCompressError(f"--method {config.method} streams block by block in one process; drop torchrun "
+                                f"(torchrun splits plain SVD only)")
+    check_calibrated(config, calib_text)
     source = resolve_source(model, gguf_file)
-    dense = load_dense(source, parse_dtype(dtype) or "auto")
-    tokenizer = load_tokenizer(source)
-    tokens = calibration_batch(tokenizer, calib_text, config) if calib_text is not None else None
-    report = compress_(dense, config, progress=progress, tokens=tokens)
-    manifest = build_manifest(source, dense, config, report, command)
+    streaming_asked = stream or launched()
+    checkpoint = None if source.gguf_file and not streaming_asked else open_lazily(source, config, parse_dtype(dtype))
+    if _streams(source, checkpoint, config, streaming_asked, memory_limit):
+        if config.record.calibration:
+            return _compress_calibrated_streamed(source, checkpoint, out, config, calib_text, force=force,
+                                                 command=command, progress=progress)
+        return _compress_streamed(source, checkpoint, out, config, force=force, command=command, progress=progress)
     with atomic_folder(Path(out), force) as tmp:
+        dense = load_dense(source, parse_dtype(dtype) or "auto")
+        tokenizer = load_tokenizer(source)
+        tokens = calibration_batch(tokenizer, calib_text, config) if calib_text is not None else None
+        report = compress_(dense, config, progress=progress, tokens=tokens, spill_folder=tmp)
+        manifest = build_manifest(source, dense, config, report, command)
         write_compressed(tmp, dense, manifest)
         _write_companions(tmp, source, dense, tokenizer, manifest, out)
     return report
+
+
+def _streams(source, checkpoint, config: CompressConfig, stream: bool, memory_limit: int | str | None) -> bool:
+    """Whether this run streams: as asked where that fits, else whatever path fits (jobs/memory.py)."""
+    limit = memory.parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    if checkpoint is None:  # a GGUF file: transformers dequantises it whole; there is no streamed path
+        return False
+    found = memory.estimate(checkpoint.model, config, checkpoint.targets, checkpoint.dtype)
+    streamed = memory.choose_path(found, stream, limit)
+    if streamed and not stream:
+        budget = memory.gib(limit) if limit is not None else f"{memory.gib(memory.available_bytes())} available"
+        warnings.warn(f"in memory this needs about {memory.gib(found.in_memory)} but {budget}: streaming block by "
+                      f"block instead (about {memory.gib(found.streamed)}), as --stream does", LoraCompressWarning,
+                      stacklevel=3)
+    return streamed
 
 
 def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) -> None:
@@ -97,13 +125,11 @@ def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) 
     write_report(tmp, manifest)
 
 
-def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: str | None, force: bool, command,
-                       progress: bool, dtype: str | None) -> CompressionReport:
+def _compress_streamed(source, checkpoint, out, config: CompressConfig, *, force: bool, command,
+                       progress: bool) -> CompressionReport:
     """Plain SVD, one tensor in memory at a time; under torchrun the layers are split, rank 0 writes."""
     group, report = join(config.device), None
     try:
-        source = resolve_source(model, gguf_file)
-        checkpoint = open_lazily(source, config, parse_dtype(dtype))
         if not group.is_writer:
             report = compress_tensorwise(checkpoint, config, None, group, progress)
             return report
@@ -115,17 +141,10 @@ def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: st
         leave(group, finished=report is not None)
 
 
-def _compress_calibrated_streamed(model: str, out, config: CompressConfig, calib_text: str | None, *,
-                                  gguf_file: str | None, force: bool, command, progress: bool,
-                                  dtype: str | None) -> CompressionReport:
+def _compress_calibrated_streamed(source, checkpoint, out, config: CompressConfig, calib_text: str, *, force: bool,
+                                  command, progress: bool) -> CompressionReport:
     """A calibrated method with one transformer block in memory at a time, in one process."""
-    if launched():
-        raise LoraCompressError(f"--method {config.method} streams block by block in one process; drop torchrun "
-                                f"(torchrun splits plain SVD only)")
-    check_calibrated(config, calib_text)
-    source = resolve_source(model, gguf_file)
-    checkpoint = open_lazily(source, config, parse_dtype(dtype))
-    blocks = BlockLoader(checkpoint)
+    blocks = BlockLoader(checkpoint, config.device)
     tokenizer = load_tokenizer(source)
     tokens = calibration_batch(tokenizer, calib_text, config)
     with atomic_folder(Path(out), force) as tmp:

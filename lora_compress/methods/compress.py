@@ -8,6 +8,8 @@ its weight (methods/plain.py), calibrated ones gather statistics first (methods/
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ from .results import CompressionReport
 
 
 def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
-              tokens: torch.Tensor | None = None) -> CompressionReport:
+              tokens: torch.Tensor | None = None, spill_folder: Path | None = None) -> CompressionReport:
     """Factor every targeted layer of ``model`` in place (plain SVD, or activation-aware with ``tokens``).
 
     Args:
@@ -28,6 +30,8 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
         progress: show a progress bar over layers.
         tokens: calibration token ids (samples, length), needed by every calibrated method
             (see :func:`lora_compress.calibrate.tokens.calibration_tokens`).
+        spill_folder: where a calibrated pass parks large intermediate tensors on disk (default: a
+            temporary folder of its own).
 
     Returns:
         A CompressionReport listing each targeted layer's rank (None when left dense).
@@ -42,7 +46,7 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     """
     if config.record.calibration:
         check_calibrated(config, tokens)
-        return compress_calibrated_(model, config, tokens, progress)
+        return compress_calibrated_(model, config, tokens, progress, spill_folder)
     return compress_plain_(model, config, progress)
 
 

@@ -51,7 +51,7 @@ class CompressConfig:
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
     device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
-    workers: int = 0  # plain SVD: layers factored at once, each on its share of the threads; 0 = auto (core/workers.py)
+    workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
@@ -92,9 +92,6 @@ class CompressConfig:
                                     "pass --calib FILE (and --method whiten or sequential, not svd)")
         if self.calib and not self.record.calibration:
             warnings.warn(f"--calib is unused by --method {self.method} (plain SVD needs no calibration text)",
-                          LoraCompressWarning, stacklevel=3)
-        if self.workers and self.record.calibration:
-            warnings.warn(f"--workers is unused by --method {self.method} (it factors one layer at a time)",
                           LoraCompressWarning, stacklevel=3)
 
     @property

@@ -7,13 +7,16 @@ of the loss increase of cutting that layer to rank r.
 from __future__ import annotations
 
 import math
+from contextlib import closing
 
+import torch
 from torch import nn
 
 from ..calibrate.statistics import FULL_FISHER_MAX, Statistics
 from ..core import svd as svdmath
 from ..core.layers import dense_weight
-from ..core.whitening import weighted_spectrum
+from ..core.whitening import needs_cholesky, weighted_spectrum
+from ..core.workers import ordered_map
 from ..errors import LoraCompressError
 from .allocate import LayerCost, allocate
 from .config import CompressConfig
@@ -51,30 +54,39 @@ def layer_rank(config: CompressConfig, shape: tuple[int, int], singular_values=N
     return svdmath.rank_for_energy(singular_values, config.energy)
 
 
-def layer_costs(targets: dict[str, nn.Module], stats: Statistics) -> dict[str, LayerCost]:
-    """The common-scale cost curve of every target (see SENSITIVITY)."""
-    costs, factors = {}, {}
+def layer_costs(targets: dict[str, nn.Module], stats: Statistics, workers: int = 1) -> dict[str, LayerCost]:
+    """The common-scale cost curve of every target (see SENSITIVITY), ``workers`` layers at once."""
+    choleskies = {}  # owner → L, for the tall layers (out > in) only: the others need none
     for name, module in targets.items():
-        weight, owner = dense_weight(module), stats.owner[name]
-        fisher = stats.fisher.get(name)
+        owner = stats.owner[name]
+        if owner not in choleskies and needs_cholesky(tuple(dense_weight(module).shape)):
+            choleskies[owner] = svdmath.cholesky_factor(stats.grams[owner])[0]
+
+    def cost(name: str) -> LayerCost:
+        weight, fisher = dense_weight(targets[name]), stats.fisher.get(name)
         weights = None if fisher is None else fisher.double() / stats.tokens
-        if owner not in factors:
-            factors[owner] = svdmath.cholesky_factor(stats.grams[owner])[0]
-        power = weighted_spectrum(weight, stats.gram(name), weights, cholesky=factors[owner], damping=COST_DAMPING)
-        costs[name] = LayerCost.from_spectrum(tuple(weight.shape), power)
-    return costs
+        power = weighted_spectrum(weight, stats.gram(name), weights, cholesky=choleskies.get(stats.owner[name]),
+                                  damping=COST_DAMPING)
+        return LayerCost.from_spectrum(tuple(weight.shape), power)
+
+    with closing(ordered_map(cost, list(targets), workers)) as found:
+        return dict(zip(targets, found))
+
+
+def rule_rank(config: CompressConfig, weight: torch.Tensor, gram: torch.Tensor | None) -> int | None:
+    """A layer's rank by the config's per-layer rule (None = dense); ``energy`` reads the whitened
+    spectrum of its input Gram."""
+    shape = tuple(weight.shape)
+    spectrum = weighted_spectrum(weight, gram).sqrt() if config.energy else None
+    rank = layer_rank(config, shape, spectrum)
+    return rank if rank <= config.rank_limit(shape) else None
 
 
 def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
                stats: Statistics | None) -> dict[str, int | None]:
     """Rank per layer by the config's per-layer rule (None = dense); ``energy`` needs the layers' Grams."""
-    ranks = {}
-    for name, module in targets.items():
-        shape = tuple(dense_weight(module).shape)
-        spectrum = weighted_spectrum(dense_weight(module), stats.gram(name)).sqrt() if config.energy else None
-        rank = layer_rank(config, shape, spectrum)
-        ranks[name] = rank if rank <= config.rank_limit(shape) else None
-    return ranks
+    return {name: rule_rank(config, dense_weight(module), stats.gram(name) if config.energy else None)
+            for name, module in targets.items()}
 
 
 def choose_ranks(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:

@@ -1,14 +1,12 @@
 """A model skeleton with one repeated block in memory at a time, read from safetensors shards.
 
     checkpoint.model (parameters on meta) ── outside tensors ──▶ in memory for the whole run
-        embeddings, final norm, rotary, head, pooler         (read once at start)
-    blocks[i] ── loaded(i) ──▶ real (read from the shards) ── on exit ──▶ meta again
+        embeddings, final norm, rotary, head, pooler         (read once at start, checkpoint dtype)
+    blocks[i] ── loaded(i) ──▶ real (read from the shards, compute dtype) ── on exit ──▶ meta again
 
-Two forwards drive the calibration: :meth:`BlockLoader.inputs` runs the model with its blocks swapped
-for recorders and captures every block's call (hidden states, mask, position embeddings) as
-calibrate.blocks.block_calls does; :meth:`BlockLoader.head` runs the model with every block replaced by a
-given last-block output, so the model's own code applies the final norm, head, pooler and loss
-inputs.
+The calibrated pass (methods/calibrated.py) drives it as it drives a model in memory
+(calibrate/block_source.py): the blocks' calls come from the model's own loop, and the head from the
+model run with every block replaced by a given last-block output.
 """
 from __future__ import annotations
 
@@ -17,29 +15,25 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibrate.blocks import block_calls, find_blocks, returns_tuple
-from ..calibrate.forward import forward
+from ..calibrate.block_source import BlockSource, return_freed_memory
 from ..core.layers import LowRankLinear
-from ..errors import LoraCompressError
 from .lazy import LazyCheckpoint, read_tensor
 
 
-class BlockLoader:
+class BlockLoader(BlockSource):
     """The checkpoint's model with its outside tensors loaded and its repeated blocks on the meta device.
+
+    A block's tensors are read from the shards when it is loaded, cast to the compute dtype; what is
+    written goes back in the checkpoint's dtype.
 
     Raises:
         LoraCompressError: the model has no ModuleList of blocks holding linear layers.
     """
 
-    def __init__(self, checkpoint: LazyCheckpoint):
-        self.checkpoint, self.model = checkpoint, checkpoint.model.requires_grad_(False)
-        self.blocks: list[tuple[str, nn.Module]] = find_blocks(self.model)
-        if not self.blocks:
-            raise LoraCompressError(f"{type(self.model).__name__} has no repeated blocks of linear layers "
-                                    f"(a ModuleList) to stream calibration through; drop --stream")
-        self.prefix = self.blocks[0][0].rpartition(".")[0] + "."
+    def __init__(self, checkpoint: LazyCheckpoint, device: str | torch.device = "cpu"):
+        super().__init__(checkpoint.model.requires_grad_(False), checkpoint.dtype, device)
+        self.checkpoint = checkpoint
         self.sources = _checkpoint_names(checkpoint)
-        self.tuple_output = None  # whether a block returns a tuple; learnt by inputs()
         self._load_outside()
 
     def _load_outside(self) -> None:
@@ -47,30 +41,20 @@ class BlockLoader:
         for name, stored in self.sources.items():
             if not name.startswith(self.prefix):
                 if stored not in read:
-                    read[stored] = self._read(name)
+                    read[stored] = self._read(name, self.storage_dtype, self.home)
                 _assign(self.model, name, read[stored])
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         tensor = read_tensor(self.checkpoint, self.sources[name])
-        return tensor.to(self.checkpoint.dtype) if tensor.is_floating_point() else tensor
-
-    def members(self, targets: dict[str, nn.Module], index: int) -> dict[str, nn.Module]:
-        """The targets inside block ``index``."""
-        return {n: m for n, m in targets.items() if n.startswith(self.blocks[index][0] + ".")}
-
-    def outside(self, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        """The targets outside every block (e.g. a pooler)."""
-        return {n: m for n, m in targets.items() if not n.startswith(self.prefix)}
+        return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
 
     @contextmanager
     def loaded(self, index: int):
-        """Block ``index`` with its tensors read from the shards; back on the meta device on exit.
-
-        Modules swapped out while it is loaded (factored layers) are freed as well.
-        """
+        """Block ``index`` with its tensors read from the shards, in the compute dtype on the device; back on
+        the meta device on exit. Modules swapped out while it is loaded (factored layers) are freed as well."""
         name, block = self.blocks[index]
         for key in block.state_dict():
-            _assign(block, key, self._read(f"{name}.{key}"))
+            _assign(block, key, self._read(f"{name}.{key}", self.dtype, self.device))
         originals = list(block.modules())
         try:
             yield block
@@ -80,43 +64,7 @@ class BlockLoader:
             for module in originals:
                 for leaf, param in list(module.named_parameters(recurse=False)):
                     module.register_parameter(leaf, nn.Parameter(param.to("meta"), requires_grad=False))
-
-    def inputs(self, tokens: torch.Tensor, outside: dict[str, nn.Module]) -> list[list[tuple[tuple, dict]]]:
-        """Every block's (args, kwargs), one pair per calibration batch: ``calls[block][batch]``.
-
-        Raises:
-            LoraCompressError: a target runs before the first block (its output gradient would
-                need a backward through the embeddings, which the streamed pass does not do).
-        """
-        seen = []
-        handles = [m.register_forward_hook(lambda *_, n=n: seen.append(n)) for n, m in outside.items()]
-        try:
-            with self.loaded(0) as first:
-                self.tuple_output = returns_tuple(self.model, first, tokens)
-            calls = block_calls(self.model, [block for _, block in self.blocks], tokens, self.tuple_output)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if seen:
-            raise LoraCompressError(f"{seen[0]} runs before the first block, which streamed calibration does not "
-                                    f"support; --exclude it or drop --stream")
-        return calls
-
-    def head(self, ids: torch.Tensor, hidden: torch.Tensor):
-        """The model's output on ``ids`` with every block replaced by ``hidden``, the last block's output."""
-        if self.tuple_output is None:
-            raise RuntimeError("BlockLoader.head needs BlockLoader.inputs first, to learn the blocks' output type")
-
-        def replay(*args, **kwargs):
-            return (hidden,) if self.tuple_output else hidden
-
-        for _, block in self.blocks:
-            block.forward = replay
-        try:
-            return forward(self.model, ids)
-        finally:
-            for _, block in self.blocks:
-                del block.forward
+            return_freed_memory()
 
     def tensors(self, index: int | None = None):
         """Yield ``(output name, tensor)`` of block ``index`` (None: outside the blocks), in model order.
@@ -130,10 +78,15 @@ class BlockLoader:
                 module_name, _, leaf = key.rpartition(".")
                 module = self.model.get_submodule(module_name)
                 if isinstance(module, LowRankLinear) and leaf == "weight":
-                    yield f"{module_name}.lora_A", module.lora_A.detach().contiguous()
-                    yield f"{module_name}.lora_B", module.lora_B.detach().contiguous()
+                    yield f"{module_name}.lora_A", self._stored(module.lora_A)
+                    yield f"{module_name}.lora_B", self._stored(module.lora_B)
                 else:
-                    yield key, getattr(module, leaf).detach().contiguous()
+                    yield key, self._stored(getattr(module, leaf))
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor as written: on the CPU, floats in the checkpoint's dtype, contiguous."""
+        tensor = tensor.detach().cpu()
+        return (tensor.to(self.storage_dtype) if tensor.is_floating_point() else tensor).contiguous()
 
 
 def _checkpoint_names(checkpoint: LazyCheckpoint) -> dict[str, str]:
