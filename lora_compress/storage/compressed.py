@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from ..core.experts import expert_of, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError
@@ -91,6 +92,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     dtype = getattr(torch, manifest["dtype"])
     model = model_class(config)._from_config(config, dtype=dtype)
+    _split_experts(model, manifest.get("experts", {}), folder)
     _install_factored(model, manifest["layers"], dtype)
     files = weight_files(folder)
     check_weight_files(files)
@@ -113,6 +115,16 @@ def _load_weights(model: nn.Module, paths: list[Path]) -> None:
         problem = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
         raise LoraCompressError(f"{paths[0].parent} does not match its manifest ({problem}); "
                                 f"compress the model again")
+
+
+def _split_experts(model: nn.Module, experts: dict, folder: Path) -> None:
+    """Split the fused experts modules the manifest names into one module per expert (core/experts.py)."""
+    split = unfuse_experts_(model, set(experts))
+    for name, layout in experts.items():
+        if name not in split or split[name].layout.manifest() != layout:
+            raise LoraCompressError(f"{folder} holds the experts {name} as {layout['class']} with "
+                                    f"{layout['num_experts']} experts, which this model does not build; "
+                                    f"load it with the transformers version that wrote it")
 
 
 def _install_factored(model: nn.Module, layers: dict, dtype: torch.dtype) -> None:
@@ -148,8 +160,10 @@ def apply_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise LoraCompressError(f"{path} does not exist; pass an adapters.safetensors file or its folder")
     check_weight_files([path])
     tensors = load_file(str(path))
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    unfuse_experts_(model, {found[0] for found in (expert_of(model, n) for n in names) if found})  # experts' factors
     modules = dict(model.named_modules())
-    for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
+    for name in sorted(names):
         if name not in modules or not hasattr(modules[name], "weight"):
             raise LoraCompressError(f"adapter module {name} is not in this model; apply it to the model it was made from")
         B, A = tensors[f"{name}.lora_B"], tensors[f"{name}.lora_A"]
