@@ -79,6 +79,7 @@ class Statistics:
     owner: dict[str, str] = field(default_factory=dict)  # layer name → name whose Gram it shares
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out, out), or (out,) when wide
     fourth: dict[str, torch.Tensor] = field(default_factory=dict)  # name → [Σ_t ‖g_t‖⁴, Σ_t Σ_i g_ti⁴] (full F)
+    rows: dict[str, int] = field(default_factory=dict)  # owner name → input rows summed (an expert: tokens routed to it)
     tokens: int = 0
 
     def gram(self, name: str) -> torch.Tensor:
@@ -124,6 +125,7 @@ class GramHooks:
             if owner == name:
                 flat = flat_features(x.detach())  # (tokens, in)
                 accumulate(self.stats.grams, name, flat.T @ flat)
+                self.stats.rows[name] = self.stats.rows.get(name, 0) + flat.shape[0]
             if self.fisher and output.requires_grad:
                 output.register_hook(lambda g: _add_gradient_moments(self.stats, name, g, self.full_fisher_max))
         return forward_hook

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibrate.closed_loop import run_sequential
+from ..calibrate.experts import fall_back_to_weights_
 from ..calibrate.statistics import Statistics, collect_statistics, peak_memory_mb
 from ..core import svd as svdmath
 from ..core.layers import check_finite_float, dense_weight
@@ -47,6 +48,13 @@ class Factorer:
         self.method = config.record
         self.results = {name: new_layer_result(name, module) for name, module in targets.items()}
         self.last = (None, None)  # (gram, its Cholesky factor): layers sharing inputs come in a row
+        self.sparse: dict[str, int] = {}  # experts routed too few calibration tokens → tokens: factored from W
+
+    def fall_back_(self, stats: Statistics, names) -> Statistics:
+        """Experts among ``names`` routed fewer than ``expert_min_tokens`` get isotropic statistics
+        (calibrate/experts.py) and are factored from their weights; returns ``stats``."""
+        self.sparse.update(fall_back_to_weights_(stats, self.model, names, self.config.expert_min_tokens))
+        return stats
 
     def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         rank, result = self.ranks[name], self.results[name]
@@ -57,6 +65,10 @@ class Factorer:
         weight = dense_weight(self.targets[name])
         check_finite_float(name, weight)
         fisher = self.stats.fisher.get(name) if self.method.gradients and self.stats else None
+        if name in self.sparse:  # isotropic statistics: every method gives the truncated SVD of W
+            gram, cross, fisher = torch.eye(weight.shape[1], dtype=torch.float64), None, None
+            result.note = (f"received {self.sparse[name]} calibration tokens (fewer than --expert-min-tokens "
+                           f"{self.config.expert_min_tokens}): factored from its weight spectrum")
         if gram is not self.last[0]:
             self.last = (gram, svdmath.cholesky_factor(gram)[0])
         inputs = LayerInputs(gram, self.last[1], cross if self.method.dense_stream else None, fisher)
@@ -78,6 +90,9 @@ class Factorer:
                               "sensitivity": SENSITIVITY if config.budget is not None else None,
                               "peak_memory_mb": round(peak_memory_mb(), 1),
                               "seconds": round(time.perf_counter() - start, 1)}
+        if self.sparse:  # experts factored from their weights: too few tokens routed to them
+            report.calibration["sparse_experts"] = {"min_tokens": config.expert_min_tokens,
+                                                    "tokens": dict(sorted(self.sparse.items()))}
         return report
 
 
@@ -100,8 +115,10 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     fisher = config.needs_gradients
     needs_stats = fisher or config.energy is not None or not method.closed_loop
     stats = collect_statistics(model, tokens, targets, fisher=fisher, progress=progress) if needs_stats else None
-    ranks = choose_ranks(config, targets, stats)
-    factorer = Factorer(model, config, targets, ranks, stats)
+    factorer = Factorer(model, config, targets, {}, stats)
+    if stats:
+        factorer.fall_back_(stats, targets)
+    factorer.ranks.update(choose_ranks(config, targets, stats))
     if method.closed_loop:
         if stats:
             stats.grams.clear()  # only the Fisher moments are used from here on

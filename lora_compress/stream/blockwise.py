@@ -57,8 +57,10 @@ def compress_blockwise(blocks: BlockLoader, config: CompressConfig, tokens: torc
     start, targets = time.perf_counter(), blocks.checkpoint.targets
     check_calibration_length(blocks.model, tokens)
     calls = blocks.inputs(tokens, blocks.outside(targets))
-    stats, ranks = _statistics_pass(blocks, calls, tokens, config, progress) if config.needs_gradients else (None, {})
-    factorer = Factorer(blocks.model, config, targets, ranks, stats)
+    factorer = Factorer(blocks.model, config, targets, {}, None)
+    if config.needs_gradients:
+        factorer.stats, ranks = _statistics_pass(blocks, calls, tokens, config, progress, factorer.fall_back_)
+        factorer.ranks.update(ranks)
     writer = ShardWriter(folder, max_shard_bytes)
     compress_pass = _sequential_pass if config.record.closed_loop else _whiten_pass
     last = compress_pass(blocks, calls, factorer, writer, progress)
@@ -76,12 +78,14 @@ def compress_blockwise(blocks: BlockLoader, config: CompressConfig, tokens: torc
 class _RankCollector:
     """What choosing ranks needs, gathered block by block: Fisher moments, and costs or rule ranks."""
 
-    def __init__(self, config: CompressConfig, tokens: int):
-        self.config, self.tokens = config, tokens
+    def __init__(self, config: CompressConfig, tokens: int, fall_back):
+        self.config, self.tokens, self.fall_back = config, tokens, fall_back
         self.fisher, self.costs, self.ranks = {}, {}, {}
 
     def add(self, modules: dict[str, nn.Module], stats: Statistics) -> None:
-        """Take one block's statistics (its weights still loaded); its Grams are dropped with it."""
+        """Take one block's statistics (its weights still loaded); its Grams are dropped with it.
+        Experts routed too few tokens get isotropic statistics first (``fall_back``: Factorer.fall_back_)."""
+        self.fall_back(stats, modules)
         self.fisher.update(stats.fisher)
         if self.config.budget is not None:
             self.costs.update(layer_costs(modules, stats))
@@ -99,14 +103,14 @@ class _RankCollector:
 
 
 def _statistics_pass(blocks: BlockLoader, calls: list, tokens: torch.Tensor, config: CompressConfig,
-                     progress: bool) -> tuple[Statistics, dict[str, int | None]]:
+                     progress: bool, fall_back) -> tuple[Statistics, dict[str, int | None]]:
     """Pass 1: forward keeping the block boundaries, loss at the head, backward block by block."""
     targets, ids, count = blocks.checkpoint.targets, batches(tokens), len(blocks.blocks)
     hidden = [block_hidden(calls[0])]  # hidden[i]: block i's inputs, one (B, T, C) tensor per batch
     for index in tqdm(range(count), desc="calibrating: forward", unit="block", disable=not progress):
         with blocks.loaded(index) as block:
             hidden.append([_forward(block, call, h) for call, h in zip(calls[index], hidden[-1])])
-    collector, generator = _RankCollector(config, int(tokens.numel())), torch.Generator().manual_seed(0)
+    collector, generator = _RankCollector(config, int(tokens.numel()), fall_back), torch.Generator().manual_seed(0)
     grads = _backward(blocks.outside(targets), hidden.pop(), collector,
                       lambda i, x: (model_loss(blocks.head(ids[i], x), ids[i], generator), None))
     for index in tqdm(reversed(range(count)), total=count, desc="calibrating: backward", unit="block",
@@ -164,7 +168,7 @@ def _grams(modules: dict[str, nn.Module], inputs: list[torch.Tensor], run) -> tu
 def _factor(factorer: Factorer, modules: dict[str, nn.Module], stats: Statistics) -> None:
     """Factor ``modules`` on their Grams; those without a rank yet get the config's rule rank."""
     unplanned = {n: m for n, m in modules.items() if n not in factorer.ranks}
-    factorer.ranks.update(rule_ranks(factorer.config, unplanned, stats))
+    factorer.ranks.update(rule_ranks(factorer.config, unplanned, factorer.fall_back_(stats, modules)))
     for name in modules:
         factorer(name, stats.gram(name))
 
