@@ -19,6 +19,7 @@ from torch import nn
 
 from ..calibrate.blocks import block_calls, find_blocks, returns_tuple
 from ..calibrate.forward import forward
+from ..calibrate.seq2seq import is_encoder_decoder
 from ..core.layers import LowRankLinear
 from ..errors import LoraCompressError
 from .lazy import LazyCheckpoint, read_tensor
@@ -28,11 +29,15 @@ class BlockLoader:
     """The checkpoint's model with its outside tensors loaded and its repeated blocks on the meta device.
 
     Raises:
-        LoraCompressError: the model has no ModuleList of blocks holding linear layers.
+        LoraCompressError: the model has no ModuleList of blocks holding linear layers, or is an encoder-decoder.
     """
 
     def __init__(self, checkpoint: LazyCheckpoint):
         self.checkpoint, self.model = checkpoint, checkpoint.model.requires_grad_(False)
+        if is_encoder_decoder(self.model):
+            raise LoraCompressError(f"{type(self.model).__name__} is an encoder-decoder: calibrated methods stream "
+                                    f"decoder-only and encoder-only models block by block, not two stacks; drop "
+                                    f"--stream (in memory they work), or stream plain SVD (--method svd)")
         self.blocks: list[tuple[str, nn.Module]] = find_blocks(self.model)
         if not self.blocks:
             raise LoraCompressError(f"{type(self.model).__name__} has no repeated blocks of linear layers "
