@@ -241,3 +241,16 @@ def expert_sources(name: str, module: FactoredExperts) -> dict[str, tuple[str, i
             if module.layout.bias:
                 sources[f"{prefix}.bias"] = (f"{name}.{projection}_bias", index, False)
     return sources
+
+
+def tie_factor_(model: nn.Module, name: str, factor: str, owner: str) -> None:
+    """Make LowRankLinear ``name`` use ``owner``'s ``factor`` (``lora_A`` or ``lora_B``) itself: one tensor,
+    a basis shared across experts (core/shared_basis.py)."""
+    setattr(model.get_submodule(name), factor, getattr(model.get_submodule(owner), factor))
+
+
+def tie_shared_factors_(model: nn.Module, layers: dict) -> None:
+    """Tie every factor a manifest's layer table records as shared (``"shared": {"factor", "with"}``)."""
+    for name, layer in layers.items():
+        if layer.get("shared") and layer.get("rank") is not None:
+            tie_factor_(model, name, layer["shared"]["factor"], layer["shared"]["with"])

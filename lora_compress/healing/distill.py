@@ -211,6 +211,9 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
         base = base or teacher
     folder, out = Path(folder), Path(out)
     manifest = read_manifest(folder)
+    if any(layer.get("shared") for layer in manifest["layers"].values()):
+        raise LoraCompressError(f"{folder} shares one basis across experts (--method {manifest['method']}), which heal "
+                                f"does not train: it trains each layer's own factors; heal a folder of another method")
     check_output_folder(out, force)
     text = read_calibration_text(str(calib))
     source = Source(folder.resolve(), str(folder))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from ..core.experts import expert_of, unfuse_experts_
+from ..core.experts import expert_of, tie_shared_factors_, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError
@@ -39,11 +39,15 @@ def factored_modules(model: nn.Module) -> dict[str, LowRankLinear]:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``<module>.lora_A`` / ``<module>.lora_B`` of every factored module, contiguous copies."""
-    tensors = {}
+    """``<module>.lora_A`` / ``<module>.lora_B`` of every factored module, contiguous copies; a factor
+    shared by several modules (a basis shared across experts) is copied for each, so that the file
+    stands alone."""
+    tensors, seen = {}, set()
     for name, module in factored_modules(model).items():
-        tensors[f"{name}.lora_A"] = module.lora_A.detach().contiguous()
-        tensors[f"{name}.lora_B"] = module.lora_B.detach().contiguous()
+        for factor in ("lora_A", "lora_B"):
+            tensor = getattr(module, factor).detach()
+            tensors[f"{name}.{factor}"] = tensor.clone() if id(getattr(module, factor)) in seen else tensor.contiguous()
+            seen.add(id(getattr(module, factor)))
     return tensors
 
 
@@ -94,6 +98,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     model = model_class(config)._from_config(config, dtype=dtype)
     _split_experts(model, manifest.get("experts", {}), folder)
     _install_factored(model, manifest["layers"], dtype)
+    tie_shared_factors_(model, manifest["layers"])
     files = weight_files(folder)
     check_weight_files(files)
     _load_weights(model, files)
