@@ -182,3 +182,26 @@ def test_unsupported_fused_experts_are_named_as_left_dense():
     model = torch.nn.Sequential()
     model.add_module("experts", Experts())
     assert "not supported" in unsupported_experts(model)["experts.w"]
+
+
+def test_streamed_calibration_of_experts_gives_the_in_memory_factors(tiny_models, text_file, tmp_path):
+    config = CompressConfig(budget=0.6, calib=str(text_file), calib_samples=6, calib_len=16, expert_min_tokens=8)
+    compress(str(tiny_models["mixtral"]), tmp_path / "memory", config, progress=False)
+    compress(str(tiny_models["mixtral"]), tmp_path / "stream", config, progress=False, stream=True)
+    memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
+    assert memory.keys() == streamed.keys()
+    assert any(".experts.gate_up_proj." in key and key.endswith("lora_A") for key in memory)
+    for key in memory:
+        torch.testing.assert_close(streamed[key], memory[key], rtol=1e-5, atol=1e-6)
+    layers = [json.loads((tmp_path / name / MANIFEST).read_text())["layers"] for name in ("memory", "stream")]
+    assert layers[0] == layers[1]
+
+
+def test_cli_expert_min_tokens_reaches_the_report(tiny_models, text_file, tmp_path):
+    result = CliRunner().invoke(main, ["compress", str(tiny_models["qwen3_moe"]), "--out", str(tmp_path / "out"),
+                                       "--ratio", "0.6", "--method", "whiten", "--calib", str(text_file),
+                                       "--calib-samples", "4", "--calib-len", "16", "--expert-min-tokens", "1000",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "experts routed fewer than 1000 calibration tokens, factored from their weight spectrum" in report

@@ -19,6 +19,7 @@ module itself is kept, its weights on the meta device, to gate as its class does
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from .layers import LowRankLinear
 
 _LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+_EXPERT_INDEX = re.compile(r"((?:^|\.)experts\.\w+)\.\d+$")  # "….experts.<projection>.<e>"
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,12 @@ def expert_of(model: nn.Module, name: str) -> tuple[str, str, int] | None:
     if layout is None or projection not in layout.shapes or int(index) >= layout.num_experts:
         return None
     return experts_name, projection, int(index)
+
+
+def fused_name(name: str) -> str:
+    """An expert's matrix named by its fused tensor, ``…experts.gate_up_proj.3`` → ``…experts.gate_up_proj``
+    (read off the name alone; other names are returned as they are)."""
+    return _EXPERT_INDEX.sub(r"\1", name)
 
 
 def experts_by_matrix(model: nn.Module, names) -> dict[str, list[str]]:

@@ -78,6 +78,7 @@ def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclud
     """
     source = resolve_source(model, gguf_file)
     dense = load_dense(source)
+    unfuse_experts_(dense)  # each expert's matrices have spectra of their own
     targets = find_targets(dense, include, exclude)
     name = f"{Path(os.path.normpath(source.name)).name} ({len(targets)} layers)"
     grams = calibration_grams(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,
