@@ -205,3 +205,14 @@ def test_cli_expert_min_tokens_reaches_the_report(tiny_models, text_file, tmp_pa
     assert result.exit_code == 0, result.output
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "experts routed fewer than 1000 calibration tokens, factored from their weight spectrum" in report
+
+
+def test_heal_trains_the_experts_factors_and_the_healed_folder_reloads(tiny_models, text_file, tmp_path):
+    from lora_compress import HealConfig, heal
+
+    compress(str(tiny_models["mixtral"]), tmp_path / "out", CompressConfig(ratio=0.5), progress=False)
+    heal(tmp_path / "out", text_file, tmp_path / "healed", HealConfig(steps=2, calib_len=16, lr=1e-2), progress=False)
+    name = "model.layers.0.mlp.experts.gate_up_proj.1.lora_B"
+    before, after = saved_tensors(tmp_path / "out")[name], saved_tensors(tmp_path / "healed")[name]
+    assert not torch.equal(before, after)
+    assert isinstance(load(tmp_path / "healed").model.layers[0].mlp.experts, FactoredExperts)

@@ -131,3 +131,11 @@ def test_streamed_calibration_of_an_encoder_decoder_is_one_clear_line(tiny_model
         "encoder-only models block by block, not two stacks; drop --stream (in memory they work), or stream plain "
         "SVD (--method svd)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_heal_of_an_encoder_decoder_is_one_clear_line(tiny_models, text_file, tmp_path):
+    from lora_compress import HealConfig, heal
+
+    compress(str(tiny_models["t5"]), tmp_path / "out", CompressConfig(ratio=0.5), progress=False)
+    with pytest.raises(LoraCompressError, match="T5ForConditionalGeneration is an encoder-decoder; heal distils"):
+        heal(tmp_path / "out", text_file, tmp_path / "healed", HealConfig(steps=1, calib_len=16))

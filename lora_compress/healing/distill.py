@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..calibrate.forward import forward
+from ..calibrate.seq2seq import is_encoder_decoder
 from ..calibrate.tokens import read_calibration_text
 from ..core.layers import LowRankLinear
 from ..core.patch import replace_module
@@ -347,6 +348,9 @@ def _check_pair(model: nn.Module, teacher: nn.Module, config: HealConfig) -> Non
     factored = factored_modules(model)
     if not factored:
         raise LoraCompressError("the model has no factored layers to heal; compress it first")
+    if is_encoder_decoder(model):
+        raise LoraCompressError(f"{type(model).__name__} is an encoder-decoder; heal distils causal LMs and encoders, "
+                                f"not encoder-decoders yet (compress, evaluate and export work)")
     shapes = {n: p.shape for n, p in teacher.named_parameters()}
     for name, param in model.named_parameters():
         if name.rpartition(".")[0] not in factored and shapes.get(name) != param.shape:
