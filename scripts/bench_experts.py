@@ -83,7 +83,8 @@ def shared_table() -> None:
                     model = build(kind, experts)
                     report = compress_(model, CompressConfig(ratio=ratio, method=method, include=("experts",)),
                                        progress=False)
-                    cells.append(f"{experts_error(dense, model, calls):.4f} / {report.params / report.dense_params:.3f}")
+                    kept = report.params / report.dense_params
+                    cells.append(f"{experts_error(dense, model, calls):.4f} / {kept:.3f}")
                 print(f"| {kind} | {experts} | {ratio:.0%} | " + " | ".join(cells) + " |")
 
 

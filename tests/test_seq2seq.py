@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 
 from helpers import dense, rel_error, saved_tensors
-from lora_compress import CompressConfig, LoraCompressError, calibration_tokens, compress, compress_, evaluate_folder, load
+from lora_compress import (CompressConfig, LoraCompressError, calibration_tokens, compress, compress_, evaluate_folder,
+                           load)
 from lora_compress.calibrate import closed_loop
 from lora_compress.calibrate.seq2seq import decoder_input_ids, model_inputs
 from lora_compress.cli import main

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import dense, inputs_for, outputs, saved_tensors
-from lora_compress import CompressConfig, HealConfig, LoraCompressError, SharedBasisConfig, compress, compress_, heal, load
+from lora_compress import (CompressConfig, HealConfig, LoraCompressError, SharedBasisConfig, compress, compress_, heal,
+                           load)
 from lora_compress.core.counting import targeted_params
 from lora_compress.core.shared_basis import equal_params_rank, shared_factors, shared_params, shared_spectrum
 from lora_compress.methods.shared_basis import basis_errors, factor_shared_experts
@@ -79,7 +80,8 @@ def test_the_method_ties_one_tensor_across_experts_and_reloads_bit_identical(tin
     assert report.params <= 0.5 * report.dense_params
     compress(str(tiny_models["mixtral"]), tmp_path / "out", config, progress=False)
     loaded = load(tmp_path / "out")
-    assert loaded.model.layers[1].mlp.experts.down_proj[3].lora_A is loaded.model.layers[1].mlp.experts.down_proj[0].lora_A
+    down = loaded.model.layers[1].mlp.experts.down_proj
+    assert down[3].lora_A is down[0].lora_A
     inputs = inputs_for(model)
     assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
     assert "model.layers.0.mlp.experts.gate_up_proj.1.lora_A" not in saved_tensors(tmp_path / "out")

@@ -121,7 +121,8 @@ def block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
 
 
 @torch.no_grad()
-def captured_block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
+def captured_block_calls(model: nn.Module, blocks: list[nn.Module],
+                         tokens: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
     """Every block's (args, kwargs) as :func:`block_calls` gives them, captured from a real forward of
     the model (its blocks in memory, run up to the last one). For blocks that hand the next block more
     than hidden states, which a recorder cannot make up: T5's first block computes the position biases

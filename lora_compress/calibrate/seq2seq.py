@@ -25,7 +25,8 @@ def is_seq2seq_lm(model: nn.Module) -> bool:
     """True for an encoder-decoder with an LM head (T5ForConditionalGeneration, BartForConditionalGeneration)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
-    return is_encoder_decoder(model) and type(model).__name__ in set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
+    names = set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
+    return is_encoder_decoder(model) and type(model).__name__ in names
 
 
 def decoder_input_ids(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ class Statistics:
     owner: dict[str, str] = field(default_factory=dict)  # layer name → name whose Gram it shares
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out, out), or (out,) when wide
     fourth: dict[str, torch.Tensor] = field(default_factory=dict)  # name → [Σ_t ‖g_t‖⁴, Σ_t Σ_i g_ti⁴] (full F)
-    rows: dict[str, int] = field(default_factory=dict)  # owner name → input rows summed (an expert: tokens routed to it)
+    rows: dict[str, int] = field(default_factory=dict)  # owner name → rows summed (an expert: tokens routed to it)
     tokens: int = 0
 
     def gram(self, name: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ LowRankLinear (factored). The MoE block calls it as it called the fused module, 
 computed (``top_k_index``, ``top_k_weights``), so routing is untouched:
 
     x (tokens, H) ──router (mlp.gate)──▶ top-k experts and weights per token
-    tokens routed to e ─▶ gate_up_proj[e] ─▶ gate (act(g)·u) ─▶ down_proj[e] ─▶ × weight ─▶ Σ into y
+    tokens routed to e ─▶ gate_up_proj[e] ─▶ act(g)·u ─▶ down_proj[e] ─▶ × weight ─▶ Σ into y
 
 Supported are the experts classes written for transformers' experts interface
 (``@use_experts_implementation``: layout flags ``has_gate``, ``has_bias``, ``is_transposed``); the fused
@@ -116,12 +116,14 @@ class FactoredExperts(nn.Module):
         """The original experts module holding every expert's dense weight again (B·A where factored)."""
         module = self.template
         for projection in self.projections:
-            weights = [dense_expert_weight(m) for m in getattr(self, projection)]  # (out, in) each
+            experts = getattr(self, projection)
+            trainable = next(experts[0].parameters()).requires_grad
+            weights = [dense_expert_weight(m) for m in experts]  # (out, in) each
             stacked = torch.stack([w.T if self.layout.transposed else w for w in weights])
-            module.register_parameter(projection, nn.Parameter(stacked.contiguous(), requires_grad=False))
+            module.register_parameter(projection, nn.Parameter(stacked.contiguous(), requires_grad=trainable))
             if self.layout.bias:
-                biases = torch.stack([m.bias.detach() for m in getattr(self, projection)])  # (E, out)
-                module.register_parameter(f"{projection}_bias", nn.Parameter(biases, requires_grad=False))
+                biases = torch.stack([m.bias.detach() for m in experts])  # (E, out)
+                module.register_parameter(f"{projection}_bias", nn.Parameter(biases, requires_grad=trainable))
         return module
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -6,4 +6,5 @@
     allocate.py ranks.py   a rank per layer: the budget allocation or the per-layer rule
     plain.py calibrated.py the in-memory passes; compress.py picks one from the method's record
 """
-from . import svd, whiten, sequential, sequential_refit, shared_basis  # noqa: F401  (registers the methods, plain SVD first)
+# registers the methods, plain SVD first
+from . import svd, whiten, sequential, sequential_refit, shared_basis  # noqa: F401

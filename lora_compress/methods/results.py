@@ -20,7 +20,7 @@ class LayerResult:
     conv1d: bool
     energy_kept: float | None = None  # of W (or W·L when whitened)
     note: str = ""
-    shared: tuple[str, str] | None = None  # (factor, layer): this layer's lora_A or lora_B is that layer's (a shared basis)
+    shared: tuple[str, str] | None = None  # (factor, layer): its lora_A or lora_B is that layer's (a shared basis)
 
     @property
     def dense_params(self) -> int:
@@ -57,9 +57,14 @@ class CompressionReport:
     def manifest_layers(self) -> dict:
         return {layer.name: {"shape": list(layer.shape), "rank": layer.rank, "bias": layer.bias,
                              "conv1d": layer.conv1d, "energy_kept": layer.energy_kept, "note": layer.note,
-                             **({"shared": {"factor": layer.shared[0], "with": layer.shared[1]}} if layer.shared else {})}
+                             **_shared_entry(layer)}
                 for layer in self.layers}
 
+
+
+def _shared_entry(layer: LayerResult) -> dict:
+    """``{"shared": {"factor": "lora_A", "with": owner}}`` for a layer using another's factor, else ``{}``."""
+    return {"shared": {"factor": layer.shared[0], "with": layer.shared[1]}} if layer.shared else {}
 
 
 def new_layer_result(name: str, module: nn.Module) -> LayerResult:

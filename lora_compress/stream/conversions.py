@@ -67,7 +67,13 @@ def checkpoint_layout(model: nn.Module, checkpoint_keys) -> CheckpointLayout:
             continue
         entry = pieces.setdefault(target, (converter, {}))
         entry[1].setdefault(pattern, {})[index] = key
-    assembled = {target: _assembled(converter, found) for target, (converter, found) in pieces.items()}
+    assembled = {}
+    for target, (converter, found) in pieces.items():
+        experts = [sorted(indices) for indices in found.values()]
+        if any(indices != list(range(len(experts[0]))) for indices in experts):
+            refused[target] = f"the checkpoint lacks some experts' tensors of {target}"
+            continue
+        assembled[target] = _assembled(converter, found)
     return CheckpointLayout(renamed, assembled, refused)
 
 
@@ -97,5 +103,4 @@ def _assembled(converter, found: dict[str, dict[int, str]]) -> Assembled:
     """The fused tensor: expert e's matrix joins the rows of each source pattern's tensor e, in the
     converter's pattern order (Concatenate along dim 1 of the stack = along the rows of each expert)."""
     patterns = [p for p in converter.source_patterns if p in found]
-    experts = sorted(found[patterns[0]])
-    return Assembled(tuple(tuple((found[p][e], None) for p in patterns) for e in experts), True)
+    return Assembled(tuple(tuple((found[p][e], None) for p in patterns) for e in range(len(found[patterns[0]]))), True)

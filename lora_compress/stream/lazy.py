@@ -36,7 +36,7 @@ class LazyCheckpoint:
     stamps: dict[Path, tuple[int, int]]  # file → (size, mtime_ns) when the run started
     targets: dict[str, nn.Module]
     keys: dict[str, str]  # output name → checkpoint name: untouched tensors and target weights, model order
-    assembled: dict[str, Assembled] = field(default_factory=dict)  # output name → the checkpoint tensors it is made of
+    assembled: dict[str, Assembled] = field(default_factory=dict)  # output name → the checkpoint tensors it joins
 
 
 def open_lazily(source: Source, config: CompressConfig, dtype: torch.dtype | None = None) -> LazyCheckpoint:
