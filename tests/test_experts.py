@@ -216,3 +216,14 @@ def test_heal_trains_the_experts_factors_and_the_healed_folder_reloads(tiny_mode
     before, after = saved_tensors(tmp_path / "out")[name], saved_tensors(tmp_path / "healed")[name]
     assert not torch.equal(before, after)
     assert isinstance(load(tmp_path / "healed").model.layers[0].mlp.experts, FactoredExperts)
+
+
+def test_evaluate_counts_the_experts_among_the_targeted_parameters(tiny_models, text_file, tmp_path):
+    from lora_compress import evaluate_folder
+
+    compress(str(tiny_models["mixtral"]), tmp_path / "out", CompressConfig(ratio=0.5), progress=False)
+    figures = evaluate_folder(str(tiny_models["mixtral"]), tmp_path / "out", text_file, progress=False)
+    params = figures["params"]
+    assert figures["drift"]["logits_rel_error"] > 1e-3, "the compressed model should really differ"
+    assert params["dense_targeted"] == 43_008  # attention 6,144 + experts 36,864, as inspect lists them
+    assert 0.45 < params["ratio_targeted"] <= 0.5
