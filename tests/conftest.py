@@ -78,7 +78,7 @@ def build_gemma2(folder: Path, vocab: int = 64):
 
 
 def build_mixtral(folder: Path, vocab: int = 64):
-    """4 experts, 2 per token: the experts hold 84% of the linear weights."""
+    """4 experts, 2 per token: the experts hold 86% of the targeted weights (36,864 of 43,008)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
