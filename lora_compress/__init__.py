@@ -25,6 +25,7 @@ from .methods.registry import LayerInputs, Method, MethodConfig, get_method, met
 from .methods.results import CompressionReport, LayerResult
 from .methods.sequential import SequentialConfig
 from .methods.sequential_refit import SequentialRefitConfig
+from .methods.shared_basis import SharedBasisConfig
 from .methods.svd import SvdConfig
 from .methods.whiten import WhitenConfig
 from .report.compare import compare_runs
@@ -35,7 +36,7 @@ from .version import __version__
 __all__ = ["CompressConfig", "CompressionReport", "EvalConfig", "ExtractConfig", "ExtractionReport", "Factors",
            "HealConfig", "HealReport", "LayerCost", "LayerInputs", "LayerResult", "LoraCompressError",
            "LoraCompressWarning", "LowRankLinear", "Method", "MethodConfig", "SequentialConfig",
-           "SequentialRefitConfig", "SvdConfig", "WhitenConfig", "__version__", "allocate", "apply_adapters",
-           "block_drift", "calibration_tokens", "compare_runs", "compress", "compress_", "evaluate",
-           "evaluate_folder", "export_dense", "extract", "factorize", "get_method", "heal", "heal_", "load",
-           "merge_adapter_", "method_names", "register_method", "write_report"]
+           "SequentialRefitConfig", "SharedBasisConfig", "SvdConfig", "WhitenConfig", "__version__", "allocate",
+           "apply_adapters", "block_drift", "calibration_tokens", "compare_runs", "compress", "compress_",
+           "evaluate", "evaluate_folder", "export_dense", "extract", "factorize", "get_method", "heal", "heal_",
+           "load", "merge_adapter_", "method_names", "register_method", "write_report"]

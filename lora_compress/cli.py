@@ -140,6 +140,9 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Store the output in this dtype (default: the checkpoint's). Calibration computes in float32 "
               "where the device has no fast kernels for a half-precision dtype.")
+@click.option("--expert-min-tokens", default=16, show_default=True,
+              help="Calibrated methods on mixture-of-experts models: an expert the router sends fewer calibration "
+              "tokens is factored from its weights (plain SVD), as the report says.")
 @click.option("--stream", is_flag=True, help="Read and write one tensor at a time with --method svd (memory ≈ "
               "one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
               "transformer block at a time with a calibrated method (memory ≈ one block + the calibration "
@@ -151,7 +154,8 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, max_keep, device, workers, dtype, stream, memory_limit, force, quiet, gguf_file):
+             svd, seed, max_keep, device, workers, dtype, expert_min_tokens, stream, memory_limit, force, quiet,
+             gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .jobs.compress import compress as compress_checkpoint
     from .methods.config import CompressConfig
@@ -161,7 +165,7 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
     config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
                             calib_samples=calib_samples, calib_len=calib_len, include=tuple(include),
                             exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
-                            workers=workers)
+                            workers=workers, expert_min_tokens=expert_min_tokens)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
                                  progress=not quiet, stream=stream, dtype=dtype, memory_limit=memory_limit)
     if is_main_process():

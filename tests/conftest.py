@@ -1,4 +1,5 @@
-"""Fixtures: tiny random Llama, BERT and GPT-2 checkpoints saved with safetensors, and the real models."""
+"""Fixtures: tiny random Llama, BERT, GPT-2, mixture-of-experts (Mixtral, Qwen2-MoE, Qwen3-MoE) and
+encoder-decoder (T5, BART) checkpoints saved with safetensors, and the real models."""
 from __future__ import annotations
 
 import os
@@ -76,8 +77,76 @@ def build_gemma2(folder: Path, vocab: int = 64):
     return Gemma2ForCausalLM(config).eval()
 
 
+def build_mixtral(folder: Path, vocab: int = 64):
+    """4 experts, 2 per token: the experts hold 86% of the targeted weights (36,864 of 43,008)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, tie_word_embeddings=True)
+    return MixtralForCausalLM(config).eval()
+
+
+def build_qwen2_moe(folder: Path, vocab: int = 64):
+    """4 routed experts beside a shared expert with its own sigmoid gate (a router, left dense)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                            shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                            tie_word_embeddings=True)
+    return Qwen2MoeForCausalLM(config).eval()
+
+
+def build_qwen3_moe(folder: Path, vocab: int = 64):
+    """8 experts, 2 per token."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def build_t5(folder: Path, vocab: int = 64):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def build_bart(folder: Path, vocab: int = 64):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1,
+                        forced_eos_token_id=None)
+    return BartForConditionalGeneration(config).eval()
+
+
+def build_bert_classifier(folder: Path, vocab: int = 64):
+    """A BERT encoder with a sequence-classification head (a task head, left dense)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
 BUILDERS = {"llama": build_llama, "bert": build_bert, "gpt2": build_gpt2}  # every tiny_model test runs on each
-MORE_BUILDERS = {"gemma2": build_gemma2}  # in tiny_models only, for the tests that need them
+MORE_BUILDERS = {"gemma2": build_gemma2, "mixtral": build_mixtral, "qwen2_moe": build_qwen2_moe,  # in tiny_models
+                 "qwen3_moe": build_qwen3_moe, "t5": build_t5, "bart": build_bart,  # only, for the tests that
+                 "bert_classifier": build_bert_classifier}  # need them
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+SEQ2SEQ = ("t5", "bart")
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +164,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=sorted(BUILDERS))
 def tiny_model(request, tiny_models) -> Path:
     """Each tiny architecture in turn."""
+    return tiny_models[request.param]
+
+
+@pytest.fixture(params=MOE)
+def moe_model(request, tiny_models) -> Path:
+    """Each tiny mixture-of-experts architecture in turn."""
+    return tiny_models[request.param]
+
+
+@pytest.fixture(params=SEQ2SEQ)
+def seq2seq_model(request, tiny_models) -> Path:
+    """Each tiny encoder-decoder architecture in turn."""
     return tiny_models[request.param]
 
 

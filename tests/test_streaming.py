@@ -187,7 +187,8 @@ def test_streamed_calibration_of_a_gguf_source_is_one_clear_line(tiny_models, te
 
 @pytest.fixture
 def tiny_resnet(tmp_path):
-    """An image classifier whose only linear layer is its head: no ModuleList holds a linear layer."""
+    """An image classifier whose only linear layer is its head (``classifier.1``, a task head): no ModuleList
+    holds a linear layer."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
@@ -197,7 +198,7 @@ def tiny_resnet(tmp_path):
 
 
 def test_streamed_calibration_of_a_model_without_repeated_blocks_is_one_clear_line(tiny_resnet, text_file, tmp_path):
-    result = _cli_compress(tiny_resnet, tmp_path / "out", text_file)
+    result = _cli_compress(tiny_resnet, tmp_path / "out", text_file, "--include", r"classifier\.1")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: ResNetForImageClassification has no repeated blocks of linear layers (a ModuleList) to stream "

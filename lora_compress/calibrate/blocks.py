@@ -120,6 +120,29 @@ def block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
     return calls
 
 
+@torch.no_grad()
+def captured_block_calls(model: nn.Module, blocks: list[nn.Module],
+                         tokens: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
+    """Every block's (args, kwargs) as :func:`block_calls` gives them, captured from a real forward of
+    the model (its blocks in memory, run up to the last one). For blocks that hand the next block more
+    than hidden states, which a recorder cannot make up: T5's first block computes the position biases
+    the others receive."""
+    calls = [[] for _ in blocks]
+
+    def stop(*_):
+        raise Stop
+
+    handles = [block.register_forward_pre_hook(lambda _m, args, kwargs, i=index: calls[i].append((args, kwargs)),
+                                               with_kwargs=True) for index, block in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(stop))
+    try:
+        _forward_until_stopped(model, tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
 def block_hidden(calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
     """The hidden states of captured block calls (see :func:`block_calls`), one per batch."""
     return [block_input(*call) for call in calls]

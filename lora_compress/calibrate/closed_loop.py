@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import Stop, block_calls, block_hidden, call_block, find_blocks, returns_tuple
+from .blocks import Stop, block_calls, block_hidden, block_stack, call_block, captured_block_calls, find_blocks, \
+    returns_tuple
+from .seq2seq import encoder_decoder_parts
 from .statistics import accumulate, flat_features
 
 
@@ -69,6 +71,18 @@ def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple
     return sums["gram"], sums.get("cross")
 
 
+def block_stacks(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """The stacks of blocks compressed in turn: the encoder's and then the decoder's of an encoder-decoder
+    (calibrate/seq2seq.py), else the one stack of :func:`find_blocks`."""
+    stacks = []
+    for prefix, part in encoder_decoder_parts(model):
+        found = block_stack(part)
+        if found is not None:
+            name = f"{prefix}.{found[0]}" if prefix else found[0]
+            stacks.append([(f"{name}.{i}", block) for i, block in enumerate(found[1])])
+    return stacks or [find_blocks(model)]
+
+
 @torch.no_grad()
 def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn.Module], compress_group,
                    progress: bool = True, dense_stream: bool = True) -> dict[str, nn.Module]:
@@ -77,23 +91,29 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn
     ``compress_group(names, gram, cross)`` factors the layers ``names`` (which share one input)
     given ``gram`` = X_cᵀX_c of the compressed stream's inputs and ``cross`` = X_dᵀX_c with the
     dense stream's inputs, both (in, in) float64; without ``dense_stream`` the dense model is not
-    run alongside (one block pass fewer per block) and ``cross`` is None.
+    run alongside (one block pass fewer per block) and ``cross`` is None. An encoder-decoder's encoder
+    is compressed first; the decoder's block calls are then taken from the model with the compressed
+    encoder.
 
     Returns:
         The targets outside the blocks (e.g. a pooler), left for the caller.
     """
-    blocks = find_blocks(model)
-    if not any(target.startswith(name + ".") for name, _ in blocks for target in targets):
-        return dict(targets)
-    modules = [block for _, block in blocks]
-    calls = block_calls(model, modules, tokens, returns_tuple(model, modules[0], tokens))
-    compressed = block_hidden(calls[0])
-    dense = compressed if dense_stream else None
-    for (block_name, block), block_call in tqdm(zip(blocks, calls), total=len(blocks), desc="compressing blocks",
-                                                unit="block", disable=not progress):
-        dense, compressed = sequential_block(block_name, block, targets, block_call, dense, compressed,
-                                             compress_group)
-    return {n: m for n, m in targets.items() if not any(n.startswith(b + ".") for b, _ in blocks)}
+    stacks = [blocks for blocks in block_stacks(model)
+              if any(target.startswith(name + ".") for name, _ in blocks for target in targets)]
+    for blocks in stacks:
+        modules = [block for _, block in blocks]
+        if encoder_decoder_parts(model):
+            calls = captured_block_calls(model, modules, tokens)
+        else:
+            calls = block_calls(model, modules, tokens, returns_tuple(model, modules[0], tokens))
+        compressed = block_hidden(calls[0])
+        dense = compressed if dense_stream else None
+        for (block_name, block), block_call in tqdm(zip(blocks, calls), total=len(blocks), desc="compressing blocks",
+                                                    unit="block", disable=not progress):
+            dense, compressed = sequential_block(block_name, block, targets, block_call, dense, compressed,
+                                                 compress_group)
+    inside = [name for blocks in stacks for name, _ in blocks]
+    return {n: m for n, m in targets.items() if not any(n.startswith(b + ".") for b in inside)}
 
 
 @torch.no_grad()

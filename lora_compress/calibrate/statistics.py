@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .forward import forward
+from .seq2seq import predictions, token_embeddings
 from .timing import StageTimer
 from .tokens import batches
 
@@ -81,6 +82,7 @@ class Statistics:
     owner: dict[str, str] = field(default_factory=dict)  # layer name → name whose Gram it shares
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out, out), or (out,) when wide
     fourth: dict[str, torch.Tensor] = field(default_factory=dict)  # name → [Σ_t ‖g_t‖⁴, Σ_t Σ_i g_ti⁴] (full F)
+    rows: dict[str, int] = field(default_factory=dict)  # owner name → rows summed (an expert: tokens routed to it)
     tokens: int = 0
 
     def gram(self, name: str) -> torch.Tensor:
@@ -98,10 +100,12 @@ class Statistics:
 
 
 def model_loss(output, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The calibration loss of one batch: next-token loss (causal LMs), else rᵀh over the floating outputs."""
+    """The calibration loss of one batch: next-token loss (causal LMs; an encoder-decoder's decoder
+    predicting the text, calibrate/seq2seq.py), else rᵀh over the floating outputs."""
     logits = getattr(output, "logits", None)
     if logits is not None:  # causal LM: the next-token loss, summed over tokens
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+        seq2seq = getattr(output, "encoder_last_hidden_state", None) is not None
+        return nn.functional.cross_entropy(*predictions(logits.float(), ids, seq2seq), reduction="sum")
     loss = 0.0
     for value in output.values():  # encoder: random projections of every floating output
         if torch.is_tensor(value) and value.is_floating_point() and value.requires_grad:
@@ -128,6 +132,7 @@ class GramHooks:
             if owner == name:
                 flat = flat_features(x.detach())  # (tokens, in)
                 accumulate(self.stats.grams, name, flat.T @ flat)
+                self.stats.rows[name] = self.stats.rows.get(name, 0) + flat.shape[0]
             if self.fisher and output.requires_grad:
                 output.register_hook(lambda g: self._timed(_add_gradient_moments, self.stats, name, g,
                                                            self.full_fisher_max))
@@ -158,8 +163,8 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
     """
     stats, generator = Statistics(), torch.Generator().manual_seed(0)
     hooks = GramHooks(stats, targets, fisher, full_fisher_max)
-    leaf = model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: out.detach().requires_grad_(True)) if fisher else None
+    leaves = [module.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+              for module in token_embeddings(model)] if fisher else []
     wanted = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)  # the backward needs activation gradients only, not 135M+ weight gradients
     try:
@@ -172,7 +177,7 @@ def collect_statistics(model: nn.Module, tokens: torch.Tensor, targets: dict[str
             stats.tokens += ids.numel()
     finally:
         hooks.remove()
-        if leaf is not None:
+        for leaf in leaves:
             leaf.remove()
         for param, flag in wanted.items():
             param.requires_grad_(flag)

@@ -66,6 +66,13 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B, self.bias)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """What the dense weight looks like, (out, in) in the factors' dtype, holding no values (meta):
+        model code that reads a layer's weight to learn its dtype still runs (T5 casts its inputs to
+        ``wo.weight.dtype``). Use :meth:`to_dense` for the matrix itself."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.lora_A.dtype, device="meta")
+
     def to_dense(self) -> torch.Tensor:
         """The (out, in) matrix B·A, for export; never used in forward."""
         return self.lora_B @ self.lora_A

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..calibrate.blocks import block_stack
+from ..calibrate.seq2seq import decoder_input_ids, is_encoder_decoder
 from ..storage.text import paragraphs as split_paragraphs
 
 DRIFT_TOKENS = 512  # causal LMs: tokens of text in the one drift forward
@@ -84,6 +85,8 @@ def block_drift(dense: nn.Module, compressed: nn.Module, batches: list[dict]) ->
     count = len(dense_blocks)
     cumulative, local, tokens = _Sums(count), _Sums(count), 0
     for inputs in batches:
+        if is_encoder_decoder(dense) and "decoder_input_ids" not in inputs:  # the decoder reads the text shifted
+            inputs = {**inputs, "decoder_input_ids": decoder_input_ids(dense, inputs["input_ids"])}
         calls, dense_out, compressed_out = [None] * count, [None] * count, [None] * count
         with _recording(dense_blocks, calls, dense_out):
             dense.base_model(**inputs)  # the body only: an LM head adds cost, not information

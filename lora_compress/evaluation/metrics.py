@@ -4,6 +4,9 @@ Causal LMs: text → the first ``max_tokens`` tokens, cut into non-overlapping `
 windows. Perplexity uses labels = input ids (next-token NLL over each window). Drift: relative
 Frobenius error of the logits, KL(dense ‖ compressed) of next-token distributions (mean per
 token), top-1 agreement.
+Encoder-decoders with an LM head (T5, BART): the same windows go to the encoder, and shifted right
+to the decoder, as their training does (calibrate/seq2seq.py); perplexity and drift are over the
+decoder's predictions of the window's tokens.
 Encoders: paragraphs of the text → mean-pooled, L2-normalised embeddings; drift: cosine
 similarity of the embeddings and relative error of the last hidden states.
 """
@@ -17,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..calibrate.seq2seq import is_encoder_decoder, is_seq2seq_lm, model_inputs, predictions
 from ..core.counting import COUNTED, targeted_params, total_params
 from ..errors import LoraCompressError
 from ..storage.checkpoint import is_causal_lm
@@ -77,8 +81,13 @@ def evaluate(dense: nn.Module, compressed: nn.Module, tokenizer, text: str, targ
     if tokenizer is None:
         raise LoraCompressError("the model folder has no tokenizer; copy its tokenizer files next to config.json")
     timer = _Timer()
-    if is_causal_lm(dense):
-        figures = {"kind": "causal-lm", **_causal_lm(dense, compressed, tokenizer, text, config, timer, progress)}
+    if is_causal_lm(dense) or is_seq2seq_lm(dense):
+        kind = "seq2seq" if is_seq2seq_lm(dense) else "causal-lm"
+        figures = {"kind": kind, **_predictions(dense, compressed, tokenizer, text, config, timer, progress)}
+    elif is_encoder_decoder(dense):
+        raise LoraCompressError(f"evaluate scores an encoder-decoder by its decoder's predictions, and "
+                                f"{type(dense).__name__} has no LM head; evaluate a ...ForConditionalGeneration "
+                                f"checkpoint (compress, load and export work on this one)")
     else:
         figures = {"kind": "encoder", **_encoder(dense, compressed, tokenizer, text, config, timer, progress)}
     figures["params"] = count_summary(dense, compressed, targets)
@@ -100,23 +109,27 @@ def _windows(tokenizer, text: str, config: EvalConfig, window: int) -> list[torc
     return [ids[i: i + window].unsqueeze(0) for i in range(0, len(ids), window) if len(ids[i: i + window]) >= 2]
 
 
-def _causal_lm(dense, compressed, tokenizer, text, config, timer, progress) -> dict:
-    sums = {"nll_dense": 0.0, "nll_compressed": 0.0, "kl": 0.0, "agree": 0, "tokens": 0,
+def _predictions(dense, compressed, tokenizer, text, config, timer, progress) -> dict:
+    """Perplexity and drift over the predicted tokens: the next token (causal LMs), the decoder's (encoder-decoders)."""
+    sums = {"nll_dense": 0.0, "nll_compressed": 0.0, "kl": 0.0, "agree": 0, "tokens": 0, "predicted": 0,
             "diff_sq": 0.0, "ref_sq": 0.0}
     windows = _windows(tokenizer, text, config, fit_context(dense, config.window))
+    seq2seq = is_encoder_decoder(dense)
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
-        logits_d = timer.run("dense", dense, input_ids=ids).logits.float()[0]  # (T, V)
-        logits_c = timer.run("compressed", compressed, input_ids=ids).logits.float()[0]  # (T, V)
-        labels = ids[0, 1:]
-        sums["nll_dense"] += F.cross_entropy(logits_d[:-1], labels, reduction="sum").item()
-        sums["nll_compressed"] += F.cross_entropy(logits_c[:-1], labels, reduction="sum").item()
+        logits_d = timer.run("dense", dense, **model_inputs(dense, ids)).logits.float()[0]  # (T, V)
+        logits_c = timer.run("compressed", compressed, **model_inputs(dense, ids)).logits.float()[0]  # (T, V)
+        predicted_d, labels = predictions(logits_d, ids[0], seq2seq)  # (N, V), (N,)
+        sums["nll_dense"] += F.cross_entropy(predicted_d, labels, reduction="sum").item()
+        sums["nll_compressed"] += F.cross_entropy(predictions(logits_c, ids[0], seq2seq)[0], labels,
+                                                  reduction="sum").item()
+        sums["predicted"] += labels.numel()
         logp_d, logp_c = logits_d.log_softmax(-1), logits_c.log_softmax(-1)
         sums["kl"] += F.kl_div(logp_c, logp_d, log_target=True, reduction="sum").item()
         sums["agree"] += int((logits_d.argmax(-1) == logits_c.argmax(-1)).sum())
         sums["tokens"] += ids.shape[1]
         sums["diff_sq"] += (logits_c - logits_d).pow(2).sum().item()
         sums["ref_sq"] += logits_d.pow(2).sum().item()
-    predicted = sums["tokens"] - len(windows)
+    predicted = sums["predicted"]
     return {
         "tokens": sums["tokens"],
         "perplexity": {"dense": float(torch.tensor(sums["nll_dense"] / predicted).exp()),

@@ -13,6 +13,7 @@ from ..storage.card import Card, manifest_settings, write_card
 from ..storage.checkpoint import Source, copy_side_files, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import MANIFEST, factored_modules, load, read_manifest
 from ..storage.output import atomic_folder, check_output_folder
+from ..core.experts import fuse_experts_
 from ..core.patch import replace_module
 from ..errors import LoraCompressError
 from .peft_format import ADAPTER_CONFIG, merge_adapter_, read_adapter_config
@@ -73,7 +74,8 @@ def _dense_from_adapter(folder: Path, base: str | None, gguf_file: str | None, c
 
 @torch.no_grad()
 def densify_(model: nn.Module, conv1d: set[str] = frozenset()) -> nn.Module:
-    """Replace every LowRankLinear by the original layer type holding B·A (Conv1D for ``conv1d`` names)."""
+    """Replace every LowRankLinear by the original layer type holding B·A (Conv1D for ``conv1d`` names),
+    and split experts by their fused module again (core/experts.py)."""
     from transformers.pytorch_utils import Conv1D
 
     for name, module in factored_modules(model).items():
@@ -87,4 +89,5 @@ def densify_(model: nn.Module, conv1d: set[str] = frozenset()) -> nn.Module:
         if module.bias is not None:
             dense.bias.copy_(module.bias)
         replace_module(model, name, dense)
+    fuse_experts_(model)
     return model

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..calibrate.forward import forward
+from ..calibrate.seq2seq import is_encoder_decoder
 from ..calibrate.tokens import read_calibration_text
 from ..core.layers import LowRankLinear
 from ..core.patch import replace_module
@@ -211,6 +212,9 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
         base = base or teacher
     folder, out = Path(folder), Path(out)
     manifest = read_manifest(folder)
+    if any(layer.get("shared") for layer in manifest["layers"].values()):
+        raise LoraCompressError(f"{folder} shares one basis across experts (--method {manifest['method']}), which heal "
+                                f"does not train: it trains each layer's own factors; heal a folder of another method")
     check_output_folder(out, force)
     text = read_calibration_text(str(calib))
     source = Source(folder.resolve(), str(folder))
@@ -344,6 +348,9 @@ def _check_pair(model: nn.Module, teacher: nn.Module, config: HealConfig) -> Non
     factored = factored_modules(model)
     if not factored:
         raise LoraCompressError("the model has no factored layers to heal; compress it first")
+    if is_encoder_decoder(model):
+        raise LoraCompressError(f"{type(model).__name__} is an encoder-decoder; heal distils causal LMs and encoders, "
+                                f"not encoder-decoders yet (compress, evaluate and export work)")
     shapes = {n: p.shape for n, p in teacher.named_parameters()}
     for name, param in model.named_parameters():
         if name.rpartition(".")[0] not in factored and shapes.get(name) != param.shape:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
+from ..core.experts import experts_manifest
 from ..errors import LoraCompressError, LoraCompressWarning
 from ..methods.compress import check_calibrated, compress_
 from ..methods.config import CompressConfig
@@ -51,6 +52,7 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
         "versions": versions(),
         "targeted_params": {"dense": report.dense_params, "compressed": report.params},
         "layers": report.manifest_layers(),
+        "experts": experts_manifest(model),  # split experts modules: a loader splits these before the factors go in
         "calibration": report.calibration,
     }
 

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from ..calibrate.block_source import BlockSource, ResidentBlocks, RunsBeforeBlocks
 from ..calibrate.blocks import block_hidden, call_block, find_blocks
 from ..calibrate.closed_loop import run_sequential, sequential_block
+from ..calibrate.experts import fall_back_to_weights_
+from ..calibrate.seq2seq import is_encoder_decoder
 from ..calibrate.gradient_pass import gradient_pass
 from ..calibrate.spill import SPILL_BYTES, Spill
 from ..calibrate.statistics import FULL_FISHER_MAX, GramHooks, Statistics, collect_statistics, peak_memory_mb
@@ -70,12 +72,31 @@ class Factorer:
         self.method, self.timer = config.record, timer or StageTimer()
         self.results = {name: new_layer_result(name, module) for name, module in targets.items()}
         self.fisher: dict[str, torch.Tensor] = {}
+        self.sparse: dict[str, int] = {}  # experts routed too few calibration tokens → tokens: factored from W
+
+    def fall_back_(self, stats: Statistics, names) -> Statistics:
+        """Experts among ``names`` routed fewer than ``expert_min_tokens`` get isotropic statistics
+        (calibrate/experts.py) and are factored from their weights; returns ``stats``."""
+        self.sparse.update(fall_back_to_weights_(stats, self.model, names, self.config.expert_min_tokens))
+        return stats
 
     def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         self.group([name], gram, cross)
 
     def group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor | None) -> None:
-        """Factor ``names``, layers reading one input (Gram ``gram``, cross-Gram ``cross``), and swap them in."""
+        """Factor ``names``, layers reading one input (Gram ``gram``, cross-Gram ``cross``), and swap them in.
+        An expert routed too few tokens is factored on isotropic statistics: the truncated SVD of W."""
+        for name in [n for n in names if n in self.sparse]:
+            self.results[name].note = (f"received {self.sparse[name]} calibration tokens (fewer than "
+                                       f"--expert-min-tokens {self.config.expert_min_tokens}): factored from its "
+                                       f"weight spectrum")
+            self.fisher.pop(name, None)
+            self._group([name], torch.eye(dense_weight(self.targets[name]).shape[1], dtype=torch.float64), None)
+        self._group([n for n in names if n not in self.sparse], gram, cross)
+
+    def _group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor | None) -> None:
+        if not names:
+            return
         with self.timer.stage("factoring"):
             for name in names:
                 if name not in self.ranks:
@@ -117,6 +138,9 @@ class Factorer:
                               "peak_memory_mb": round(peak_memory_mb(), 1),
                               "seconds": round(time.perf_counter() - start, 1),
                               "seconds_by_stage": self.timer.rounded()}
+        if self.sparse:  # experts factored from their weights: too few tokens routed to them
+            report.calibration["sparse_experts"] = {"min_tokens": config.expert_min_tokens,
+                                                    "tokens": dict(sorted(self.sparse.items()))}
         return report
 
 
@@ -124,15 +148,17 @@ class RankCollector:
     """What pass 2 needs from pass 1, gathered a block at a time: each layer's cost (or rule rank), and
     its gradient covariance F, parked in ``spill`` under the block's first target."""
 
-    def __init__(self, config: CompressConfig, spill: Spill):
-        self.config, self.spill = config, spill
+    def __init__(self, config: CompressConfig, spill: Spill, fall_back: Callable[[Statistics, dict], Statistics]):
+        self.config, self.spill, self.fall_back = config, spill, fall_back
         self.costs: dict[str, LayerCost] = {}
         self.ranks: dict[str, int | None] = {}
 
     def add(self, modules: dict[str, nn.Module], stats: Statistics) -> None:
-        """Take one block's statistics (its weights still loaded); its Grams are dropped with it."""
+        """Take one block's statistics (its weights still loaded); its Grams are dropped with it. Experts
+        routed too few tokens get isotropic statistics first (``fall_back``: Factorer.fall_back_)."""
         if not modules:
             return
+        self.fall_back(stats, modules)
         self.spill.put(self._key(modules), dict(stats.fisher))
         if self.config.budget is not None:
             workers = layer_workers(self.config.workers, [tuple(dense_weight(m).shape) for m in modules.values()],
@@ -188,10 +214,11 @@ def compress_blocks(source: BlockSource, config: CompressConfig, tokens: torch.T
     wanted = {p: p.requires_grad for p in source.model.parameters()}
     source.model.requires_grad_(False)  # the backward needs activation gradients only, not weight gradients
     try:
-        collector = RankCollector(config, spill)
+        factorer = Factorer(source.model, config, targets, {}, timer)
+        collector = RankCollector(config, spill, factorer.fall_back_)
         if config.needs_gradients:
             gradient_pass(source, calls, tokens, targets, collector.add, spill, timer, progress)
-        factorer = Factorer(source.model, config, targets, collector.ranks_for(targets), timer)
+        factorer.ranks.update(collector.ranks_for(targets))
         compress_pass = _closed_loop_pass if config.record.closed_loop else _open_loop_pass
         last = compress_pass(source, calls, factorer, collector, on_block, progress)
         _outside_pass(source, tokens, last, factorer, collector)
@@ -266,7 +293,9 @@ def _outside_pass(source: BlockSource, tokens: torch.Tensor, last: list[torch.Te
 
 
 def _factor_groups(factorer: Factorer, modules: dict[str, nn.Module], stats: Statistics) -> None:
-    """Factor ``modules`` on their Grams, layers sharing an input together."""
+    """Factor ``modules`` on their Grams, layers sharing an input together (experts routed too few tokens
+    on isotropic statistics)."""
+    factorer.fall_back_(stats, modules)
     groups: dict[str, list[str]] = {}
     for name in modules:
         groups.setdefault(stats.owner[name], []).append(name)
@@ -306,7 +335,7 @@ def compress_calibrated_(model: nn.Module, config: CompressConfig, tokens: torch
     """
     targets = find_targets(model, config.include, config.exclude)
     check_fixed_rank(targets, config.rank)
-    if find_blocks(model):
+    if find_blocks(model) and not is_encoder_decoder(model):  # an encoder-decoder's two stacks: compressed whole
         try:
             return compress_blocks(ResidentBlocks(model, config.device), config, tokens, targets, progress,
                                    spill_folder=spill_folder)
@@ -323,7 +352,8 @@ def _compress_whole_(model: nn.Module, config: CompressConfig, tokens: torch.Ten
     start, method = time.perf_counter(), config.record
     check_calibration_length(model, tokens)
     stats = collect_statistics(model, tokens, targets, fisher=config.needs_gradients, progress=progress)
-    factorer = Factorer(model, config, targets, choose_ranks(config, targets, stats))
+    factorer = Factorer(model, config, targets, {})
+    factorer.ranks.update(choose_ranks(config, targets, factorer.fall_back_(stats, targets)))
     factorer.fisher = stats.fisher
     if method.closed_loop:
         stats.grams.clear()  # only the Fisher moments are used from here on

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.targets import expose_experts_
 from ..errors import LoraCompressError
 from .calibrated import compress_calibrated_
 from .config import CompressConfig
@@ -25,7 +26,8 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     """Factor every targeted layer of ``model`` in place (plain SVD, or activation-aware with ``tokens``).
 
     Args:
-        model: a transformers model (or any nn.Module with nn.Linear / Conv1D layers).
+        model: a transformers model (or any nn.Module with nn.Linear / Conv1D layers); fused experts
+            holding a target are split into one module per expert first (core/experts.py).
         config: rank option, targets, method and SVD settings.
         progress: show a progress bar over layers.
         tokens: calibration token ids (samples, length), needed by every calibrated method
@@ -44,6 +46,7 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     Raises:
         LoraCompressError: a bad rank for some layer, a pattern matching nothing, a bad weight.
     """
+    expose_experts_(model, config.include, config.exclude)  # each expert's matrices become targets
     if config.record.calibration:
         check_calibrated(config, tokens)
         return compress_calibrated_(model, config, tokens, progress, spill_folder)

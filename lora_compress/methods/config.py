@@ -24,6 +24,7 @@ from .registry import Method, MethodConfig, get_method, method_of
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
 CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is given and none is named
 MAX_KEEP = 0.9  # default --max-keep: the speed rule (above)
+EXPERT_MIN_TOKENS = 16  # default --expert-min-tokens (calibrate/experts.py; BENCHMARKS.md: whitening on fewer tokens)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class CompressConfig:
     calib_len: int = 256  # tokens per calibration sequence
     device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
     workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
+    expert_min_tokens: int = EXPERT_MIN_TOKENS  # calibrated: an expert routed fewer tokens is factored from its weights
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
@@ -62,6 +64,8 @@ class CompressConfig:
             raise LoraCompressError(f"--rank {self.rank} must be a positive integer")
         if self.workers < 0:
             raise LoraCompressError(f"--workers {self.workers} is negative; pass 0 (auto) or a count of layers")
+        if self.expert_min_tokens < 0:
+            raise LoraCompressError(f"--expert-min-tokens {self.expert_min_tokens} is negative; pass 0 or more")
         for name in ("ratio", "energy", "budget", "max_keep"):
             value = getattr(self, name)
             if value is not None and not (0 < value <= 1):

@@ -1,6 +1,7 @@
 """The data-free pass: every targeted layer factored from its weight alone, several at once.
 
     targets ──ordered_map (workers)──▶ factor_weight ──▶ the method's handler ──▶ factor_module_
+    experts of one fused tensor ──▶ factor_experts ──▶ the method's experts handler (a method that has one)
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core import svd as svdmath
+from ..core.experts import experts_by_matrix, tie_factor_
 from ..core.layers import check_finite_float, dense_weight
 from ..core.patch import factor_module_
 from ..core.targets import find_targets
 from ..core.workers import layer_workers, ordered_map
+from ..errors import LoraCompressError
 from .config import CompressConfig
 from .ranks import check_fixed_rank, layer_rank
 from .registry import LayerInputs
@@ -25,15 +28,57 @@ def compress_plain_(model: nn.Module, config: CompressConfig, progress: bool = T
     """Factor every targeted layer of ``model`` in place from its weight alone (a data-free method)."""
     targets = find_targets(model, config.include, config.exclude)
     check_fixed_rank(targets, config.rank)
-    report = CompressionReport(config)
-    workers = factoring_workers(config, targets)
-    with closing(ordered_map(lambda target: _factor_target(target, config), targets.items(), workers)) as outcomes:
-        for name, (result, factors) in tqdm(zip(targets, outcomes), total=len(targets), desc="factoring",
+    results = {}
+    for names in (experts_by_matrix(model, targets) if config.record.experts else {}).values():
+        modules = [model.get_submodule(name) for name in names]
+        weights = torch.stack([dense_weight(module) for module in modules])  # (E, out, in)
+        for name, (result, factors) in zip(names, factor_experts(names, modules, weights, config)):
+            if factors is not None:
+                factor_module_(model, name, factors)
+            if result.shared:
+                tie_factor_(model, name, *result.shared)
+            results[name] = result
+    singles = {name: module for name, module in targets.items() if name not in results}
+    workers = factoring_workers(config, singles) if singles else 1
+    with closing(ordered_map(lambda target: _factor_target(target, config), singles.items(), workers)) as outcomes:
+        for name, (result, factors) in tqdm(zip(singles, outcomes), total=len(singles), desc="factoring",
                                             unit="layer", disable=not progress):
             if factors is not None:
                 factor_module_(model, name, factors)
-            report.layers.append(result)
-    return report
+            results[name] = result
+    return CompressionReport(config, [results[name] for name in targets])
+
+
+@torch.no_grad()
+def factor_experts(names: list[str], modules: list[nn.Module], weights: torch.Tensor,
+                   config: CompressConfig) -> list[tuple[LayerResult, svdmath.Factors | None]]:
+    """(LayerResult, Factors or None) of each expert of one fused tensor, factored together by the
+    method's experts handler from ``weights`` (E, out, in); the modules are not touched. A factor the
+    handler shares is marked in the results of all experts but the first, which owns it.
+
+    Raises:
+        LoraCompressError: an energy rule (the experts handler spends a parameter count).
+    """
+    results = [new_layer_result(name, module) for name, module in zip(names, modules)]
+    shape = results[0].shape
+    if config.energy is not None:
+        raise LoraCompressError(f"--method {config.method} spends the parameters of a rank per expert; "
+                                f"pass --rank or --ratio, not --energy")
+    rank = layer_rank(config, shape)
+    if rank > config.rank_limit(shape):
+        for result in results:
+            result.note = config.dense_note(rank, shape)
+        return [(result, None) for result in results]
+    for name, weight in zip(names, weights):
+        check_finite_float(name, weight)
+    factors = config.record.experts(weights.to(config.device), rank, config.options, svd=config.svd, seed=config.seed)
+    for result, own in zip(results, factors):
+        result.rank, result.energy_kept = own.rank, own.energy_kept
+    for factor, field in (("lora_A", "A"), ("lora_B", "B")):
+        if len(names) > 1 and all(getattr(f, field) is getattr(factors[0], field) for f in factors):
+            for result in results[1:]:
+                result.shared = (factor, names[0])
+    return list(zip(results, factors))
 
 
 def factoring_workers(config: CompressConfig, targets: dict[str, nn.Module]) -> int:

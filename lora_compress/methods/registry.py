@@ -42,6 +42,7 @@ class LayerInputs:
 
 
 Handler = Callable[..., Factors]  # (weight, rank, LayerInputs, config, *, svd, seed) → Factors
+ExpertsHandler = Callable[..., list]  # (weights (E, out, in), rank, config, *, svd, seed) → [Factors] per expert
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Method:
     gradients: bool = False  # uses the output-gradient moments F (one backward pass over the calibration text)
     closed_loop: bool = False  # block by block, on the inputs the already compressed blocks produce
     dense_stream: bool = False  # also runs the dense model beside it, for the cross-Gram X_dᵀX_c
+    experts: ExpertsHandler | None = None  # factors the experts of one fused tensor together (a factor may be shared)
 
     def options(self, config: MethodConfig | None) -> MethodConfig:
         """``config``, or the default config of this method when None.
@@ -75,13 +77,15 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, config_class: type[MethodConfig], *, summary: str, calibration: bool = False,
-                    gradients: bool = False, closed_loop: bool = False, dense_stream: bool = False):
-    """Decorator: register ``handler`` as the method ``name`` configured by ``config_class``."""
+                    gradients: bool = False, closed_loop: bool = False, dense_stream: bool = False,
+                    experts: ExpertsHandler | None = None):
+    """Decorator: register ``handler`` as the method ``name`` configured by ``config_class``; ``experts``,
+    when given, factors the experts of one fused tensor together (data-free methods only)."""
     def register(handler: Handler) -> Handler:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         _METHODS[name] = Method(name, config_class, handler, summary, calibration, gradients, closed_loop,
-                                dense_stream)
+                                dense_stream, experts)
         return handler
     return register
 

@@ -20,6 +20,7 @@ class LayerResult:
     conv1d: bool
     energy_kept: float | None = None  # of W (or W·L when whitened)
     note: str = ""
+    shared: tuple[str, str] | None = None  # (factor, layer): its lora_A or lora_B is that layer's (a shared basis)
 
     @property
     def dense_params(self) -> int:
@@ -27,8 +28,13 @@ class LayerResult:
 
     @property
     def params(self) -> int:
-        """Weight parameters after compression (bias not counted)."""
-        return self.dense_params if self.rank is None else self.rank * sum(self.shape)
+        """Weight parameters after compression (bias not counted; a factor shared with another layer
+        is that layer's)."""
+        if self.rank is None:
+            return self.dense_params
+        if self.shared is None:
+            return self.rank * sum(self.shape)
+        return self.rank * (self.shape[1] if self.shared[0] == "lora_B" else self.shape[0])
 
 
 
@@ -50,9 +56,15 @@ class CompressionReport:
 
     def manifest_layers(self) -> dict:
         return {layer.name: {"shape": list(layer.shape), "rank": layer.rank, "bias": layer.bias,
-                             "conv1d": layer.conv1d, "energy_kept": layer.energy_kept, "note": layer.note}
+                             "conv1d": layer.conv1d, "energy_kept": layer.energy_kept, "note": layer.note,
+                             **_shared_entry(layer)}
                 for layer in self.layers}
 
+
+
+def _shared_entry(layer: LayerResult) -> dict:
+    """``{"shared": {"factor": "lora_A", "with": owner}}`` for a layer using another's factor, else ``{}``."""
+    return {"shared": {"factor": layer.shared[0], "with": layer.shared[1]}} if layer.shared else {}
 
 
 def new_layer_result(name: str, module: nn.Module) -> LayerResult:

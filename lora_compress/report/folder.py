@@ -145,6 +145,11 @@ def _header(report: dict) -> str:
         lines.append(f"- calibration: {calibration.get('samples')} × {calibration.get('length')} tokens of "
                      f"`{calibration.get('text')}`, {calibration.get('seconds')} s, peak memory "
                      f"{calibration.get('peak_memory_mb')} MiB")
+        sparse = calibration.get("sparse_experts")
+        if sparse:
+            lines.append(f"- experts routed fewer than {sparse['min_tokens']} calibration tokens, factored from their "
+                         f"weight spectrum (plain SVD): {len(sparse['tokens'])} "
+                         f"({', '.join(f'`{n}` {t}' for n, t in sparse['tokens'].items())})")
     if report["evaluate_command"]:
         lines.append(f"- evaluated with: `{report['evaluate_command']}`")
     versions = report.get("versions") or {}
@@ -212,7 +217,9 @@ def _layers(report: dict, images: dict[str, str]) -> str:
     rows = []
     for name, layer in report["layers"].items():
         (out_features, in_features), rank = layer["shape"], layer["rank"]
-        kept = 1.0 if rank is None else rank * (out_features + in_features) / (out_features * in_features)
+        own = (in_features if layer["shared"]["factor"] == "lora_B" else out_features) if layer.get("shared") else \
+            out_features + in_features  # a shared factor counts once, in the layer that owns it
+        kept = 1.0 if rank is None else rank * own / (out_features * in_features)
         energy = layer.get("energy_kept")
         rows.append([f"`{name}`", f"{out_features}×{in_features}", "dense" if rank is None else rank,
                      f"{kept:.1%}", "-" if energy is None else f"{energy:.4f}", layer.get("note") or ""])

@@ -7,9 +7,11 @@ from pathlib import Path
 from ..calibrate.statistics import collect_statistics
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
 from ..core.counting import total_params
+from ..core.experts import experts_by_matrix, unfuse_experts_
 from ..core.layers import dense_weight
+from ..core.left_out import unsupported_experts
 from ..core.svd import break_even_rank
-from ..core.targets import find_targets
+from ..core.targets import find_targets, left_out_reasons
 from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from .plots import spectrum_plots
 from .spectra import layer_spectra, spectrum_table
@@ -17,20 +19,43 @@ from .tables import render
 
 
 def inspect_model(model: str, gguf_file: str | None = None, include=(), exclude=()) -> str:
-    """A table of targeted layers (shape, parameters, break-even rank) and totals."""
+    """Two tables: the targeted layers (shape, parameters, break-even rank; a layer's experts on one
+    row, E × out×in), and the layers left dense with the reason; then the totals."""
     source = resolve_source(model, gguf_file)
     dense = load_dense(source)
-    targets = find_targets(dense, include, exclude)
-    rows = []
-    for name, module in targets.items():
-        out_features, in_features = dense_weight(module).shape
-        rows.append([name, type(module).__name__, f"{out_features}×{in_features}",
-                     f"{out_features * in_features:,}", break_even_rank(out_features, in_features)])
-    targeted = sum(int(r[3].replace(",", "")) for r in rows)
     total = total_params(dense)
-    return (f"{render(rows, ['layer', 'type', 'out×in', 'params', 'break-even rank'])}\n\n"
-            f"{type(dense).__name__}: {total:,} parameters (tied embeddings once); "
-            f"{len(rows)} targeted layers hold {targeted:,} ({targeted / total:.1%})")
+    unfuse_experts_(dense)  # every expert's matrices listed, targeted or not
+    targets = find_targets(dense, include, exclude)
+    rows = [[name, kind, shape, f"{params:,}", break_even_rank(*dense_weight(module).shape)]
+            for name, kind, shape, params, module in _grouped(dense, targets, lambda n: "")]
+    targeted = sum(dense_weight(m).numel() for m in targets.values())
+    left = left_out_reasons(dense, include, exclude)
+    kept = [[name, kind, shape, why] for name, kind, shape, _, why in
+            _grouped(dense, {n: dense.get_submodule(n) for n in left}, left.get)]
+    kept += [[name, "experts", "-", why] for name, why in unsupported_experts(dense).items()]
+    tables = render(rows, ["layer", "type", "out×in", "params", "break-even rank"])
+    if kept:
+        tables += "\n\nleft dense:\n" + render(kept, ["layer", "type", "out×in", "why"])
+    return (f"{tables}\n\n{type(dense).__name__}: {total:,} parameters (tied embeddings once); "
+            f"{len(rows)} targeted rows ({len(targets)} matrices) hold {targeted:,} ({targeted / total:.1%})")
+
+
+def _grouped(model, modules: dict, why):
+    """``(name, type, shape, params, module or why)`` rows: one per module, or one per fused expert
+    tensor for the experts among ``modules`` (``E × out×in``, E the experts listed)."""
+    experts = experts_by_matrix(model, modules)
+    grouped = {name for names in experts.values() for name in names}
+    for name, module in modules.items():
+        out_features, in_features = dense_weight(module).shape
+        if name not in grouped:
+            yield name, type(module).__name__, f"{out_features}×{in_features}", out_features * in_features, \
+                why(name) or module
+            continue
+        fused, _, index = name.rpartition(".")
+        if experts[fused][0] == name:
+            count = len(experts[fused])
+            yield fused, "experts", f"{count} × {out_features}×{in_features}", count * out_features * in_features, \
+                why(name) or module
 
 
 def calibration_grams(model, tokenizer, targets: dict, calib: str, samples: int, length: int, progress: bool = True):
@@ -53,6 +78,7 @@ def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclud
     """
     source = resolve_source(model, gguf_file)
     dense = load_dense(source)
+    unfuse_experts_(dense)  # each expert's matrices have spectra of their own
     targets = find_targets(dense, include, exclude)
     name = f"{Path(os.path.normpath(source.name)).name} ({len(targets)} layers)"
     grams = calibration_grams(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,

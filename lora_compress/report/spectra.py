@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibrate.blocks import split_name
+from ..core.experts import fused_name
 from ..core.layers import dense_weight
 from ..core.svd import break_even_rank, cholesky_factor, rank_for_energy
 from .tables import render
@@ -32,7 +33,8 @@ class Spectrum:
 
     @property
     def kind(self) -> str:
-        return split_name(self.name)[1]
+        """The layer type; a layer's experts are one type (``mlp.experts.gate_up_proj``)."""
+        return fused_name(split_name(self.name)[1])
 
     @property
     def block(self) -> int | None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from ..core.experts import expert_of, tie_shared_factors_, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError
@@ -38,11 +39,15 @@ def factored_modules(model: nn.Module) -> dict[str, LowRankLinear]:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``<module>.lora_A`` / ``<module>.lora_B`` of every factored module, contiguous copies."""
-    tensors = {}
+    """``<module>.lora_A`` / ``<module>.lora_B`` of every factored module, contiguous copies; a factor
+    shared by several modules (a basis shared across experts) is copied for each, so that the file
+    stands alone."""
+    tensors, seen = {}, set()
     for name, module in factored_modules(model).items():
-        tensors[f"{name}.lora_A"] = module.lora_A.detach().contiguous()
-        tensors[f"{name}.lora_B"] = module.lora_B.detach().contiguous()
+        for factor in ("lora_A", "lora_B"):
+            tensor = getattr(module, factor).detach()
+            tensors[f"{name}.{factor}"] = tensor.clone() if id(getattr(module, factor)) in seen else tensor.contiguous()
+            seen.add(id(getattr(module, factor)))
     return tensors
 
 
@@ -91,7 +96,9 @@ def load(folder: str | os.PathLike) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     dtype = getattr(torch, manifest["dtype"])
     model = model_class(config)._from_config(config, dtype=dtype)
+    _split_experts(model, manifest.get("experts", {}), folder)
     _install_factored(model, manifest["layers"], dtype)
+    tie_shared_factors_(model, manifest["layers"])
     files = weight_files(folder)
     check_weight_files(files)
     _load_weights(model, files)
@@ -113,6 +120,16 @@ def _load_weights(model: nn.Module, paths: list[Path]) -> None:
         problem = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
         raise LoraCompressError(f"{paths[0].parent} does not match its manifest ({problem}); "
                                 f"compress the model again")
+
+
+def _split_experts(model: nn.Module, experts: dict, folder: Path) -> None:
+    """Split the fused experts modules the manifest names into one module per expert (core/experts.py)."""
+    split = unfuse_experts_(model, set(experts))
+    for name, layout in experts.items():
+        if name not in split or split[name].layout.manifest() != layout:
+            raise LoraCompressError(f"{folder} holds the experts {name} as {layout['class']} with "
+                                    f"{layout['num_experts']} experts, which this model does not build; "
+                                    f"load it with the transformers version that wrote it")
 
 
 def _install_factored(model: nn.Module, layers: dict, dtype: torch.dtype) -> None:
@@ -148,8 +165,10 @@ def apply_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise LoraCompressError(f"{path} does not exist; pass an adapters.safetensors file or its folder")
     check_weight_files([path])
     tensors = load_file(str(path))
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    unfuse_experts_(model, {found[0] for found in (expert_of(model, n) for n in names) if found})  # experts' factors
     modules = dict(model.named_modules())
-    for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
+    for name in sorted(names):
         if name not in modules or not hasattr(modules[name], "weight"):
             raise LoraCompressError(f"adapter module {name} is not in this model; apply it to the model it was made from")
         B, A = tensors[f"{name}.lora_B"], tensors[f"{name}.lora_A"]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ..calibrate.block_source import BlockSource, return_freed_memory
+from ..calibrate.seq2seq import is_encoder_decoder
+from ..errors import LoraCompressError
 from ..core.layers import LowRankLinear
 from .lazy import LazyCheckpoint, read_tensor
 
@@ -27,10 +29,14 @@ class BlockLoader(BlockSource):
     written goes back in the checkpoint's dtype.
 
     Raises:
-        LoraCompressError: the model has no ModuleList of blocks holding linear layers.
+        LoraCompressError: the model has no ModuleList of blocks holding linear layers, or is an encoder-decoder.
     """
 
     def __init__(self, checkpoint: LazyCheckpoint, device: str | torch.device = "cpu"):
+        if is_encoder_decoder(checkpoint.model):
+            raise LoraCompressError(f"{type(checkpoint.model).__name__} is an encoder-decoder: calibrated methods "
+                                    f"stream decoder-only and encoder-only models block by block, not two stacks; "
+                                    f"drop --stream (in memory they work), or stream plain SVD (--method svd)")
         super().__init__(checkpoint.model.requires_grad_(False), checkpoint.dtype, device)
         self.checkpoint = checkpoint
         self.sources = _checkpoint_names(checkpoint)

@@ -13,13 +13,15 @@ from __future__ import annotations
 from contextlib import closing
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
+from ..core.experts import experts_by_matrix
 from ..core.layers import is_conv1d
 from ..core.workers import ordered_map
 from ..errors import LoraCompressError
 from ..methods.config import CompressConfig
-from ..methods.plain import factor_weight, factoring_workers
+from ..methods.plain import factor_experts, factor_weight, factoring_workers
 from ..methods.results import CompressionReport, new_layer_result
 from ..storage.shards import ShardWriter, write_adapters
 from .distributed import Group, check_split
@@ -44,15 +46,51 @@ def factored_layers(checkpoint: LazyCheckpoint, config: CompressConfig, group: G
 
 def _outcomes(checkpoint: LazyCheckpoint, config: CompressConfig, group: Group, names: list[str]):
     """Each target's :func:`_factor_one` outcome, in order: one process factors several layers at
-    once on its threads (workers.py); K processes factor one layer each per round."""
+    once on its threads (workers.py); K processes factor one layer each per round. A method with an
+    experts handler gets the experts of each fused tensor together (one process only)."""
+    groups = experts_by_matrix(checkpoint.model, names) if config.record.experts else {}
     if group.world == 1:
         workers = factoring_workers(config, checkpoint.targets)
-        yield from ordered_map(lambda name: _factor_one(checkpoint, config, name), names, workers)
+        for outcomes in ordered_map(lambda item: _factor_item(checkpoint, config, *item), _items(names, groups),
+                                    workers):
+            yield from outcomes
+        return
+    if groups:
+        yield (f"--method {config.method} factors the experts of a layer together; run it in one process "
+               f"(drop torchrun)")
         return
     for start in range(0, len(names), group.world):
         index = start + group.rank
         mine = _factor_one(checkpoint, config, names[index]) if index < len(names) else None
         yield from group.share(mine)[:len(names) - start]
+
+
+def _items(names: list[str], groups: dict[str, list[str]]) -> list[tuple[list[str], bool]]:
+    """The work in target order: ``([name], False)`` per layer, ``(experts, True)`` per fused tensor whose
+    experts are factored together."""
+    first = {members[0]: members for members in groups.values()}
+    grouped = {name for members in groups.values() for name in members}
+    return [(first[name], True) if name in first else ([name], False) for name in names
+            if name in first or name not in grouped]
+
+
+def _factor_item(checkpoint: LazyCheckpoint, config: CompressConfig, names: list[str], together: bool) -> list:
+    """The outcomes of one work item (see :func:`_items`)."""
+    if not together:
+        return [_factor_one(checkpoint, config, names[0])]
+    modules = [checkpoint.model.get_submodule(name) for name in names]
+    try:
+        weights = torch.stack([read_tensor(checkpoint, f"{name}.weight").to(checkpoint.dtype) for name in names])
+        return [(result, _on_cpu(factors)) for result, factors in factor_experts(names, modules, weights, config)]
+    except LoraCompressError as error:
+        return [str(error)]
+
+
+def _on_cpu(factors):
+    """``factors`` with its tensors on the CPU (None stays None)."""
+    if factors is None:
+        return None
+    return type(factors)(factors.B.cpu(), factors.A.cpu(), factors.singular_values.cpu(), factors.energy_kept)
 
 
 def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, name: str):
@@ -64,10 +102,7 @@ def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, name: str):
         factors = factor_weight(result, weight.T if is_conv1d(module) else weight, config)
     except LoraCompressError as error:
         return str(error)
-    if factors is not None:
-        factors = type(factors)(factors.B.cpu(), factors.A.cpu(), factors.singular_values.cpu(),
-                                factors.energy_kept)
-    return result, factors
+    return result, _on_cpu(factors)
 
 
 def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, folder: Path | None, group: Group = Group(),
@@ -88,8 +123,11 @@ def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, fold
             if writer is None:
                 continue
             if factors is not None:
-                writer.add(f"{module_name}.lora_A", factors.A.contiguous())
-                writer.add(f"{module_name}.lora_B", factors.B.contiguous())
+                shared = result.shared[0] if result.shared else None  # written once, by the layer owning it
+                if shared != "lora_A":
+                    writer.add(f"{module_name}.lora_A", factors.A.contiguous())
+                if shared != "lora_B":
+                    writer.add(f"{module_name}.lora_B", factors.B.contiguous())
             else:
                 writer.add(key, read_tensor(checkpoint, stored).to(checkpoint.dtype))
     if writer is not None:
