@@ -22,8 +22,8 @@ class ShardWriter:
     """Writes each tensor to the current shard file as it arrives (nothing buffered); starts a new
     shard past ``max_bytes``; names the shards and writes the index at close."""
 
-    def __init__(self, folder: Path, max_bytes: int | None = None):
-        self.folder, self.max_bytes = Path(folder), max_bytes or MAX_SHARD_BYTES
+    def __init__(self, folder: Path, max_bytes: int | None = None, metadata: dict[str, str] = METADATA):
+        self.folder, self.max_bytes, self.metadata = Path(folder), max_bytes or MAX_SHARD_BYTES, metadata
         self.current: TensorFileWriter | None = None
         self.shards: list[list[str]] = []  # tensor names per shard
         self.written = self.total = 0  # bytes in the current shard / in all
@@ -33,7 +33,7 @@ class ShardWriter:
         if self.current and (self.written + size > self.max_bytes or not self.current.fits(key, tensor)):
             self._finish()
         if self.current is None:
-            self.current = TensorFileWriter(self.folder / f"model-{len(self.shards) + 1:05d}.safetensors", METADATA)
+            self.current = TensorFileWriter(self.folder / f"model-{len(self.shards) + 1:05d}.safetensors", self.metadata)
             self.shards.append([])
         self.current.add(key, tensor)
         self.shards[-1].append(key)
@@ -47,7 +47,7 @@ class ShardWriter:
     def close(self) -> None:
         """Finish the last shard; name them ``model.safetensors`` or ``-0000k-of-0000N`` + index."""
         if self.current is None:  # no tensor at all: an empty weights file
-            self.current = TensorFileWriter(self.folder / "model-00001.safetensors", METADATA)
+            self.current = TensorFileWriter(self.folder / "model-00001.safetensors", self.metadata)
             self.shards.append([])
         self._finish()
         if len(self.shards) == 1:
