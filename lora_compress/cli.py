@@ -143,12 +143,14 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               "one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
               "transformer block at a time with a calibrated method (memory ≈ one block + the calibration "
               "hidden states at every block boundary; one process).")
+@click.option("--adapters", is_flag=True, help="Also write adapters.safetensors: the factors alone, for "
+              "lc.apply_adapters on the original checkpoint (model.safetensors holds them already).")
 @force_option
 @quiet_option
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, max_keep, device, workers, dtype, stream, force, quiet, gguf_file):
+             svd, seed, max_keep, device, workers, dtype, stream, adapters, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .jobs.compress import compress as compress_checkpoint
     from .methods.config import CompressConfig
@@ -160,7 +162,7 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
                             exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
                             workers=workers)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
-                                 progress=not quiet, stream=stream, dtype=dtype)
+                                 progress=not quiet, stream=stream, dtype=dtype, adapters=adapters)
     if is_main_process():
         click.echo(compression_table(report))
         click.echo(f"wrote {out}")
@@ -172,15 +174,14 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
 @click.option("--text", "text_file", required=True, type=click.Path(), help="Real text to evaluate on.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the figures as JSON here.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Causal LMs: tokens of --text used.")
-@click.option("--no-report", is_flag=True, help="Do not write COMPRESSED/report/ (report.md, report.json, plots).")
+@click.option("--no-report", is_flag=True, help="Leave COMPRESSED as it is (no report/, no model card update).")
 @quiet_option
 @gguf_option
 @user_errors
 def evaluate(base, compressed, text_file, json_path, max_tokens, no_report, quiet, gguf_file):
-    """Compare COMPRESSED with its dense BASE model on real text; update COMPRESSED/report/."""
+    """Compare COMPRESSED with its dense BASE model on real text; update COMPRESSED's report and model card."""
     from .evaluation.metrics import EvalConfig
-    from .jobs.evaluate import evaluate_folder, write_json
-    from .report.folder import write_report
+    from .jobs.evaluate import evaluate_folder, record_evaluation, write_json
     from .report.tables import evaluation_table
 
     figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file,
@@ -189,7 +190,7 @@ def evaluate(base, compressed, text_file, json_path, max_tokens, no_report, quie
     if json_path:
         write_json(figures, json_path)
     if not no_report:
-        click.echo(f"wrote {write_report(compressed, evaluation=figures, evaluate_command=command_line())}")
+        click.echo(f"wrote {record_evaluation(compressed, figures, command_line())} and {compressed}/README.md")
 
 
 @main.command()
@@ -229,16 +230,24 @@ def extract(base, tuned, out, rank, energy, budget, calib, calib_samples, calib_
 
 @main.command()
 @click.argument("folder", type=click.Path())
-@click.option("--dense", is_flag=True, required=True, help="Write a plain transformers checkpoint (the only format).")
+@click.option("--dense", is_flag=True, help="Write a plain transformers checkpoint (B·A multiplied back).")
+@click.option("--upgrade", is_flag=True, help="Rewrite a compressed folder of an older format in today's.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist unless --force).")
 @click.option("--base", help="For a PEFT adapter FOLDER: the base model (default: the one its config names).")
 @force_option
 @gguf_option
 @user_errors
-def export(folder, dense, out, base, force, gguf_file):
-    """Export FOLDER (compressed, or a PEFT LoRA adapter) as a plain dense checkpoint."""
+def export(folder, dense, upgrade, out, base, force, gguf_file):
+    """Export FOLDER (compressed, or a PEFT LoRA adapter) as a plain dense checkpoint, or upgrade its format."""
     from .export.dense import export_dense
+    from .export.upgrade import upgrade_folder
 
+    if dense == upgrade:
+        raise LoraCompressError("give exactly one of --dense or --upgrade")
+    if upgrade:
+        upgrade_folder(folder, out, force=force)
+        click.echo(f"wrote {out} (loads with transformers' from_pretrained(..., trust_remote_code=True))")
+        return
     export_dense(folder, out, base=base, gguf_file=gguf_file, force=force, command=command_line())
     click.echo(f"wrote {out} (loads with transformers' from_pretrained alone)")
 

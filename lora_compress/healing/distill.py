@@ -211,7 +211,7 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
         base = base or teacher
     folder, out = Path(folder), Path(out)
     manifest = read_manifest(folder)
-    check_output_folder(out, force)
+    check_output_folder(out, force, inputs=(folder, base))
     text = read_calibration_text(str(calib))
     source = Source(folder.resolve(), str(folder))
     tokenizer = load_tokenizer(source)
@@ -224,7 +224,7 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
     if "healing" in manifest:
         healing["previous"] = manifest["healing"]
     manifest = {**manifest, "healing": healing, "layers": _layers_with_ranks(manifest["layers"], model)}
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, inputs=(folder, base)) as tmp:
         copy_side_files(source, model, tokenizer, tmp)
         write_compressed(tmp, model, manifest)
     return report

@@ -19,10 +19,10 @@ from ..methods.compress import check_calibrated, compress_
 from ..methods.config import CompressConfig
 from ..methods.registry import get_method
 from ..methods.results import CompressionReport
-from ..report.folder import write_report
+from ..report.folder import report_images, write_report
 from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import copy_side_files, load_dense, load_tokenizer, resolve_source
-from ..storage.compressed import FORMAT_VERSION, write_compressed, write_manifest
+from ..storage.compressed import FORMAT_VERSION, finish_compressed, save_weights
 from ..storage.output import atomic_folder, check_output_folder
 from ..stream.block_loader import BlockLoader
 from ..stream.blockwise import compress_blockwise
@@ -55,13 +55,13 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
 
 def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: str | None = None,
              force: bool = False, command: str | None = None, progress: bool = True,
-             stream: bool = False, dtype: str | None = None) -> CompressionReport:
+             stream: bool = False, dtype: str | None = None, adapters: bool = False) -> CompressionReport:
     """Compress a checkpoint (folder, GGUF or Hub id) into a self-contained folder ``out``.
 
     ``stream`` reads and writes one tensor (plain SVD; implied under torchrun, see
     :mod:`lora_compress.stream.tensorwise`) or one transformer block (calibrated methods, see
     :mod:`lora_compress.stream.blockwise`) at a time; ``dtype`` (float32, float16, bfloat16)
-    casts the model first.
+    casts the model first; ``adapters`` also writes ``adapters.safetensors``, the factors alone.
 
     Example:
         >>> report = compress("models/minilm", "out/minilm-50", CompressConfig(ratio=0.5))
@@ -70,35 +70,37 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
     Raises:
         LoraCompressError: bad input of any kind; nothing is written then.
     """
-    check_output_folder(Path(out), force)
+    check_output_folder(Path(out), force, inputs=(model,))
     calib_text = read_calibration_text(config.calib) if config.calib and config.record.calibration else None
     if stream or launched():
         if config.record.calibration:
             return _compress_calibrated_streamed(model, out, config, calib_text, gguf_file=gguf_file, force=force,
-                                                 command=command, progress=progress, dtype=dtype)
+                                                 command=command, progress=progress, dtype=dtype, adapters=adapters)
         return _compress_streamed(model, out, config, gguf_file=gguf_file, force=force, command=command,
-                                  progress=progress, dtype=dtype)
+                                  progress=progress, dtype=dtype, adapters=adapters)
     source = resolve_source(model, gguf_file)
     dense = load_dense(source, parse_dtype(dtype) or "auto")
     tokenizer = load_tokenizer(source)
     tokens = calibration_batch(tokenizer, calib_text, config) if calib_text is not None else None
     report = compress_(dense, config, progress=progress, tokens=tokens)
     manifest = build_manifest(source, dense, config, report, command)
-    with atomic_folder(Path(out), force) as tmp:
-        write_compressed(tmp, dense, manifest)
-        _write_companions(tmp, source, dense, tokenizer, manifest, out)
+    with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
+        save_weights(tmp, dense)
+        _write_companions(tmp, source, dense, tokenizer, manifest, out, adapters)
     return report
 
 
-def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) -> None:
-    """Config, tokenizer, model card and report next to the weights."""
+def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out, adapters: bool) -> None:
+    """Config and modeling file, manifest, tokenizer, report and model card next to the weights."""
     copy_side_files(source, model, tokenizer, tmp)
-    write_card(tmp, compressed_card(manifest, report_method(manifest)), load_path=str(out))
+    finish_compressed(tmp, model.config, manifest, adapters=adapters)
     write_report(tmp, manifest)
+    write_card(tmp, compressed_card(manifest, report_method(manifest), images=report_images(tmp)),
+               load_path=str(out))
 
 
 def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: str | None, force: bool, command,
-                       progress: bool, dtype: str | None) -> CompressionReport:
+                       progress: bool, dtype: str | None, adapters: bool) -> CompressionReport:
     """Plain SVD, one tensor in memory at a time; under torchrun the layers are split, rank 0 writes."""
     group, report = join(config.device), None
     try:
@@ -107,9 +109,10 @@ def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: st
         if not group.is_writer:
             report = compress_tensorwise(checkpoint, config, None, group, progress)
             return report
-        with atomic_folder(Path(out), force) as tmp:
+        with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
             report = compress_tensorwise(checkpoint, config, tmp, group, progress)
-            _write_streamed_companions(tmp, source, checkpoint, report, command, load_tokenizer(source), out)
+            _write_streamed_companions(tmp, source, checkpoint, report, command, load_tokenizer(source), out,
+                                       adapters)
         return report
     finally:
         leave(group, finished=report is not None)
@@ -117,7 +120,7 @@ def _compress_streamed(model: str, out, config: CompressConfig, *, gguf_file: st
 
 def _compress_calibrated_streamed(model: str, out, config: CompressConfig, calib_text: str | None, *,
                                   gguf_file: str | None, force: bool, command, progress: bool,
-                                  dtype: str | None) -> CompressionReport:
+                                  dtype: str | None, adapters: bool) -> CompressionReport:
     """A calibrated method with one transformer block in memory at a time, in one process."""
     if launched():
         raise LoraCompressError(f"--method {config.method} streams block by block in one process; drop torchrun "
@@ -128,18 +131,17 @@ def _compress_calibrated_streamed(model: str, out, config: CompressConfig, calib
     blocks = BlockLoader(checkpoint)
     tokenizer = load_tokenizer(source)
     tokens = calibration_batch(tokenizer, calib_text, config)
-    with atomic_folder(Path(out), force) as tmp:
+    with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
         report = compress_blockwise(blocks, config, tokens, tmp, progress)
-        _write_streamed_companions(tmp, source, checkpoint, report, command, tokenizer, out)
+        _write_streamed_companions(tmp, source, checkpoint, report, command, tokenizer, out, adapters)
     return report
 
 
 def _write_streamed_companions(tmp: Path, source, checkpoint, report: CompressionReport, command, tokenizer,
-                               out) -> None:
+                               out, adapters: bool) -> None:
     """Manifest, config, tokenizer, card and report next to streamed weights."""
     manifest = build_manifest(source, checkpoint.model, report.config, report, command)
-    write_manifest(tmp, manifest)
-    _write_companions(tmp, source, checkpoint.model, tokenizer, manifest, out)
+    _write_companions(tmp, source, checkpoint.model, tokenizer, manifest, out, adapters)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

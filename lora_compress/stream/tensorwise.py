@@ -21,7 +21,7 @@ from ..errors import LoraCompressError
 from ..methods.config import CompressConfig
 from ..methods.plain import factor_weight, factoring_workers
 from ..methods.results import CompressionReport, new_layer_result
-from ..storage.shards import ShardWriter, write_adapters
+from ..storage.shards import ShardWriter
 from .distributed import Group, check_split
 from .lazy import LazyCheckpoint, read_tensor
 
@@ -72,7 +72,7 @@ def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, name: str):
 
 def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, folder: Path | None, group: Group = Group(),
                        progress: bool = True, max_shard_bytes: int | None = None) -> CompressionReport:
-    """Factor every target and write weights + adapters into ``folder`` (rank 0; others pass None).
+    """Factor every target and write the weights into ``folder`` (rank 0; others pass None).
 
     Returns:
         The CompressionReport, identical on every process.
@@ -94,7 +94,6 @@ def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, fold
                 writer.add(key, read_tensor(checkpoint, stored).to(checkpoint.dtype))
     if writer is not None:
         writer.close()
-        write_adapters(folder)
     return report
 
 
