@@ -171,20 +171,29 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
 @main.command()
 @click.argument("base")
 @click.argument("compressed", type=click.Path())
-@click.option("--text", "text_file", required=True, type=click.Path(), help="Real text to evaluate on.")
+@click.option("--text", "text_file", type=click.Path(), help="Real text to measure drift and perplexity on.")
+@click.option("--tasks", help="lm-eval tasks to score both models on, comma-separated (needs lora-compress[eval]).")
+@click.option("--limit", type=int, help="With --tasks: at most N documents per task.")
+@click.option("--include-path", type=click.Path(), help="With --tasks: a folder of task YAMLs (local data, offline).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the figures as JSON here.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Causal LMs: tokens of --text used.")
 @click.option("--no-report", is_flag=True, help="Leave COMPRESSED as it is (no report/, no model card update).")
 @quiet_option
 @gguf_option
 @user_errors
-def evaluate(base, compressed, text_file, json_path, max_tokens, no_report, quiet, gguf_file):
-    """Compare COMPRESSED with its dense BASE model on real text; update COMPRESSED's report and model card."""
+def evaluate(base, compressed, text_file, tasks, limit, include_path, json_path, max_tokens, no_report, quiet,
+             gguf_file):
+    """Compare COMPRESSED with its dense BASE model on real text and/or lm-eval tasks; update COMPRESSED's
+    report and model card."""
+    from .evaluation.lm_eval_tasks import TaskConfig
     from .evaluation.metrics import EvalConfig
     from .jobs.evaluate import evaluate_folder, record_evaluation, write_json
     from .report.tables import evaluation_table
 
-    figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file,
+    task_config = TaskConfig.parse(tasks, limit=limit, include_path=include_path) if tasks else None
+    if task_config is None and (limit or include_path):
+        raise LoraCompressError("--limit and --include-path go with --tasks; add --tasks T[,T...]")
+    figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file, tasks=task_config,
                               config=EvalConfig(max_tokens=max_tokens), progress=not quiet)
     click.echo(evaluation_table(figures))
     if json_path:

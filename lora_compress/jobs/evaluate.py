@@ -1,6 +1,7 @@
-"""``evaluate_folder(BASE, DIR, text)``: a compressed folder against its dense base.
+"""``evaluate_folder(BASE, DIR, text, tasks=…)``: a compressed folder against its dense base.
 
-    BASE (checked against the manifest) and DIR ──▶ on text: drift, perplexity, drift per block
+    BASE (checked against the manifest) and DIR ──▶ on --text: drift, perplexity, drift per block
+                                                 ──▶ on --tasks: lm-eval accuracies, side by side
                                                  ──▶ counts and bytes ──▶ DIR/report/ and DIR/README.md
 """
 from __future__ import annotations
@@ -15,42 +16,52 @@ from torch import nn
 
 from ..errors import LoraCompressError, LoraCompressWarning
 from ..evaluation.drift import DRIFT_TOKENS, block_drift, drift_batches
+from ..evaluation.lm_eval_tasks import TaskConfig, task_accuracy
 from ..evaluation.metrics import EvalConfig, count_summary, evaluate, fit_context
 from ..methods.registry import get_method
 from ..report.folder import report_images, write_report
 from ..storage.card import compressed_card, write_card
-from ..storage.checkpoint import Source, load_dense, load_tokenizer, resolve_source
+from ..storage.checkpoint import Source, is_causal_lm, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import load, read_manifest, weight_bytes
 from ..storage.text import read_text
 
 
-def evaluate_folder(model: str, folder: str | Path, text_file: str | Path, *, gguf_file: str | None = None,
-                    config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
-    """Evaluate the compressed folder against its dense checkpoint on a text file.
+def evaluate_folder(model: str, folder: str | Path, text_file: str | Path | None = None, *,
+                    gguf_file: str | None = None, config: EvalConfig = EvalConfig(),
+                    tasks: TaskConfig | None = None, progress: bool = True) -> dict:
+    """Evaluate the compressed folder against its dense checkpoint on a text file and/or lm-eval tasks.
 
     Returns:
-        The figures of :func:`lora_compress.evaluate`, ``blocks`` (output drift per block,
-        :func:`lora_compress.block_drift`), ``disk`` (weight bytes) and ``ranks`` (per targeted layer,
-        None = dense).
+        ``kind``, ``params``, ``disk`` (weight bytes) and ``ranks`` (per targeted layer, None = dense);
+        with ``text_file`` the figures of :func:`lora_compress.evaluate` and ``blocks`` (output drift per
+        block, :func:`lora_compress.block_drift`); with ``tasks`` the lm-eval scores under ``tasks``
+        (:func:`lora_compress.evaluation.lm_eval_tasks.task_accuracy`).
 
     Example:
         >>> evaluate_folder("models/smol", "out/smol-80", "alice29.txt")["perplexity"]
+        >>> evaluate_folder("models/smol", "out/smol-80", tasks=TaskConfig(("movie_sentiment",), limit=200))
 
     Raises:
-        LoraCompressError: BASE of another architecture or vocabulary, bad input.
+        LoraCompressError: neither text nor tasks, BASE of another architecture or vocabulary, bad input.
     """
-    text = read_text(text_file)
+    if text_file is None and tasks is None:
+        raise LoraCompressError("nothing to measure; give --text FILE, --tasks T[,T...], or both")
+    text = read_text(text_file) if text_file is not None else None
     manifest = read_manifest(Path(folder))
     source = resolve_source(model, gguf_file or manifest.get("gguf_file"))
     warn_other_base(source, manifest, folder)
     dense, compressed = load_dense(source), load(folder)
     check_same_architecture(dense, compressed, manifest, source.name)
     tokenizer, targets = load_tokenizer(source), list(manifest["layers"])
-    figures = evaluate(dense, compressed, tokenizer, text, targets, config, progress)
-    batches = drift_batches(tokenizer, text, figures["kind"] == "causal-lm",
-                            tokens=fit_context(dense, min(DRIFT_TOKENS, config.window, config.max_tokens)))
-    figures["blocks"] = block_drift(dense, compressed, batches)
-    figures["text"] = str(text_file)
+    figures = {"kind": "causal-lm" if is_causal_lm(dense) else "encoder"}
+    if text is not None:
+        figures.update(evaluate(dense, compressed, tokenizer, text, targets, config, progress))
+        batches = drift_batches(tokenizer, text, figures["kind"] == "causal-lm",
+                                tokens=fit_context(dense, min(DRIFT_TOKENS, config.window, config.max_tokens)))
+        figures["blocks"] = block_drift(dense, compressed, batches)
+        figures["text"] = str(text_file)
+    if tasks is not None:
+        figures["tasks"] = task_accuracy(dense, compressed, tokenizer, tasks, progress)
     figures["params"] = count_summary(dense, compressed, targets)
     figures["disk"] = disk_figures(source.folder, Path(folder))
     figures["ranks"] = {name: layer["rank"] for name, layer in manifest["layers"].items()}

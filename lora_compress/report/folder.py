@@ -25,6 +25,7 @@ from ..evaluation.drift import describe
 from ..storage.compressed import read_manifest
 from ..storage.output import atomic_folder
 from . import plots
+from .tables import TASK_HEADER, task_rows
 
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
@@ -185,7 +186,18 @@ def _savings(report: dict) -> str:
 def _quality(report: dict, images: dict[str, str]) -> str:
     evaluation = report["evaluation"]
     if not evaluation:
-        return "## Quality\n\nNot measured yet: run `lora-compress evaluate MODEL DIR --text FILE`."
+        return "## Quality\n\nNot measured yet: run `lora-compress evaluate MODEL DIR --text FILE --tasks T`."
+    lines = ["## Quality"]
+    if "drift" in evaluation:
+        lines += ["", *_text_quality(evaluation, images)]
+    if evaluation.get("tasks"):
+        lines += ["", "lm-evaluation-harness, the same documents for both models:", "",
+                  _table(task_rows(evaluation["tasks"]), TASK_HEADER)]
+    return "\n".join(lines)
+
+
+def _text_quality(evaluation: dict, images: dict[str, str]) -> list[str]:
+    """What --text measured: perplexity, drift, forward seconds, drift per block."""
     rows = [[key.replace("_", " "), number(value)] for key, value in evaluation["drift"].items()]
     if "perplexity" in evaluation:
         ppl = evaluation["perplexity"]
@@ -193,13 +205,13 @@ def _quality(report: dict, images: dict[str, str]) -> str:
                                       f"(×{ppl['compressed'] / ppl['dense']:.3f})"])
     seconds = evaluation["seconds"]
     rows.append(["forward seconds", f"{seconds['dense']:.3g} → {seconds['compressed']:.3g}"])
-    lines = ["## Quality", "", f"On `{evaluation['text']}` ({evaluation['kind']}).", "", _table(rows, ["figure", "value"])]
+    lines = [f"On `{evaluation['text']}` ({evaluation['kind']}).", "", _table(rows, ["figure", "value"])]
     blocks = evaluation.get("blocks")
     if blocks:
         lines += ["", f"Output drift per block: {describe(blocks)}."]
     if "drift" in images:
         lines += ["", f"![output drift per block]({images['drift']})"]
-    return "\n".join(lines)
+    return lines
 
 
 def _healing(report: dict, images: dict[str, str]) -> str:
