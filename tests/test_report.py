@@ -68,6 +68,16 @@ def test_report_json_holds_exactly_the_figures_evaluate_printed(evaluated):
     assert written["evaluate_command"].startswith("lora-compress ")  # sys.argv: pytest's under CliRunner
 
 
+def test_evaluate_writes_its_figures_and_plots_into_the_model_card(evaluated):
+    out, figures_path, _ = evaluated
+    figures, card = json.loads(figures_path.read_text()), (out / "README.md").read_text()
+    ppl = figures["perplexity"]
+    assert f"| perplexity on text.txt, dense → compressed | {ppl['dense']:.4g} → {ppl['compressed']:.4g} |" in card
+    assert "![output drift per block](report/drift_per_block.png)" in card
+    assert is_png(out / "report" / "drift_per_block.png")
+    assert "not measured at compress time" not in card
+
+
 def test_evaluate_measures_drift_for_every_block(evaluated):
     out, figures_path, output = evaluated
     blocks = json.loads(figures_path.read_text())["blocks"]

@@ -1,6 +1,6 @@
 """``compress(MODEL, OUT, config)``: a checkpoint (folder, GGUF or Hub id) in, a self-contained folder out.
 
-    in memory   load_dense → methods.compress_ → write_compressed
+    in memory   load_dense → methods.compress_ → save_weights + finish_compressed (config, modeling file, manifest)
     --stream    plain SVD tensor by tensor (stream/tensorwise.py, also under torchrun), a calibrated
                 method block by block (stream/blockwise.py)
 
