@@ -53,11 +53,11 @@ def test_smollm2_folder_loads_in_plain_transformers_is_smaller_and_lm_eval_score
     from lora_compress.storage.checkpoint import load_tokenizer, resolve_source
     from lora_compress.storage.compressed import weight_bytes
 
-    out = tmp_path / "smollm2-e99"
-    lc.compress(str(smollm2_dir), out, lc.CompressConfig(energy=0.99), progress=False)
+    out = tmp_path / "smollm2-r80"
+    lc.compress(str(smollm2_dir), out, lc.CompressConfig(ratio=0.8), progress=False)  # plain SVD: fast, not good
     model = lc.load(out)
     kept = total_params(model) / total_params(dense(smollm2_dir))
-    assert kept < 0.97 and weight_bytes(out) <= (kept + 0.01) * weight_bytes(smollm2_dir), "stored once, same dtype"
+    assert kept < 0.9 and weight_bytes(out) <= (kept + 0.01) * weight_bytes(smollm2_dir), "stored once, same dtype"
     inputs = {"input_ids": torch.arange(100, 116).unsqueeze(0)}
     facts, seen = load_with_plain_transformers(out, "AutoModelForCausalLM", inputs, tmp_path)
     assert "trust_remote_code=True" in facts["refusal"]
