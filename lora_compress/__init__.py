@@ -12,6 +12,7 @@ from .core.layers import LowRankLinear
 from .core.svd import Factors, factorize
 from .errors import LoraCompressError, LoraCompressWarning
 from .evaluation.drift import block_drift
+from .evaluation.lm_eval_tasks import TaskConfig
 from .evaluation.metrics import EvalConfig, evaluate
 from .export.dense import export_dense, merge_adapter_
 from .export.extract import ExtractConfig, ExtractionReport, extract
@@ -36,7 +37,7 @@ from .version import __version__
 __all__ = ["CompressConfig", "CompressionReport", "EvalConfig", "ExtractConfig", "ExtractionReport", "Factors",
            "HealConfig", "HealReport", "LayerCost", "LayerInputs", "LayerResult", "LoraCompressError",
            "LoraCompressWarning", "LowRankLinear", "Method", "MethodConfig", "SequentialConfig",
-           "SequentialRefitConfig", "SharedBasisConfig", "SvdConfig", "WhitenConfig", "__version__", "allocate",
-           "apply_adapters", "block_drift", "calibration_tokens", "compare_runs", "compress", "compress_",
+           "SequentialRefitConfig", "SharedBasisConfig", "SvdConfig", "TaskConfig", "WhitenConfig", "__version__",
+           "allocate", "apply_adapters", "block_drift", "calibration_tokens", "compare_runs", "compress", "compress_",
            "evaluate", "evaluate_folder", "export_dense", "extract", "factorize", "get_method", "heal", "heal_",
            "load", "merge_adapter_", "method_names", "register_method", "write_report"]

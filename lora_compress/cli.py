@@ -149,13 +149,15 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               "hidden states at every block boundary; one process).")
 @click.option("--memory-limit", help="Cap on this run's memory, e.g. 20G (default: what the machine has "
               "available). The path is chosen to fit it before any compute: in memory, else streamed.")
+@click.option("--adapters", is_flag=True, help="Also write adapters.safetensors: the factors alone, for "
+              "lc.apply_adapters on the original checkpoint (model.safetensors holds them already).")
 @force_option
 @quiet_option
 @gguf_option
 @user_errors
 def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, max_keep, device, workers, dtype, expert_min_tokens, stream, memory_limit, force, quiet,
-             gguf_file):
+             svd, seed, max_keep, device, workers, dtype, expert_min_tokens, stream, memory_limit, adapters, force,
+             quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .jobs.compress import compress as compress_checkpoint
     from .methods.config import CompressConfig
@@ -167,7 +169,8 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
                             exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
                             workers=workers, expert_min_tokens=expert_min_tokens)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
-                                 progress=not quiet, stream=stream, dtype=dtype, memory_limit=memory_limit)
+                                 progress=not quiet, stream=stream, dtype=dtype, memory_limit=memory_limit,
+                                 adapters=adapters)
     if is_main_process():
         click.echo(compression_table(report))
         click.echo(f"wrote {out}")
@@ -176,27 +179,35 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
 @main.command()
 @click.argument("base")
 @click.argument("compressed", type=click.Path())
-@click.option("--text", "text_file", required=True, type=click.Path(), help="Real text to evaluate on.")
+@click.option("--text", "text_file", type=click.Path(), help="Real text to measure drift and perplexity on.")
+@click.option("--tasks", help="lm-eval tasks to score both models on, comma-separated (needs lora-compress[eval]).")
+@click.option("--limit", type=int, help="With --tasks: at most N documents per task.")
+@click.option("--include-path", type=click.Path(), help="With --tasks: a folder of task YAMLs (local data, offline).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the figures as JSON here.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Causal LMs: tokens of --text used.")
-@click.option("--no-report", is_flag=True, help="Do not write COMPRESSED/report/ (report.md, report.json, plots).")
+@click.option("--no-report", is_flag=True, help="Leave COMPRESSED as it is (no report/, no model card update).")
 @quiet_option
 @gguf_option
 @user_errors
-def evaluate(base, compressed, text_file, json_path, max_tokens, no_report, quiet, gguf_file):
-    """Compare COMPRESSED with its dense BASE model on real text; update COMPRESSED/report/."""
+def evaluate(base, compressed, text_file, tasks, limit, include_path, json_path, max_tokens, no_report, quiet,
+             gguf_file):
+    """Compare COMPRESSED with its dense BASE model on real text and/or lm-eval tasks; update COMPRESSED's
+    report and model card."""
+    from .evaluation.lm_eval_tasks import TaskConfig
     from .evaluation.metrics import EvalConfig
-    from .jobs.evaluate import evaluate_folder, write_json
-    from .report.folder import write_report
+    from .jobs.evaluate import evaluate_folder, record_evaluation, write_json
     from .report.tables import evaluation_table
 
-    figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file,
+    task_config = TaskConfig.parse(tasks, limit=limit, include_path=include_path) if tasks else None
+    if task_config is None and (limit or include_path):
+        raise LoraCompressError("--limit and --include-path go with --tasks; add --tasks T[,T...]")
+    figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file, tasks=task_config,
                               config=EvalConfig(max_tokens=max_tokens), progress=not quiet)
     click.echo(evaluation_table(figures))
     if json_path:
         write_json(figures, json_path)
     if not no_report:
-        click.echo(f"wrote {write_report(compressed, evaluation=figures, evaluate_command=command_line())}")
+        click.echo(f"wrote {record_evaluation(compressed, figures, command_line())} and {compressed}/README.md")
 
 
 @main.command()
@@ -236,16 +247,24 @@ def extract(base, tuned, out, rank, energy, budget, calib, calib_samples, calib_
 
 @main.command()
 @click.argument("folder", type=click.Path())
-@click.option("--dense", is_flag=True, required=True, help="Write a plain transformers checkpoint (the only format).")
+@click.option("--dense", is_flag=True, help="Write a plain transformers checkpoint (B·A multiplied back).")
+@click.option("--upgrade", is_flag=True, help="Rewrite a compressed folder of an older format in today's.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist unless --force).")
 @click.option("--base", help="For a PEFT adapter FOLDER: the base model (default: the one its config names).")
 @force_option
 @gguf_option
 @user_errors
-def export(folder, dense, out, base, force, gguf_file):
-    """Export FOLDER (compressed, or a PEFT LoRA adapter) as a plain dense checkpoint."""
+def export(folder, dense, upgrade, out, base, force, gguf_file):
+    """Export FOLDER (compressed, or a PEFT LoRA adapter) as a plain dense checkpoint, or upgrade its format."""
     from .export.dense import export_dense
+    from .export.upgrade import upgrade_folder
 
+    if dense == upgrade:
+        raise LoraCompressError("give exactly one of --dense or --upgrade")
+    if upgrade:
+        upgrade_folder(folder, out, force=force)
+        click.echo(f"wrote {out} (loads with transformers' from_pretrained(..., trust_remote_code=True))")
+        return
     export_dense(folder, out, base=base, gguf_file=gguf_file, force=force, command=command_line())
     click.echo(f"wrote {out} (loads with transformers' from_pretrained alone)")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_scale_checkpoints import SHAPES, folder_of, make  # noqa: E402
+from make_scale_checkpoints import SHAPES, make  # noqa: E402
 from prepare_examples import MODELS, SMOLLM2, TEXT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

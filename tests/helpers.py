@@ -1,6 +1,12 @@
 """Small shared test helpers: loading tiny models and comparing their outputs."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 from safetensors.torch import load_file
@@ -35,3 +41,48 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def saved_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor a compressed folder holds, across its shards."""
     return {key: load_file(path)[key] for key, path in output_files(folder).items()}
+
+
+# Runs in a fresh interpreter where lora_compress cannot be imported; writes what it saw as JSON + safetensors.
+PLAIN_TRANSFORMERS = textwrap.dedent("""
+    import json, sys
+    sys.modules["lora_compress"] = None  # any import of lora_compress now fails
+    import torch, transformers
+    from safetensors.torch import save_file
+    folder, auto, ids_file, out = sys.argv[1:5]
+    ids = torch.load(ids_file)
+    try:
+        import lora_compress
+        raise SystemExit("lora_compress must not be importable here")
+    except ImportError:
+        pass
+    cls = getattr(transformers, auto)
+    try:
+        cls.from_pretrained(folder)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    model = cls.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        result = model(input_ids=ids)
+    tensor = result.logits if hasattr(result, "logits") else result.last_hidden_state
+    facts = {"refusal": refusal, "class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+             "modules": sorted({type(m).__module__ for m in model.modules()} - {"torch.nn.modules.container"})}
+    if auto == "AutoModelForCausalLM":
+        facts["generated"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False).shape[1]
+    save_file({"outputs": tensor.contiguous()}, out + ".safetensors")
+    open(out + ".json", "w").write(json.dumps(facts))
+""")
+
+
+def load_with_plain_transformers(folder, auto, inputs, tmp_path) -> tuple[dict, torch.Tensor]:
+    """(facts, outputs) of ``auto.from_pretrained(folder, trust_remote_code=True)`` in a clean subprocess."""
+    script, ids, out = tmp_path / "plain.py", tmp_path / "ids.pt", tmp_path / "seen"
+    script.write_text(PLAIN_TRANSFORMERS)
+    torch.save(inputs["input_ids"], ids)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(script), str(folder), auto, str(ids), str(out)], cwd=tmp_path,
+                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "seen.json").read_text()), load_file(tmp_path / "seen.safetensors")["outputs"]

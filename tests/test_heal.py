@@ -222,7 +222,7 @@ def test_cli_heal_help_lists_the_options():
     (lambda c, d, t, o: [str(d), "--calib", str(t), "--out", str(o)], "no lora_compress.json"),
     (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "missing.txt"), "--out", str(o)], "does not exist"),
     (lambda c, d, t, o: [str(c), "--calib", str(o.parent / "short.txt"), "--out", str(o)], "at least 2 × --calib-len"),
-    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(c)], "already exists"),
+    (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(c)], "is the input"),
     (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--base", str(d.parent / "gpt2")],
      "pass --base with the model it was compressed from"),
     (lambda c, d, t, o: [str(c), "--calib", str(t), "--out", str(o), "--lr", "0"], "--lr 0.0 must be positive"),

@@ -35,3 +35,44 @@ def test_smollm2_at_energy_099_stays_close_to_dense(smollm2_dir, real_text_dir, 
     assert model.lm_head.weight is model.model.embed_tokens.weight, "tied embeddings stay tied after reload"
     ids = torch.arange(100, 116).unsqueeze(0)
     assert torch.equal(model(input_ids=ids).logits, lc.load(out)(input_ids=ids).logits)
+
+
+def test_smollm2_folder_loads_in_plain_transformers_is_smaller_and_lm_eval_scores_it(smollm2_dir, real_text_dir,
+                                                                                   tmp_path):
+    """The compressed folder as a user elsewhere meets it: transformers alone (trust_remote_code) and
+    lm-eval's own command line, against lc.load and `evaluate --tasks`'s bridge."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import prepare_eval_tasks as tasks
+    from helpers import dense, load_with_plain_transformers, outputs, rel_error
+    from lora_compress.core.counting import total_params
+    from lora_compress.evaluation.lm_eval_tasks import TaskConfig, _task_manager, run_tasks
+    from lora_compress.storage.checkpoint import load_tokenizer, resolve_source
+    from lora_compress.storage.compressed import weight_bytes
+
+    out = tmp_path / "smollm2-r80"
+    lc.compress(str(smollm2_dir), out, lc.CompressConfig(ratio=0.8), progress=False)  # plain SVD: fast, not good
+    model = lc.load(out)
+    kept = total_params(model) / total_params(dense(smollm2_dir))
+    assert kept < 0.9 and weight_bytes(out) <= (kept + 0.01) * weight_bytes(smollm2_dir), "stored once, same dtype"
+    inputs = {"input_ids": torch.arange(100, 116).unsqueeze(0)}
+    facts, seen = load_with_plain_transformers(out, "AutoModelForCausalLM", inputs, tmp_path)
+    assert "trust_remote_code=True" in facts["refusal"]
+    assert rel_error(seen, outputs(model, inputs)) <= 1e-6 and facts["params"] == total_params(model)
+    assert facts["generated"] == 20
+
+    folder = tasks.prepare(tmp_path / "tasks", real_text_dir)
+    config = TaskConfig(("movie_sentiment",), limit=24, include_path=str(folder))
+    bridge = run_tasks(model, load_tokenizer(resolve_source(str(smollm2_dir))), config, _task_manager(config))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
+    command = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
+               f"pretrained={out},trust_remote_code=True", "--tasks", "movie_sentiment", "--include_path", str(folder),
+               "--limit", "24", "--output_path", str(tmp_path / "lm-eval"), "--batch_size", "8"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(next((tmp_path / "lm-eval").rglob("results_*.json")).read_text())
+    accuracy = written["results"]["movie_sentiment"]["acc,none"]
+    assert 0 <= accuracy <= 1 and accuracy == pytest.approx(bridge["movie_sentiment"]["metrics"]["acc"][0], abs=1e-9)

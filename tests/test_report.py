@@ -68,6 +68,16 @@ def test_report_json_holds_exactly_the_figures_evaluate_printed(evaluated):
     assert written["evaluate_command"].startswith("lora-compress ")  # sys.argv: pytest's under CliRunner
 
 
+def test_evaluate_writes_its_figures_and_plots_into_the_model_card(evaluated):
+    out, figures_path, _ = evaluated
+    figures, card = json.loads(figures_path.read_text()), (out / "README.md").read_text()
+    ppl = figures["perplexity"]
+    assert f"| perplexity on text.txt, dense → compressed | {ppl['dense']:.4g} → {ppl['compressed']:.4g} |" in card
+    assert "![output drift per block](report/drift_per_block.png)" in card
+    assert is_png(out / "report" / "drift_per_block.png")
+    assert "not measured at compress time" not in card
+
+
 def test_evaluate_measures_drift_for_every_block(evaluated):
     out, figures_path, output = evaluated
     blocks = json.loads(figures_path.read_text())["blocks"]
@@ -220,7 +230,7 @@ def test_calibration_facts_appear_in_the_markdown():
 
 def test_without_matplotlib_plots_fail_clearly_and_reports_still_write(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "available", lambda: False)
-    with pytest.raises(LoraCompressError, match=r"install lora-compress\[plots\]"):
+    with pytest.raises(LoraCompressError, match="plots need matplotlib, which cannot be imported"):
         plots.drift_per_block({"stack": "s", "tokens": 1, "cumulative": [1.0], "local": [1.0]}, "t", tmp_path / "x.png")
     (tmp_path / "lora_compress.json").write_text(json.dumps({**_fake_manifest(), "format_version": 1}))
     folder = report.write_report(tmp_path)

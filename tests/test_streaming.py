@@ -43,8 +43,8 @@ def _sharded_copy(source, folder):
 
 def test_streaming_writes_the_same_tensors_and_manifest_as_in_memory(tiny_model, tmp_path):
     config = CompressConfig(ratio=0.5)
-    compress(str(tiny_model), tmp_path / "memory", config, progress=False)
-    compress(str(tiny_model), tmp_path / "stream", config, progress=False, stream=True)
+    compress(str(tiny_model), tmp_path / "memory", config, progress=False, adapters=True)
+    compress(str(tiny_model), tmp_path / "stream", config, progress=False, stream=True, adapters=True)
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert set(memory) == set(streamed)
     assert any(key.endswith("lora_A") for key in memory)

@@ -4,6 +4,7 @@ The result loads with ``AutoModel*.from_pretrained(out)`` and no lora-compress i
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from ..storage.checkpoint import Source, copy_side_files, load_dense, load_token
 from ..storage.compressed import MANIFEST, factored_modules, load, read_manifest
 from ..storage.output import atomic_folder, check_output_folder
 from ..core.experts import fuse_experts_
+from ..storage.remote_code import auto_class
 from ..core.patch import replace_module
 from ..errors import LoraCompressError
 from .peft_format import ADAPTER_CONFIG, merge_adapter_, read_adapter_config
@@ -36,7 +38,7 @@ def export_dense(folder: str | Path, out: str | Path, *, base: str | None = None
         LoraCompressError: ``folder`` is neither kind, its base lacks the adapter's modules, ``out`` exists.
     """
     folder = Path(folder)
-    check_output_folder(Path(out), force)
+    check_output_folder(Path(out), force, inputs=(folder, base))
     if (folder / MANIFEST).is_file():
         model, source, card = _dense_from_compressed(folder, command)
     elif (folder / ADAPTER_CONFIG).is_file():
@@ -44,10 +46,10 @@ def export_dense(folder: str | Path, out: str | Path, *, base: str | None = None
     else:
         raise LoraCompressError(f"{folder} holds neither {MANIFEST} nor {ADAPTER_CONFIG}; pass a folder written by "
                                 f"`lora-compress compress` or a PEFT LoRA adapter folder")
-    with atomic_folder(Path(out), force) as tmp:
+    with atomic_folder(Path(out), force, inputs=(folder, base)) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(source, model, load_tokenizer(source), tmp)
-        write_card(tmp, card, load_path=str(out))
+        write_card(tmp, replace(card, auto_class=auto_class(type(model).__name__)), load_path=str(out))
     return Path(out)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from ..errors import LoraCompressError
 from ..storage.card import Card, write_card
 from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from ..storage.output import atomic_folder, check_output_folder
+from ..storage.remote_code import auto_class
 from ..version import versions
 from .peft_format import Deltas, merge_, module_names, task_type, write_adapter
 
@@ -286,7 +287,7 @@ def extract(base: str, tuned: str, out: str | Path, config: ExtractConfig, *, ca
         LoraCompressError: different architectures, nothing changed, an existing --out, bad text.
     """
     start = time.perf_counter()
-    check_output_folder(Path(out), force)
+    check_output_folder(Path(out), force, inputs=(base, tuned))
     base_source, tuned_source = resolve_source(base, gguf_file), resolve_source(tuned, tuned_gguf_file)
     base_model, tuned_model = load_dense(base_source), load_dense(tuned_source)
     deltas = model_deltas(base_model, tuned_model, config.include, config.exclude)
@@ -303,10 +304,11 @@ def extract(base: str, tuned: str, out: str | Path, config: ExtractConfig, *, ca
     report = _compare(base_model, tuned_model, deltas, variants, check, config)
     report.check_inputs = described
     factors = variants[report.method][0]
-    with atomic_folder(Path(out), force) as tmp:
+    with atomic_folder(Path(out), force, inputs=(base, tuned)) as tmp:
         write_adapter(tmp, factors, deltas, base_model, base_source.name)
         report.seconds = time.perf_counter() - start
-        write_card(tmp, _extraction_card(report, base_source.name, tuned, command), load_path=str(out))
+        card = _extraction_card(report, base_source.name, tuned, command)
+        write_card(tmp, replace(card, auto_class=auto_class(type(base_model).__name__)), load_path=str(out))
     return report
 
 

@@ -215,7 +215,7 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
     if any(layer.get("shared") for layer in manifest["layers"].values()):
         raise LoraCompressError(f"{folder} shares one basis across experts (--method {manifest['method']}), which heal "
                                 f"does not train: it trains each layer's own factors; heal a folder of another method")
-    check_output_folder(out, force)
+    check_output_folder(out, force, inputs=(folder, base))
     text = read_calibration_text(str(calib))
     source = Source(folder.resolve(), str(folder))
     tokenizer = load_tokenizer(source)
@@ -228,7 +228,7 @@ def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealCon
     if "healing" in manifest:
         healing["previous"] = manifest["healing"]
     manifest = {**manifest, "healing": healing, "layers": _layers_with_ranks(manifest["layers"], model)}
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, inputs=(folder, base)) as tmp:
         copy_side_files(source, model, tokenizer, tmp)
         write_compressed(tmp, model, manifest)
     return report

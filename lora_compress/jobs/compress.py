@@ -1,6 +1,6 @@
 """``compress(MODEL, OUT, config)``: a checkpoint (folder, GGUF or Hub id) in, a self-contained folder out.
 
-    in memory   load_dense → methods.compress_ → write_compressed
+    in memory   load_dense → methods.compress_ → save_weights + finish_compressed (config, modeling file, manifest)
     --stream    plain SVD tensor by tensor (stream/tensorwise.py, also under torchrun), a calibrated
                 method block by block (stream/blockwise.py)
 
@@ -21,10 +21,10 @@ from ..methods.compress import check_calibrated, compress_
 from ..methods.config import CompressConfig
 from ..methods.registry import get_method
 from ..methods.results import CompressionReport
-from ..report.folder import write_report
+from ..report.folder import report_images, write_report
 from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import copy_side_files, load_dense, load_tokenizer, resolve_source
-from ..storage.compressed import FORMAT_VERSION, write_compressed, write_manifest
+from ..storage.compressed import FORMAT_VERSION, finish_compressed, save_weights
 from ..storage.output import atomic_folder, check_output_folder
 from ..stream.block_loader import BlockLoader
 from ..stream.blockwise import compress_blockwise
@@ -59,7 +59,8 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
 
 def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: str | None = None,
              force: bool = False, command: str | None = None, progress: bool = True,
-             stream: bool = False, dtype: str | None = None, memory_limit: int | str | None = None) -> CompressionReport:
+             stream: bool = False, dtype: str | None = None, memory_limit: int | str | None = None,
+             adapters: bool = False) -> CompressionReport:
     """Compress a checkpoint (folder, GGUF or Hub id) into a self-contained folder ``out``.
 
     Before any compute the peak memory of the in-memory and the streamed path is estimated from
@@ -71,7 +72,8 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
     :mod:`lora_compress.stream.tensorwise`) or one transformer block (calibrated methods, see
     :mod:`lora_compress.stream.blockwise`) at a time; ``dtype`` (float32, float16, bfloat16)
     sets the dtype the output is stored in (the checkpoint's by default; the calibrated pass
-    computes in float32 where the device has no fast kernels for a half-precision dtype).
+    computes in float32 where the device has no fast kernels for a half-precision dtype);
+    ``adapters`` also writes ``adapters.safetensors``, the factors alone.
 
     Example:
         >>> report = compress("models/minilm", "out/minilm-50", CompressConfig(ratio=0.5))
@@ -80,7 +82,7 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
     Raises:
         LoraCompressError: bad input of any kind, or not enough memory for any path; nothing is written then.
     """
-    check_output_folder(Path(out), force)
+    check_output_folder(Path(out), force, inputs=(model,))
     calib_text = read_calibration_text(config.calib) if config.calib and config.record.calibration else None
     if launched() and config.record.calibration:
         raise LoraCompressError(f"--method {config.method} streams block by block in one process; drop torchrun "
@@ -92,16 +94,17 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
     if _streams(source, checkpoint, config, streaming_asked, memory_limit):
         if config.record.calibration:
             return _compress_calibrated_streamed(source, checkpoint, out, config, calib_text, force=force,
-                                                 command=command, progress=progress)
-        return _compress_streamed(source, checkpoint, out, config, force=force, command=command, progress=progress)
-    with atomic_folder(Path(out), force) as tmp:
+                                                 command=command, progress=progress, adapters=adapters, model=model)
+        return _compress_streamed(source, checkpoint, out, config, force=force, command=command, progress=progress,
+                                  adapters=adapters, model=model)
+    with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
         dense = load_dense(source, parse_dtype(dtype) or "auto")
         tokenizer = load_tokenizer(source)
         tokens = calibration_batch(tokenizer, calib_text, config) if calib_text is not None else None
         report = compress_(dense, config, progress=progress, tokens=tokens, spill_folder=tmp)
         manifest = build_manifest(source, dense, config, report, command)
-        write_compressed(tmp, dense, manifest)
-        _write_companions(tmp, source, dense, tokenizer, manifest, out)
+        save_weights(tmp, dense)
+        _write_companions(tmp, source, dense, tokenizer, manifest, out, adapters)
     return report
 
 
@@ -120,47 +123,49 @@ def _streams(source, checkpoint, config: CompressConfig, stream: bool, memory_li
     return streamed
 
 
-def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out) -> None:
-    """Config, tokenizer, model card and report next to the weights."""
+def _write_companions(tmp: Path, source, model, tokenizer, manifest: dict, out, adapters: bool) -> None:
+    """Config and modeling file, manifest, tokenizer, report and model card next to the weights."""
     copy_side_files(source, model, tokenizer, tmp)
-    write_card(tmp, compressed_card(manifest, report_method(manifest)), load_path=str(out))
+    finish_compressed(tmp, model.config, manifest, adapters=adapters)
     write_report(tmp, manifest)
+    write_card(tmp, compressed_card(manifest, report_method(manifest), images=report_images(tmp)),
+               load_path=str(out))
 
 
-def _compress_streamed(source, checkpoint, out, config: CompressConfig, *, force: bool, command,
-                       progress: bool) -> CompressionReport:
+def _compress_streamed(source, checkpoint, out, config: CompressConfig, *, force: bool, command, progress: bool,
+                       adapters: bool, model: str) -> CompressionReport:
     """Plain SVD, one tensor in memory at a time; under torchrun the layers are split, rank 0 writes."""
     group, report = join(config.device), None
     try:
         if not group.is_writer:
             report = compress_tensorwise(checkpoint, config, None, group, progress)
             return report
-        with atomic_folder(Path(out), force) as tmp:
+        with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
             report = compress_tensorwise(checkpoint, config, tmp, group, progress)
-            _write_streamed_companions(tmp, source, checkpoint, report, command, load_tokenizer(source), out)
+            _write_streamed_companions(tmp, source, checkpoint, report, command, load_tokenizer(source), out,
+                                       adapters)
         return report
     finally:
         leave(group, finished=report is not None)
 
 
 def _compress_calibrated_streamed(source, checkpoint, out, config: CompressConfig, calib_text: str, *, force: bool,
-                                  command, progress: bool) -> CompressionReport:
+                                  command, progress: bool, adapters: bool, model: str) -> CompressionReport:
     """A calibrated method with one transformer block in memory at a time, in one process."""
     blocks = BlockLoader(checkpoint, config.device)
     tokenizer = load_tokenizer(source)
     tokens = calibration_batch(tokenizer, calib_text, config)
-    with atomic_folder(Path(out), force) as tmp:
+    with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
         report = compress_blockwise(blocks, config, tokens, tmp, progress)
-        _write_streamed_companions(tmp, source, checkpoint, report, command, tokenizer, out)
+        _write_streamed_companions(tmp, source, checkpoint, report, command, tokenizer, out, adapters)
     return report
 
 
 def _write_streamed_companions(tmp: Path, source, checkpoint, report: CompressionReport, command, tokenizer,
-                               out) -> None:
+                               out, adapters: bool) -> None:
     """Manifest, config, tokenizer, card and report next to streamed weights."""
     manifest = build_manifest(source, checkpoint.model, report.config, report, command)
-    write_manifest(tmp, manifest)
-    _write_companions(tmp, source, checkpoint.model, tokenizer, manifest, out)
+    _write_companions(tmp, source, checkpoint.model, tokenizer, manifest, out, adapters)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -57,17 +57,18 @@ def same_base_model(run: dict, other: dict) -> bool:
 
 def comparison_table(runs: list[dict]) -> str:
     """One row per run: cut, parameters kept, disk, and the quality figures evaluate measured."""
+    evaluated = next((run["evaluation"] for run in runs if run["evaluation"]), None)
+    columns = list(_quality_figures(evaluated)) if evaluated else []
     rows = []
     for run in runs:
         targeted, evaluation = run["targeted_params"], run["evaluation"] or {}
         row = [run["run"], run["cut"], f"{targeted['compressed'] / targeted['dense']:.3f}"]
         if evaluation:
             row += [f"{evaluation['params']['compressed_total']:,}", f"{evaluation['disk']['ratio']:.3f}"]
-            row += [number(value) for value in _quality_figures(evaluation).values()]
+            quality = _quality_figures(evaluation)
+            row += [number(quality[column]) if column in quality else "-" for column in columns]
         rows.append(row)
-    evaluated = next((run["evaluation"] for run in runs if run["evaluation"]), None)
-    header = ["run", "cut", "targeted kept", "params (whole)", "disk ratio"]
-    header += list(_quality_figures(evaluated)) if evaluated else []
+    header = ["run", "cut", "targeted kept", "params (whole)", "disk ratio", *columns]
     note = "" if all(run["evaluation"] for run in runs) else \
         "\nruns without figures: not evaluated yet (lora-compress evaluate MODEL DIR --text FILE)"
     return render([row + ["-"] * (len(header) - len(row)) for row in rows], header) + note
@@ -78,7 +79,10 @@ def _quality_figures(evaluation: dict) -> dict:
     if "perplexity" in evaluation:
         figures["ppl dense"] = evaluation["perplexity"]["dense"]
         figures["ppl compressed"] = evaluation["perplexity"]["compressed"]
-    return {**figures, **evaluation["drift"]}
+    figures.update(evaluation.get("drift", {}))
+    for task, scores in (evaluation.get("tasks") or {}).items():
+        figures.update({f"{task} {metric}": pair["compressed"] for metric, pair in scores["metrics"].items()})
+    return figures
 
 
 def comparison_plot(runs: list[dict], path: str | Path) -> Path:
@@ -87,9 +91,10 @@ def comparison_plot(runs: list[dict], path: str | Path) -> Path:
     Raises:
         LoraCompressError: no run has evaluation figures.
     """
-    evaluated = [run for run in runs if run["evaluation"]]
+    evaluated = [run for run in runs if "drift" in (run["evaluation"] or {})]
     if not evaluated:
-        raise LoraCompressError("no run has evaluation figures to plot; run `lora-compress evaluate` on them first")
+        raise LoraCompressError("no run has figures measured on text to plot; run `lora-compress evaluate ... --text "
+                                "FILE` on them first")
     causal = "perplexity" in evaluated[0]["evaluation"]
     metric = "perplexity" if causal else "cosine_mean"
     points = [{"label": f"{run['run']} ({run['cut']})", "params": run["evaluation"]["params"]["compressed_total"],

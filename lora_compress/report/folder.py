@@ -11,7 +11,8 @@
 
 ``compress`` writes it inside its output folder; ``evaluate`` rewrites it with its figures.
 The whole folder is regenerated from the manifest and the evaluation figures each time, and
-replaced atomically. Without matplotlib the plots are skipped and report.md says so.
+replaced atomically. matplotlib is a dependency; should it fail to import, the plots are skipped
+and report.md says so. The model card (README.md) embeds the plots: :func:`report_images`.
 """
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ from ..evaluation.drift import describe
 from ..storage.compressed import read_manifest
 from ..storage.output import atomic_folder
 from . import plots
+from .tables import TASK_HEADER, task_rows
 
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
+IMAGES = {"ranks.png": "rank and parameters kept per layer", "energy.png": "energy kept per factored layer",
+          "drift_per_block.png": "output drift per block", "healing_loss.png": "healing loss"}
 
 
 def cut_label(settings: dict) -> str:
@@ -90,6 +94,12 @@ def write_report(folder: str | Path, manifest: dict | None = None, evaluation: d
     return folder / REPORT_DIR
 
 
+def report_images(folder: str | Path) -> tuple[tuple[str, str], ...]:
+    """The plots in ``folder/report/``, as (what it shows, path relative to ``folder``), for the model card."""
+    folder = Path(folder) / REPORT_DIR
+    return tuple((alt, f"{REPORT_DIR}/{name}") for name, alt in IMAGES.items() if (folder / name).is_file())
+
+
 def read_existing(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -100,7 +110,7 @@ def read_existing(path: Path) -> dict:
 def draw_plots(report: dict, folder: Path) -> tuple[dict[str, str], str]:
     """The report's PNGs into ``folder``: ``({key: file name}, note)``; note says why none were drawn."""
     if not plots.available():
-        return {}, "Plots skipped: matplotlib is not installed (pip install lora-compress[plots])."
+        return {}, "Plots skipped: matplotlib cannot be imported (reinstall lora-compress, which depends on it)."
     name, images = title(report), {}
     images["ranks"] = plots.rank_heatmap(report["layers"], name, folder / "ranks.png").name
     if any(layer.get("energy_kept") for layer in report["layers"].values()):
@@ -181,7 +191,18 @@ def _savings(report: dict) -> str:
 def _quality(report: dict, images: dict[str, str]) -> str:
     evaluation = report["evaluation"]
     if not evaluation:
-        return "## Quality\n\nNot measured yet: run `lora-compress evaluate MODEL DIR --text FILE`."
+        return "## Quality\n\nNot measured yet: run `lora-compress evaluate MODEL DIR --text FILE --tasks T`."
+    lines = ["## Quality"]
+    if "drift" in evaluation:
+        lines += ["", *_text_quality(evaluation, images)]
+    if evaluation.get("tasks"):
+        lines += ["", "lm-evaluation-harness, the same documents for both models:", "",
+                  _table(task_rows(evaluation["tasks"]), TASK_HEADER)]
+    return "\n".join(lines)
+
+
+def _text_quality(evaluation: dict, images: dict[str, str]) -> list[str]:
+    """What --text measured: perplexity, drift, forward seconds, drift per block."""
     rows = [[key.replace("_", " "), number(value)] for key, value in evaluation["drift"].items()]
     if "perplexity" in evaluation:
         ppl = evaluation["perplexity"]
@@ -189,13 +210,13 @@ def _quality(report: dict, images: dict[str, str]) -> str:
                                       f"(×{ppl['compressed'] / ppl['dense']:.3f})"])
     seconds = evaluation["seconds"]
     rows.append(["forward seconds", f"{seconds['dense']:.3g} → {seconds['compressed']:.3g}"])
-    lines = ["## Quality", "", f"On `{evaluation['text']}` ({evaluation['kind']}).", "", _table(rows, ["figure", "value"])]
+    lines = [f"On `{evaluation['text']}` ({evaluation['kind']}).", "", _table(rows, ["figure", "value"])]
     blocks = evaluation.get("blocks")
     if blocks:
         lines += ["", f"Output drift per block: {describe(blocks)}."]
     if "drift" in images:
         lines += ["", f"![output drift per block]({images['drift']})"]
-    return "\n".join(lines)
+    return lines
 
 
 def _healing(report: dict, images: dict[str, str]) -> str:

@@ -1,6 +1,6 @@
 """PNG plots of spectra, ranks, energy, drift, healing and run comparisons (matplotlib, Agg).
 
-matplotlib is the optional ``plots`` extra: it is imported only when a plot is drawn, and
+matplotlib (a dependency) is imported only when a plot is drawn, and
 only through ``matplotlib.figure.Figure`` (no pyplot), so no display or global backend is
 involved. Every function takes plain data, a title and an output path, and returns the path.
 """
@@ -27,7 +27,7 @@ def available() -> bool:
 
 def _figure(width: float, height: float):
     if not available():
-        raise LoraCompressError("plots need matplotlib; install lora-compress[plots] (pip install matplotlib)")
+        raise LoraCompressError("plots need matplotlib, which cannot be imported; reinstall it (pip install matplotlib)")
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")

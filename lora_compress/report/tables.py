@@ -32,24 +32,55 @@ def _fmt(value) -> str:
 
 
 def evaluation_table(figures: dict) -> str:
-    """Dense vs compressed figures side by side."""
-    params, disk, seconds = figures["params"], figures["disk"], figures["seconds"]
+    """Dense vs compressed figures side by side: sizes, then what --text and --tasks measured."""
+    params, disk = figures["params"], figures["disk"]
     rows = [["parameters (whole model)", _fmt(params["dense_total"]), _fmt(params["compressed_total"]),
              f"{params['ratio_total']:.3f}"],
             ["parameters (targeted layers)", _fmt(params["dense_targeted"]), _fmt(params["compressed_targeted"]),
              f"{params['ratio_targeted']:.3f}"],
-            ["weight bytes on disk", _fmt(disk["dense_bytes"]), _fmt(disk["compressed_bytes"]), f"{disk['ratio']:.3f}"],
-            ["forward seconds", _fmt(seconds["dense"]), _fmt(seconds["compressed"]),
-             f"{seconds['compressed'] / max(seconds['dense'], 1e-9):.3f}"]]
+            ["weight bytes on disk", _fmt(disk["dense_bytes"]), _fmt(disk["compressed_bytes"]), f"{disk['ratio']:.3f}"]]
+    if "seconds" in figures:
+        seconds = figures["seconds"]
+        rows.append(["forward seconds", _fmt(seconds["dense"]), _fmt(seconds["compressed"]),
+                     f"{seconds['compressed'] / max(seconds['dense'], 1e-9):.3f}"])
     if "perplexity" in figures:
         ppl = figures["perplexity"]
         rows.append(["perplexity", _fmt(ppl["dense"]), _fmt(ppl["compressed"]), f"{ppl['compressed'] / ppl['dense']:.3f}"])
-    table = render(rows, ["", "dense", "compressed", "compressed/dense"])
-    drift = "  ".join(f"{k}={_fmt(v)}" for k, v in figures["drift"].items())
-    if figures.get("blocks"):
-        drift += f"\ndrift per block: {describe(figures['blocks'])}"
-    ranks = f"\n{rank_lines(figures['ranks'])}" if figures.get("ranks") else ""
-    return f"{table}\n\ndrift: {drift}\ncounted: {params['counted']}{ranks}"
+    lines = [render(rows, ["", "dense", "compressed", "compressed/dense"])]
+    if figures.get("tasks"):
+        lines += ["", task_table(figures["tasks"])]
+    lines.append("")
+    if "drift" in figures:
+        lines.append("drift: " + "  ".join(f"{k}={_fmt(v)}" for k, v in figures["drift"].items()))
+        if figures.get("blocks"):
+            lines.append(f"drift per block: {describe(figures['blocks'])}")
+    lines.append(f"counted: {params['counted']}")
+    if figures.get("ranks"):
+        lines.append(rank_lines(figures["ranks"]))
+    return "\n".join(lines)
+
+
+def task_rows(tasks: dict) -> list[list[str]]:
+    """One row per lm-eval task and metric: task, metric, dense ± stderr, compressed ± stderr, difference, documents."""
+    rows = []
+    for task, scores in tasks.items():
+        for metric, pair in scores["metrics"].items():
+            rows.append([task, metric, _score(pair["dense"], pair["dense_stderr"]),
+                         _score(pair["compressed"], pair["compressed_stderr"]),
+                         f"{pair['compressed'] - pair['dense']:+.4f}", _fmt(scores["samples"] or "-")])
+    return rows
+
+
+TASK_HEADER = ["lm-eval task", "metric", "dense", "compressed", "compressed − dense", "documents"]
+
+
+def task_table(tasks: dict) -> str:
+    """The lm-eval scores of both models as a terminal table."""
+    return render(task_rows(tasks), TASK_HEADER)
+
+
+def _score(value: float, stderr: float | None) -> str:
+    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
 
 
 def rank_lines(ranks: dict) -> str:

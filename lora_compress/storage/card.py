@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .remote_code import auto_class
+
 CARD = "README.md"
 KINDS = ("compressed", "adapter", "dense")
 
@@ -28,6 +30,8 @@ class Card:
     settings: dict = field(default_factory=dict)  # options that shaped the result
     figures: dict = field(default_factory=dict)  # measured figures; empty = not measured
     notes: tuple[str, ...] = ()  # anything a user must know (skipped layers, warnings)
+    auto_class: str = "AutoModel"  # the transformers Auto class of the model's task (remote_code.auto_class)
+    images: tuple[tuple[str, str], ...] = ()  # (what it shows, path relative to the folder) of each plot
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -52,9 +56,10 @@ def render_card(card: Card, load_path: str) -> str:
              "## How it was made\n", f"- Base model: `{card.base_model}`", f"- Method: {card.method}"]
     parts += [f"- {key}: `{_plain(value)}`" for key, value in card.settings.items() if value not in (None, (), [], {})]
     parts += ["", "Command:", "", "```", card.command, "```", "", "## Figures\n", _figures(card), ""]
+    parts += [f"![{alt}]({image})\n" for alt, image in card.images]
     if card.notes:
         parts += ["## Notes\n", *[f"- {note}" for note in card.notes], ""]
-    parts += ["## How to load it\n", _LOADING[card.kind].format(path=load_path, base=card.base_model)]
+    parts += ["## How to load it\n", _loading(card, load_path)]
     return "\n".join(parts)
 
 
@@ -94,7 +99,8 @@ def _format(value) -> str:
 
 
 _NOT_MEASURED = {
-    "compressed": "Not measured here; run `lora-compress evaluate BASE DIR --text FILE` for drift and perplexity.",
+    "compressed": "Not measured here; run `lora-compress evaluate BASE DIR --text FILE --tasks T` for drift, "
+                  "perplexity and task accuracy.",
     "adapter": "Not measured here.",
     "dense": "Not measured here; evaluate it with lm-eval (below), or run `lora-compress evaluate` on the "
              "compressed folder it came from.",
@@ -110,24 +116,37 @@ _INTRO = {
              "(low-rank factors multiplied back into dense weights). It loads without lora-compress.",
 }
 
+def _loading(card: Card, path: str) -> str:
+    """The card's code snippets, with the Auto class of the model's task."""
+    text = _LOADING[card.kind].format(path=path, base=card.base_model, auto=card.auto_class)
+    if card.kind != "adapter" and card.auto_class == "AutoModelForCausalLM":
+        remote = ",trust_remote_code=True" if card.kind == "compressed" else ""
+        text += f"\nlm-eval: `lm_eval --model hf --model_args pretrained={path}{remote} --tasks hellaswag`.\n"
+        text += "" if remote else f"vLLM: `LLM(model=\"{path}\")`.\n"
+    return text
+
+
 _LOADING = {
     "compressed": """```python
+from transformers import {auto}
+
+model = {auto}.from_pretrained("{path}", trust_remote_code=True)   # transformers alone
+
 import lora_compress as lc
 
-model = lc.load("{path}")                       # the factored model, from this folder alone
-
-# or patch a dense copy of the base model with the factors:
-from transformers import AutoModel
-model = lc.apply_adapters(AutoModel.from_pretrained("{base}"), "{path}")
+model = lc.load("{path}")                     # the same model, through lora-compress
+model = lc.apply_adapters({auto}.from_pretrained("{base}"), "{path}")   # or the factors onto the base
 ```
 
-For tools that only read plain checkpoints: `lora-compress export {path} --dense --out PLAIN`.
+`trust_remote_code=True` runs `modeling_lora_compressed.py` from this folder (torch and transformers only):
+it builds the base architecture with the factored layers in place. For tools that read only plain
+checkpoints: `lora-compress export {path} --dense --out PLAIN`.
 """,
     "adapter": """```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM   # or AutoModel for an encoder
+from transformers import {auto}
 
-base = AutoModelForCausalLM.from_pretrained("{base}")
+base = {auto}.from_pretrained("{base}")
 model = PeftModel.from_pretrained(base, "{path}")
 model = model.merge_and_unload()                 # optional: a plain model again
 ```
@@ -135,20 +154,23 @@ model = model.merge_and_unload()                 # optional: a plain model again
 vLLM: `LLM(model="{base}", enable_lora=True)` and pass `LoRARequest("adapter", 1, "{path}")` to `generate`.
 """,
     "dense": """```python
-from transformers import AutoModelForCausalLM   # or AutoModel for an encoder
+from transformers import {auto}
 
-model = AutoModelForCausalLM.from_pretrained("{path}")
+model = {auto}.from_pretrained("{path}")
 ```
-
-lm-eval: `lm_eval --model hf --model_args pretrained={path} --tasks hellaswag`.
-vLLM: `LLM(model="{path}")`.
 """,
 }
 
 
-def compressed_card(manifest: dict, method: str | None = None) -> Card:
-    """The card of a compressed folder, from its manifest (``lora_compress.json``); ``method`` is the
-    one-line description of the method (the registry's summary), else the manifest's method name."""
+def compressed_card(manifest: dict, method: str | None = None, evaluation: dict | None = None,
+                    images: tuple[tuple[str, str], ...] = ()) -> Card:
+    """The card of a compressed folder, from its manifest (``lora_compress.json``).
+
+    Args:
+        method: the one-line description of the method (the registry's summary), else the manifest's name.
+        evaluation: the figures of ``lora-compress evaluate`` (jobs.evaluate), when measured.
+        images: the report's plots, as (what it shows, path relative to the folder).
+    """
     layers = manifest["layers"].values()
     factored = sum(1 for layer in layers if layer.get("rank") is not None)
     params = manifest["targeted_params"]
@@ -156,10 +178,28 @@ def compressed_card(manifest: dict, method: str | None = None) -> Card:
                "targeted weight parameters, dense": params["dense"],
                "targeted weight parameters, compressed": params["compressed"],
                "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
-    notes = ("Output drift and perplexity were not measured at compress time; run "
-             "`lora-compress evaluate BASE DIR --text FILE`.",)
+    figures.update(evaluation_figures(evaluation or {}))
+    notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
+                                   "run `lora-compress evaluate BASE DIR --text FILE --tasks T`.",)
     return Card("compressed", manifest["base_model"], method or manifest["method"], manifest["command"],
-                {**manifest_settings(manifest), "versions": manifest.get("versions")}, figures, notes)
+                {**manifest_settings(manifest), "versions": manifest.get("versions")}, figures, notes,
+                auto_class(manifest["model_class"]), tuple(images))
+
+
+def evaluation_figures(evaluation: dict) -> dict:
+    """The figures of an evaluation worth a line on the card: dense → compressed."""
+    figures, text = {}, Path(evaluation.get("text", "")).name
+    if "perplexity" in evaluation:
+        ppl = evaluation["perplexity"]
+        figures[f"perplexity on {text}, dense → compressed"] = f"{ppl['dense']:.4g} → {ppl['compressed']:.4g}"
+    for key, value in evaluation.get("drift", {}).items():
+        figures[f"{key.replace('_', ' ')} on {text}"] = value
+    for task, metrics in evaluation.get("tasks", {}).items():
+        for metric, pair in metrics.get("metrics", {}).items():
+            figures[f"lm-eval {task} {metric}, dense → compressed"] = f"{pair['dense']:.4g} → {pair['compressed']:.4g}"
+    if "disk" in evaluation:
+        figures["weight bytes on disk, compressed / dense"] = round(evaluation["disk"]["ratio"], 4)
+    return figures
 
 
 def manifest_settings(manifest: dict) -> dict:

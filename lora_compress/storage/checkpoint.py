@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import LoraCompressError
+from .manifest import read_json, refuse_compressed
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
@@ -33,13 +33,15 @@ class Source:
 
 
 def resolve_source(model: str, gguf_file: str | None = None) -> Source:
-    """A local checkpoint folder, or a Hub id fetched through transformers' cache.
+    """A local dense checkpoint folder, or a Hub id fetched through transformers' cache.
 
     Raises:
-        LoraCompressError: the folder is missing and the name cannot be fetched.
+        LoraCompressError: the folder is missing and the name cannot be fetched, or it is a compressed
+            folder (whose factored layers a dense reader would fill with random weights).
     """
     path = Path(model).expanduser()
     if path.is_dir():
+        refuse_compressed(path, model)
         return Source(path.resolve(), model, gguf_file)
     if path.exists():
         raise LoraCompressError(f"{model} is a file, not a checkpoint folder; pass the folder that holds config.json")
@@ -102,13 +104,6 @@ def check_weight_files(files: list[Path]) -> None:
                                     f"download or copy it again") from None
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise LoraCompressError(f"{path} is not valid JSON ({error}); restore the file") from None
-
-
 def model_class(config) -> type:
     """The transformers class named first in config.architectures (AutoModel if none)."""
     import transformers
@@ -155,14 +150,17 @@ def load_tokenizer(source: Source):
     """The checkpoint's tokenizer, or None when the folder has none."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    try:  # never run a folder's code: a compressed folder's config.json names its modeling file
+        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         return None
 
 
 def copy_side_files(source: Source, model: nn.Module, tokenizer, folder: Path) -> None:
-    """Config and tokenizer files into ``folder`` (from the GGUF when the source is one)."""
+    """Config and tokenizer files into ``folder`` (from the GGUF when the source is one).
+
+    A compressed folder's config.json is written afterwards by ``compressed.finish_compressed``.
+    """
     model.config.save_pretrained(folder)
     copied = False
     for name in SIDE_FILES:

@@ -1,36 +1,42 @@
-"""The compressed folder: written by ``compress``/``heal``, read back by :func:`load`.
+"""The compressed folder: written by ``compress``/``heal``, read back by :func:`load` or by transformers alone.
 
 A compressed folder is self-contained::
 
     DIR/
-      config.json, tokenizer files      copied from the source
-      model.safetensors                 untouched tensors + <module>.lora_A / <module>.lora_B
-      adapters.safetensors              just the factors, for apply_adapters() on the original
-      lora_compress.json                the manifest: format, per-layer shapes and ranks, settings
+      config.json, modeling_lora_compressed.py   the base's config with model_type "lora_compressed", and the
+                                                 code transformers runs for it (remote_code.py)
+      tokenizer files                            copied from the source
+      model.safetensors                          untouched tensors + <module>.lora_A / <module>.lora_B, each
+                                                 stored once, in the checkpoint's dtype
+      adapters.safetensors                       only with --adapters: just the factors
+      lora_compress.json                         the manifest: format, per-layer shapes and ranks, settings
 
 Nothing is ever unpickled: weights are read with safetensors, the architecture is built by
 transformers from config.json.
 """
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from ..core.experts import expert_of, tie_shared_factors_, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
-from ..errors import LoraCompressError
+from ..errors import LoraCompressError, LoraCompressWarning
 from .checkpoint import WEIGHTS, check_weight_files, model_class, read_json, weight_files
+from .manifest import ADAPTERS, FORMAT_VERSION, MANIFEST, METADATA, read_manifest, write_manifest
+from .remote_code import base_config, is_remote_config, write_remote_code
+from .shards import output_files, write_adapters
 
-MANIFEST = "lora_compress.json"
-ADAPTERS = "adapters.safetensors"
-FORMAT_VERSION = 1
-METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}  # of every weights file
+__all__ = ["ADAPTERS", "FORMAT_VERSION", "MANIFEST", "METADATA", "adapter_tensors", "apply_adapters",
+           "factored_modules", "finish_compressed", "load", "read_manifest", "save_weights", "weight_bytes",
+           "write_compressed", "write_manifest"]
 
 
 def factored_modules(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -51,32 +57,31 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_compressed(folder: Path, model: nn.Module, manifest: dict) -> None:
-    """Weights, adapters and manifest of a compressed model into ``folder``."""
-    save_model(model, str(folder / WEIGHTS), metadata=METADATA)
-    save_file(adapter_tensors(model), str(folder / ADAPTERS), metadata=METADATA)
-    write_manifest(folder, manifest)
+def write_compressed(folder: Path, model: nn.Module, manifest: dict, *, adapters: bool = False) -> None:
+    """Weights, config, modeling file and manifest of a compressed model into ``folder``.
 
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    """``lora_compress.json`` as indented JSON."""
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a compressed folder.
-
-    Raises:
-        LoraCompressError: the folder is not a lora-compress output.
+    ``adapters`` also writes ``adapters.safetensors`` (the factors a second time, on their own).
     """
-    folder = Path(folder)
-    if not (folder / MANIFEST).is_file():
-        raise LoraCompressError(f"{folder} has no {MANIFEST}; pass a folder written by `lora-compress compress`")
-    manifest = read_json(folder / MANIFEST)
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise LoraCompressError(f"{folder} was written by a newer lora-compress (format "
-                                f"{manifest['format_version']}); upgrade lora-compress")
-    return manifest
+    save_weights(folder, model)
+    finish_compressed(folder, model.config, manifest, adapters=adapters)
+
+
+def save_weights(folder: Path, model: nn.Module) -> None:
+    """``model.safetensors``: every tensor of the model once (tied ones under one name), in its dtype."""
+    save_model(model, str(folder / WEIGHTS), metadata=METADATA)
+
+
+def finish_compressed(folder: Path, config, manifest: dict, *, adapters: bool = False) -> None:
+    """Everything but the weights (already in ``folder``): config.json and the modeling file for
+    transformers, the manifest, and ``adapters.safetensors`` when asked (read back from the weights).
+
+    Args:
+        config: the base model's transformers config.
+    """
+    write_remote_code(folder, config.to_dict(), manifest["model_class"], manifest["layers"])
+    write_manifest(folder, manifest)
+    if adapters:
+        write_adapters(folder)
 
 
 def load(folder: str | os.PathLike) -> nn.Module:
@@ -89,11 +94,9 @@ def load(folder: str | os.PathLike) -> nn.Module:
     Raises:
         LoraCompressError: the folder is not a compressed model or its files are damaged.
     """
-    from transformers import AutoConfig
-
     folder = Path(folder)
     manifest = read_manifest(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = folder_config(folder, manifest)
     dtype = getattr(torch, manifest["dtype"])
     model = model_class(config)._from_config(config, dtype=dtype)
     _split_experts(model, manifest.get("experts", {}), folder)
@@ -103,6 +106,19 @@ def load(folder: str | os.PathLike) -> nn.Module:
     check_weight_files(files)
     _load_weights(model, files)
     return model.eval()
+
+
+def folder_config(folder: Path, manifest: dict):
+    """The base model's transformers config, from config.json in either format (see manifest.py)."""
+    from transformers import AutoConfig
+
+    config = read_json(folder / "config.json")
+    if is_remote_config(config):
+        return base_config(config, manifest["model_class"])
+    warnings.warn(f"{folder} is in format 1, which transformers alone loads with random factored layers; "
+                  f"`lora-compress export {folder} --upgrade --out NEW` rewrites it in format {FORMAT_VERSION}",
+                  LoraCompressWarning, stacklevel=3)
+    return AutoConfig.from_pretrained(folder)
 
 
 def _load_weights(model: nn.Module, paths: list[Path]) -> None:
@@ -147,24 +163,20 @@ def apply_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Args:
         model: the original dense model, as loaded from its checkpoint.
-        path: an ``adapters.safetensors`` file, or a compressed folder holding one.
+        path: an ``adapters.safetensors`` file, or a compressed folder (its adapters file, else the
+            factors in its weights).
 
     Returns:
         The same model, patched in place.
 
     Example:
-        >>> model = AutoModel.from_pretrained("base")
+        >>> model = AutoModelForCausalLM.from_pretrained("base")
         >>> apply_adapters(model, "out/base-50")
 
     Raises:
         LoraCompressError: the file names modules the model lacks, or shapes differ.
     """
-    path = Path(path)
-    path = path / ADAPTERS if path.is_dir() else path
-    if not path.is_file():
-        raise LoraCompressError(f"{path} does not exist; pass an adapters.safetensors file or its folder")
-    check_weight_files([path])
-    tensors = load_file(str(path))
+    tensors = factor_tensors(Path(path))
     names = {key.rsplit(".", 1)[0] for key in tensors}
     unfuse_experts_(model, {found[0] for found in (expert_of(model, n) for n in names) if found})  # experts' factors
     modules = dict(model.named_modules())
@@ -179,6 +191,28 @@ def apply_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         bias = getattr(modules[name], "bias", None)
         replace_module(model, name, LowRankLinear.from_factors(B.to(weight.dtype), A.to(weight.dtype), bias))
     return model
+
+
+def factor_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``<module>.lora_A`` / ``.lora_B`` of an adapters file, or of a compressed folder (its adapters file
+    when it has one, else read out of its weights, one tensor at a time).
+
+    Raises:
+        LoraCompressError: no such file or folder, or unreadable weights.
+    """
+    if path.is_dir() and not (path / ADAPTERS).is_file():
+        check_weight_files(weight_files(path))
+        files = {key: file for key, file in output_files(path).items() if key.endswith((".lora_A", ".lora_B"))}
+        tensors = {}
+        for key, file in files.items():
+            with safe_open(file, "pt") as handle:
+                tensors[key] = handle.get_tensor(key)
+        return tensors
+    path = path / ADAPTERS if path.is_dir() else path
+    if not path.is_file():
+        raise LoraCompressError(f"{path} does not exist; pass an adapters.safetensors file or its folder")
+    check_weight_files([path])
+    return load_file(str(path))
 
 
 def weight_bytes(folder: Path) -> int:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import INDEX, WEIGHTS, tensor_names
-from .compressed import ADAPTERS, METADATA
+from .manifest import ADAPTERS, METADATA
 from .tensorfile import HEADER_BYTES, TensorFileWriter
 
 MAX_SHARD_BYTES = 2 << 30  # output shard size (written a tensor at a time, never buffered)

@@ -23,13 +23,13 @@ import torch
 from ..methods.calibrated import compress_blocks
 from ..methods.config import CompressConfig
 from ..methods.results import CompressionReport
-from ..storage.shards import ShardWriter, write_adapters
+from ..storage.shards import ShardWriter
 from .block_loader import BlockLoader
 
 
 def compress_blockwise(blocks: BlockLoader, config: CompressConfig, tokens: torch.Tensor, folder: Path,
                        progress: bool = True, max_shard_bytes: int | None = None) -> CompressionReport:
-    """Factor every target of ``blocks.checkpoint`` by a calibrated method; write weights + adapters into ``folder``.
+    """Factor every target of ``blocks.checkpoint`` by a calibrated method; write the weights into ``folder``.
 
     Args:
         blocks: the checkpoint's model, one block in memory at a time.
@@ -50,5 +50,4 @@ def compress_blockwise(blocks: BlockLoader, config: CompressConfig, tokens: torc
     for key, tensor in blocks.tensors():
         writer.add(key, tensor)
     writer.close()
-    write_adapters(folder)
     return report

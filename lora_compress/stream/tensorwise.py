@@ -23,7 +23,7 @@ from ..errors import LoraCompressError
 from ..methods.config import CompressConfig
 from ..methods.plain import factor_experts, factor_weight, factoring_workers
 from ..methods.results import CompressionReport, new_layer_result
-from ..storage.shards import ShardWriter, write_adapters
+from ..storage.shards import ShardWriter
 from .distributed import Group, check_split
 from .lazy import LazyCheckpoint, read_tensor
 
@@ -107,7 +107,7 @@ def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, name: str):
 
 def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, folder: Path | None, group: Group = Group(),
                        progress: bool = True, max_shard_bytes: int | None = None) -> CompressionReport:
-    """Factor every target and write weights + adapters into ``folder`` (rank 0; others pass None).
+    """Factor every target and write the weights into ``folder`` (rank 0; others pass None).
 
     Returns:
         The CompressionReport, identical on every process.
@@ -132,7 +132,6 @@ def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, fold
                 writer.add(key, read_tensor(checkpoint, stored).to(checkpoint.dtype))
     if writer is not None:
         writer.close()
-        write_adapters(folder)
     return report
 
 

@@ -1,0 +1,90 @@
+"""The manifest that marks a folder as compressed (``lora_compress.json``), and the format's names.
+
+Every reader of a folder goes through :func:`read_manifest`, which checks the format version, and
+every reader of a dense checkpoint through :func:`refuse_compressed`, so a compressed folder is
+never computed on as if it were the dense model it came from.
+
+    format 1   config.json is the base model's own: transformers alone builds random factored layers
+    format 2   config.json has model_type "lora_compressed" and the modeling file (remote_code.py)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LoraCompressError
+
+MANIFEST = "lora_compress.json"
+ADAPTERS = "adapters.safetensors"
+FORMAT_VERSION = 2
+METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}  # of every weights file
+REQUIRED = ("base_model", "layers", "model_class", "method", "settings", "targeted_params")  # what every reader uses
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content.
+
+    Raises:
+        LoraCompressError: unreadable or not valid JSON.
+    """
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoraCompressError(f"{path} is not valid JSON ({error}); restore the file") from None
+
+
+def is_compressed(folder: Path) -> bool:
+    """True when ``folder`` holds a lora-compress manifest."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a compressed folder, checked: a known format version and the keys every reader uses.
+
+    Raises:
+        LoraCompressError: the folder is not a lora-compress output, or its manifest is damaged or newer.
+    """
+    folder = Path(folder)
+    if not is_compressed(folder):
+        raise LoraCompressError(f"{folder} has no {MANIFEST}; pass a folder written by `lora-compress compress`")
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest, dict):
+        raise LoraCompressError(f"{folder / MANIFEST} is not a JSON object; compress the model again")
+    check_format_version(folder, manifest.get("format_version"))
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise LoraCompressError(f"{folder / MANIFEST} lacks {', '.join(missing)}; the manifest is damaged: "
+                                f"compress the model again")
+    return manifest
+
+
+def check_format_version(folder: Path, version) -> None:
+    """An integer from 1 to FORMAT_VERSION (a newer one needs a newer lora-compress)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise LoraCompressError(f"format_version {version!r} in {folder / MANIFEST} is not an integer ≥ 1; "
+                                f"the manifest is damaged: compress the model again")
+    if version > FORMAT_VERSION:
+        raise LoraCompressError(f"{folder} was written by a newer lora-compress (format {version}, this one reads "
+                                f"up to {FORMAT_VERSION}); upgrade lora-compress")
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """``lora_compress.json`` as indented JSON, stamped with this format version."""
+    manifest = {**manifest, "format_version": FORMAT_VERSION}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def refuse_compressed(folder: Path, name: str) -> None:
+    """Raise when a dense checkpoint was expected but ``folder`` (typed as ``name``) is compressed.
+
+    Raises:
+        LoraCompressError: naming the folder's base model, which is what to pass instead.
+    """
+    if not is_compressed(folder):
+        return
+    try:
+        base = f" (its base: {read_json(folder / MANIFEST).get('base_model')})"
+    except (LoraCompressError, AttributeError):
+        base = ""
+    raise LoraCompressError(f"{name} is a compressed folder, not a dense checkpoint; pass the dense model it was "
+                            f"compressed from{base}, or `lora-compress export {name} --dense --out DIR` first")

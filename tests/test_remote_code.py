@@ -1,0 +1,105 @@
+"""transformers alone loads a compressed folder as what it is (trust_remote_code), and refuses it without."""
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lora_compress as lc
+from lora_compress.cli import main
+from lora_compress.core.counting import total_params
+from lora_compress.storage.compressed import MANIFEST
+from lora_compress.storage.remote_code import MODEL_TYPE, MODELING, auto_class
+
+from helpers import dense, inputs_for, load_with_plain_transformers, outputs, rel_error
+
+AUTO = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModel"}
+
+@pytest.mark.slow
+def test_transformers_alone_loads_the_folder_as_lc_load_does(tiny_model, tmp_path):
+    out, name = tmp_path / "out", tiny_model.name
+    lc.compress(str(tiny_model), out, lc.CompressConfig(ratio=0.5), progress=False)
+    model = lc.load(out)
+    inputs = inputs_for(model)
+    expected = outputs(model, inputs)
+    assert rel_error(expected, outputs(dense(tiny_model), inputs)) > 1e-3, "the compressed model must differ"
+    facts, seen = load_with_plain_transformers(out, AUTO[name], inputs, tmp_path)
+    assert "trust_remote_code=True" in facts["refusal"], "without trust_remote_code transformers must refuse"
+    assert rel_error(seen, expected) <= 1e-6
+    assert facts["params"] == total_params(model) < total_params(dense(tiny_model)), "the savings stay"
+    assert facts["class"].startswith("LoraCompressed")
+    assert not any(module.startswith("lora_compress") for module in facts["modules"])
+    assert any(module.endswith(".modeling_lora_compressed") for module in facts["modules"])
+    if AUTO[name] == "AutoModelForCausalLM":
+        assert facts["generated"] == inputs["input_ids"].shape[1] + 4
+
+
+def test_config_names_its_own_model_type_and_the_modeling_file(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    lc.compress(str(tiny_models["gpt2"]), out, lc.CompressConfig(rank=4), progress=False)
+    config = json.loads((out / "config.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert config["model_type"] == MODEL_TYPE and config["base_model_type"] == "gpt2"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lora_compressed.LoraCompressedGPT2LMHeadModel"
+    factored = {name: layer for name, layer in manifest["layers"].items() if layer["rank"] is not None}
+    assert config["lora_layers"] == {name: [*layer["shape"], layer["rank"], layer["bias"]]
+                                     for name, layer in factored.items()}
+    modeling = (out / MODELING).read_text()
+    imports = [line for line in modeling.splitlines() if line.startswith(("import ", "from "))]
+    assert all(line.split()[1].split(".")[0] in ("torch", "transformers") for line in imports), imports
+    assert "from transformers import GPT2Config, GPT2LMHeadModel" in modeling
+
+
+def test_the_auto_class_follows_the_models_task():
+    assert auto_class("LlamaForCausalLM") == "AutoModelForCausalLM"
+    assert auto_class("BertModel") == "AutoModel"
+    assert auto_class("BertForMaskedLM") == "AutoModelForMaskedLM"
+    assert auto_class("BertForSequenceClassification") == "AutoModelForSequenceClassification"
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_card_snippets_use_the_auto_class_of_the_task(tiny_models, tmp_path, name):
+    out = tmp_path / "out"
+    lc.compress(str(tiny_models[name]), out, lc.CompressConfig(rank=4), progress=False)
+    card = (out / "README.md").read_text()
+    assert f'{AUTO[name]}.from_pretrained("{out}", trust_remote_code=True)' in card
+    assert (name == "llama") == ("AutoModelForCausalLM" in card)
+    assert ("lm_eval --model hf" in card) == (name == "llama")
+    assert "![rank and parameters kept per layer](report/ranks.png)" in card, "plots by default, in the card too"
+    plain = tmp_path / "plain"
+    lc.export_dense(out, plain)
+    assert f'{AUTO[name]}.from_pretrained("{plain}")' in (plain / "README.md").read_text()
+
+
+def _as_format_1(folder, base):
+    """What lora-compress wrote before format 2: the base's own config.json, no modeling file."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    (folder / "config.json").write_text((base / "config.json").read_text())
+    (folder / MODELING).unlink()
+
+
+def test_folders_of_format_1_still_load_and_say_how_to_upgrade(tiny_models, tmp_path):
+    out, new = tmp_path / "old", tmp_path / "new"
+    lc.compress(str(tiny_models["llama"]), out, lc.CompressConfig(ratio=0.5), progress=False)
+    expected = lc.load(out)
+    _as_format_1(out, tiny_models["llama"])
+    inputs = inputs_for(expected)
+    with pytest.warns(lc.LoraCompressWarning, match="format 1.*export .* --upgrade --out NEW"):
+        old = lc.load(out)
+    assert torch.equal(outputs(old, inputs), outputs(expected, inputs))
+    result = CliRunner().invoke(main, ["export", str(out), "--upgrade", "--out", str(new)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((new / "config.json").read_text())["model_type"] == MODEL_TYPE
+    assert json.loads((new / MANIFEST).read_text())["format_version"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(outputs(lc.load(new), inputs), outputs(expected, inputs))
+
+
+def test_export_takes_exactly_one_format(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    lc.compress(str(tiny_models["llama"]), out, lc.CompressConfig(rank=4), progress=False)
+    result = CliRunner().invoke(main, ["export", str(out), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "give exactly one of --dense or --upgrade" in result.output
