@@ -162,3 +162,31 @@ def test_interrupting_a_streamed_run_leaves_no_output(tiny_models, text_file, tm
         compress(str(tiny_models["llama"]), tmp_path / "out", _config(text_file), progress=False, stream=True)
     assert not list(tmp_path.iterdir())
     assert closed_loop.sequential_block is not interrupted
+
+
+def test_a_wide_layer_whitened_from_its_output_gram_gets_the_factors_of_its_input_gram():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    X = torch.randn(50, 20, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    F = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    F = F @ F.T
+    from_inputs = aware_factors(W, 3, X.T @ X, weights=F, damping=0.1)
+    from_outputs = aware_factors(W, 3, None, weights=F, damping=0.1, output_gram=W @ X.T @ X @ W.T)
+    torch.testing.assert_close(from_outputs.B @ from_outputs.A, from_inputs.B @ from_inputs.A, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(from_outputs.singular_values, from_inputs.singular_values, rtol=1e-6, atol=1e-9)
+
+
+def test_hooks_sum_a_wide_layer_s_output_gram_without_its_bias():
+    from lora_compress.calibrate.statistics import GramHooks, Statistics
+
+    wide, tall = torch.nn.Linear(12, 4), torch.nn.Linear(4, 9)
+    x = torch.randn(3, 5, 12)
+    stats = Statistics()
+    hooks = GramHooks(stats, {"wide": wide, "tall": tall}, output_side=True)
+    with torch.no_grad():
+        tall(wide(x))
+    hooks.remove()
+    flat = x.reshape(-1, 12)
+    expected = wide.weight @ flat.T @ flat @ wide.weight.T  # W·C·Wᵀ: the bias is left out
+    torch.testing.assert_close(stats.outputs["wide"].float(), expected.detach(), rtol=1e-4, atol=1e-4)
+    assert "wide" not in stats.grams and stats.grams["tall"].shape == (4, 4)  # the tall layer: its input side

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from .blocks import Stop, block_calls, block_hidden, block_stack, call_block, captured_block_calls, find_blocks, \
     returns_tuple
 from .seq2seq import encoder_decoder_parts
-from .statistics import accumulate, flat_features
+from ..core.layers import dense_weight
+from ..core.whitening import output_side as _output_side
+from .statistics import accumulate, flat_features, output_features
 
 
 def _record_inputs(block, members, calls, hidden) -> tuple[list[list[str]], dict, list]:
@@ -46,29 +48,48 @@ def _record_inputs(block, members, calls, hidden) -> tuple[list[list[str]], dict
     return groups, inputs, outputs
 
 
-def _group_statistics(block, owner_module, calls, hidden, dense_inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gram of the compressed stream's inputs to a group, and its cross-Gram with the dense inputs
-    (None without ``dense_inputs``)."""
-    sums, batch = {}, {"index": 0}
+def _group_statistics(block, modules: dict[str, nn.Module], calls, hidden, dense_inputs, output_side: bool):
+    """Sums over the compressed stream for one group of layers reading one input: the input's Gram (for
+    the layers summed on their input side), its cross-Gram with the dense inputs (with ``dense_inputs``),
+    and, with ``output_side``, the output Gram of each layer with out ≤ in (calibrate/statistics.py).
+    Each batch's block forward stops once the group's last layer has run.
 
-    def hook(module, args, output):
-        x_c = flat_features(args[0])  # (tokens, in)
-        accumulate(sums, "gram", x_c.T @ x_c)
-        if dense_inputs is not None:
-            accumulate(sums, "cross", flat_features(dense_inputs[batch["index"]]).T @ x_c)
-        raise Stop
+    Returns:
+        ``(gram or None, cross or None, {name: output Gram})``.
+    """
+    on_output = {n for n, m in modules.items() if output_side and dense_inputs is None
+                 and _output_side(tuple(dense_weight(m).shape))}
+    sums, outputs, state = {}, {}, {"index": 0, "seen": 0}
+    last = list(modules)[-1]
 
-    handle = owner_module.register_forward_hook(hook)
+    def hook(name):
+        def forward_hook(module, args, output):
+            if name in on_output:
+                features = output_features(module, output)  # (tokens, out)
+                accumulate(outputs, name, features.T @ features)
+            elif "gram" not in state:
+                x_c = flat_features(args[0])  # (tokens, in)
+                accumulate(sums, "gram", x_c.T @ x_c)
+                if dense_inputs is not None:
+                    accumulate(sums, "cross", flat_features(dense_inputs[state["index"]]).T @ x_c)
+                state["gram"] = True
+            if name == last:
+                raise Stop
+        return forward_hook
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     try:
         for index, (call, h) in enumerate(zip(calls, hidden)):
-            batch["index"] = index
+            state["index"] = index
+            state.pop("gram", None)
             try:
                 call_block(block, call, h)
             except Stop:
                 pass
     finally:
-        handle.remove()
-    return sums["gram"], sums.get("cross")
+        for handle in handles:
+            handle.remove()
+    return sums.get("gram"), sums.get("cross"), outputs
 
 
 def block_stacks(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -118,9 +139,12 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, targets: dict[str, nn
 
 @torch.no_grad()
 def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Module], calls: list,
-                     dense: list[torch.Tensor] | None, compressed: list[torch.Tensor], compress_group):
+                     dense: list[torch.Tensor] | None, compressed: list[torch.Tensor], compress_group,
+                     output_side: bool = False):
     """Compress one block's targets group by group (see :func:`run_sequential`); ``dense`` None: no
-    dense stream (the groups are then read off the compressed stream's first batch).
+    dense stream (the groups are then read off the compressed stream's first batch). With
+    ``output_side``, ``compress_group(names, gram, cross, outputs)`` gets the output Grams of the
+    group's layers with out ≤ in, and ``gram`` only where another layer needs it (else None).
 
     Returns:
         The block's (dense, compressed) output hidden states, one per batch: the next block's inputs.
@@ -131,8 +155,8 @@ def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Mo
     else:
         groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
     for group in groups:
-        owner = block.get_submodule(group[0][len(block_name) + 1:])
-        gram, cross = _group_statistics(block, owner, calls, compressed,
-                                        dense_inputs[group[0]] if dense_inputs else None)
-        compress_group(group, gram, cross)
+        modules = {name: members[name] for name in group}
+        gram, cross, outputs = _group_statistics(block, modules, calls, compressed,
+                                                 dense_inputs[group[0]] if dense_inputs else None, output_side)
+        compress_group(group, gram, cross, outputs) if output_side else compress_group(group, gram, cross)
     return dense_next, [call_block(block, call, h) for call, h in zip(calls, compressed)]

@@ -44,11 +44,16 @@ def _isotropic_(stats: Statistics, model: nn.Module, group: list[str], few: list
     share = sum(rows.values()) / len(group)  # tokens an expert of this layer receives on average
     in_features = model.get_submodule(group[0]).in_features
     out_features = model.get_submodule(group[0]).out_features
-    energy = sum(float(stats.gram(n).diagonal().sum()) / rows[n] for n in seen) / max(len(seen), 1) / in_features
+    energy = sum(stats.energy.get(stats.owner.get(n, n), 0.0) / rows[n] for n in seen) / max(len(seen), 1) / in_features
     gradients = [_mean_square_gradient(stats, n) / rows[n] for n in seen if n in stats.fisher]
     for name in few:
-        stats.grams[stats.owner.setdefault(name, name)] = torch.eye(in_features, dtype=torch.float64) * energy * share
-        stats.rows[stats.owner[name]] = rows[name]
+        owner = stats.owner.setdefault(name, name)
+        stats.grams[owner] = torch.eye(in_features, dtype=torch.float64) * energy * share
+        stats.energy[owner] = energy * share * in_features
+        if name in stats.outputs:  # summed on the output side: W·(c·I)·Wᵀ
+            weight = model.get_submodule(name).weight.detach().double()
+            stats.outputs[name] = weight @ weight.T * energy * share
+        stats.rows[owner] = rows[name]
         stats.fourth.pop(name, None)
         if gradients:
             stats.fisher[name] = torch.full((out_features,), sum(gradients) / len(gradients) * share,

@@ -33,8 +33,9 @@ Collect = Callable[[dict[str, nn.Module], Statistics], None]  # (a block's targe
 
 def gradient_pass(source: BlockSource, calls: list, tokens: torch.Tensor, targets: dict[str, nn.Module],
                   collect: Collect, spill: Spill, timer: StageTimer, progress: bool = True,
-                  full_fisher_max: int = FULL_FISHER_MAX) -> None:
-    """Run pass 1 over every block of ``source`` (see the module docstring)."""
+                  full_fisher_max: int = FULL_FISHER_MAX, output_side: bool = False) -> None:
+    """Run pass 1 over every block of ``source`` (see the module docstring); with ``output_side``, layers
+    with out ≤ in sum the Gram of their outputs rather than their inputs (calibrate/statistics.py)."""
     ids, count = batches(tokens), len(source.blocks)
     hidden = block_hidden(calls[0])  # block 0's inputs, one (B, T, C) tensor per batch
     with timer.stage("forward"):
@@ -43,7 +44,7 @@ def gradient_pass(source: BlockSource, calls: list, tokens: torch.Tensor, target
             with source.loaded(index) as block:
                 hidden = [_forward(block, call, h) for call, h in zip(calls[index], hidden)]
     loss = _loss(source, ids)
-    backward = _Backward(tokens.numel(), collect, timer, full_fisher_max)
+    backward = _Backward(tokens.numel(), collect, timer, full_fisher_max, output_side)
     with timer.stage("backward"):
         grads = backward(source.outside(targets), hidden, lambda i, x: (loss(i, x), None))
         for index in tqdm(reversed(range(count)), total=count, desc="calibrating: backward", unit="block",
@@ -73,13 +74,15 @@ def _forward(block: nn.Module, call: tuple, hidden: torch.Tensor) -> torch.Tenso
 class _Backward:
     """The gradient at each input x of a stretch of the model, with hooks gathering its statistics."""
 
-    def __init__(self, tokens: int, collect: Collect, timer: StageTimer, full_fisher_max: int):
+    def __init__(self, tokens: int, collect: Collect, timer: StageTimer, full_fisher_max: int, output_side: bool):
         self.tokens, self.collect, self.timer, self.full_fisher_max = tokens, collect, timer, full_fisher_max
+        self.output_side = output_side
 
     def __call__(self, modules: dict[str, nn.Module], inputs: list[torch.Tensor], run) -> list[torch.Tensor]:
         """``run(i, x)`` → (output, its gradient, or None for a loss); returns the gradients at the inputs."""
         stats = Statistics(tokens=self.tokens)
-        hooks = GramHooks(stats, modules, fisher=True, full_fisher_max=self.full_fisher_max, timer=self.timer)
+        hooks = GramHooks(stats, modules, fisher=True, full_fisher_max=self.full_fisher_max, timer=self.timer,
+                          output_side=self.output_side)
         grads = []
         try:
             for index, hidden in enumerate(inputs):
@@ -87,7 +90,7 @@ class _Backward:
                 with torch.enable_grad():
                     torch.autograd.backward(*run(index, x))
                 grads.append(x.grad)
-                hooks.last = (None, None)
+                hooks.new_batch()
         finally:
             hooks.remove()
         stats.shrink_fisher()

@@ -68,6 +68,21 @@ def needs_cholesky(shape: tuple[int, int], refit: bool = False) -> bool:
     return refit or shape[0] > shape[1]
 
 
+def output_side(shape: tuple[int, int]) -> bool:
+    """Whether a layer of ``shape`` (out, in) is whitened in output space: out ≤ in. Its statistic is then
+    the Gram of its outputs Σ_t (W·x_t)(W·x_t)ᵀ = W·C·Wᵀ (out×out) rather than C (in×in)."""
+    return shape[0] <= shape[1]
+
+
+def _weigh_both(gram: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """Rᵀ·G·R (diag(√w)·G·diag(√w) for a vector factor)."""
+    if factor is None:
+        return gram
+    if factor.dim() == 1:
+        return gram * factor.unsqueeze(1) * factor.unsqueeze(0)
+    return factor.T @ gram @ factor
+
+
 def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """C + damping·mean(diag C)·I (C itself when damping is 0)."""
     if not damping:
@@ -78,9 +93,10 @@ def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: torch.Tensor | None = None,
+def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, cross: torch.Tensor | None = None,
                   weights: torch.Tensor | None = None, cholesky: torch.Tensor | None = None,
-                  damping: float = 0.0, ridge: float = 0.0, input_damping: float = 0.0) -> svdmath.Factors:
+                  damping: float = 0.0, ridge: float = 0.0, input_damping: float = 0.0,
+                  output_gram: torch.Tensor | None = None) -> svdmath.Factors:
     """Rank-``rank`` factors minimising ‖Rᵀ·(B·A·X_cᵀ − W·X_dᵀ)‖_F with R·Rᵀ the output weighting.
 
     Args:
@@ -94,6 +110,8 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
         damping: F + damping·mean(diag F)·I is factored (full covariances only).
         ridge: the refit's relative ridge (see :func:`refit_target`); 0 is the exact least squares.
         input_damping: C + input_damping·mean(diag C)·I is whitened against (0: C itself).
+        output_gram: Σ_t (W·x_t)(W·x_t)ᵀ = W·C·Wᵀ, (out, out), in place of C for a layer with out ≤ in
+            (the output route reads nothing else); not with ``cross`` or ``input_damping``.
 
     Returns:
         Factors (B, A) in ``weight.dtype``; singular values are those of Rᵀ·W*·L.
@@ -107,7 +125,11 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
         target = refit_target(target, gram.double(), cross.double(), ridge)
     R = row_factor(weights, damping)
     Y = _weigh_rows(target, R)  # Rᵀ·W*, (out, in)
-    if needs_cholesky(tuple(weight.shape), cross is not None):
+    if output_gram is not None and cross is None and not input_damping:
+        U, S, S_all = _top_eigen(_weigh_both(output_gram.double(), R), rank)
+        S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # see the output route below
+        A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)
+    elif needs_cholesky(tuple(weight.shape), cross is not None):
         L = svdmath.cholesky_factor(_damped(gram, input_damping))[0] if cholesky is None or input_damping else cholesky
         U, S, Vh, S_all = svdmath.truncated_svd(Y @ L, rank, svd="gram")  # float64 Gram/eigh: exact for these
         A = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
@@ -121,7 +143,12 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor, cross: to
 
 def _output_space(Y: torch.Tensor, gram: torch.Tensor, rank: int):
     """(U_r, σ_r, σ_all) of Y·X from the eigendecomposition of Y·C·Yᵀ (out×out), descending."""
-    eigenvalues, Z = torch.linalg.eigh(Y @ gram @ Y.T)  # ascending; (out,), (out, out)
+    return _top_eigen(Y @ gram @ Y.T, rank)
+
+
+def _top_eigen(square: torch.Tensor, rank: int):
+    """(U_r, σ_r, σ_all) of a PSD matrix G = M·Mᵀ: its top eigenvectors and the singular values of M."""
+    eigenvalues, Z = torch.linalg.eigh(square)  # ascending; (out,), (out, out)
     singular = eigenvalues.flip(0).clamp_min(0).sqrt()
     return Z[:, -rank:].flip(1), singular[:rank], singular
 
@@ -138,12 +165,16 @@ def refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge
 
 
 @torch.no_grad()
-def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor | None = None,
+def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                       cholesky: torch.Tensor | None = None, damping: float = 0.0,
-                      input_damping: float = 0.0) -> torch.Tensor:
+                      input_damping: float = 0.0, output_gram: torch.Tensor | None = None) -> torch.Tensor:
     """σ_i² of Rᵀ·W·L (R from ``weights`` and ``damping`` as in :func:`aware_factors`), descending:
-    the eigenvalues of Rᵀ·W·C·Wᵀ·R (out ≤ in) or of Lᵀ·Wᵀ·R·Rᵀ·W·L (out > in)."""
-    Y = _weigh_rows(weight.double(), row_factor(weights, damping))  # (out, in)
+    the eigenvalues of Rᵀ·W·C·Wᵀ·R (out ≤ in; from ``output_gram`` = W·C·Wᵀ when given) or of
+    Lᵀ·Wᵀ·R·Rᵀ·W·L (out > in)."""
+    R = row_factor(weights, damping)
+    if output_gram is not None and not input_damping:
+        return torch.linalg.eigvalsh(_weigh_both(output_gram.double(), R)).flip(0).clamp_min(0)
+    Y = _weigh_rows(weight.double(), R)  # (out, in)
     gram = _damped(gram.double(), input_damping)
     if not needs_cholesky(tuple(weight.shape)):
         square = Y @ gram @ Y.T  # (out, out)

@@ -72,6 +72,7 @@ class Factorer:
         self.method, self.timer = config.record, timer or StageTimer()
         self.results = {name: new_layer_result(name, module) for name, module in targets.items()}
         self.fisher: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}  # the group at hand's output Grams
         self.sparse: dict[str, int] = {}  # experts routed too few calibration tokens → tokens: factored from W
 
     def fall_back_(self, stats: Statistics, names) -> Statistics:
@@ -83,15 +84,20 @@ class Factorer:
     def __call__(self, name: str, gram: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         self.group([name], gram, cross)
 
-    def group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor | None) -> None:
-        """Factor ``names``, layers reading one input (Gram ``gram``, cross-Gram ``cross``), and swap them in.
-        An expert routed too few tokens is factored on isotropic statistics: the truncated SVD of W."""
+    def group(self, names: list[str], gram: torch.Tensor | None, cross: torch.Tensor | None,
+              outputs: dict[str, torch.Tensor] | None = None) -> None:
+        """Factor ``names``, layers reading one input (Gram ``gram``, cross-Gram ``cross``; ``outputs``: the
+        output Grams of those summed on their output side), and swap them in. An expert routed too few
+        tokens is factored on isotropic statistics: the truncated SVD of W."""
+        self.outputs = outputs or {}
         for name in [n for n in names if n in self.sparse]:
             self.results[name].note = (f"received {self.sparse[name]} calibration tokens (fewer than "
                                        f"--expert-min-tokens {self.config.expert_min_tokens}): factored from its "
                                        f"weight spectrum")
             self.fisher.pop(name, None)
+            outputs, self.outputs = self.outputs, {}
             self._group([name], torch.eye(dense_weight(self.targets[name]).shape[1], dtype=torch.float64), None)
+            self.outputs = outputs
         self._group([n for n in names if n not in self.sparse], gram, cross)
 
     def _group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor | None) -> None:
@@ -100,11 +106,13 @@ class Factorer:
         with self.timer.stage("factoring"):
             for name in names:
                 if name not in self.ranks:
-                    self.ranks[name] = rule_rank(self.config, dense_weight(self.targets[name]), gram)
+                    self.ranks[name] = rule_rank(self.config, dense_weight(self.targets[name]), gram,
+                                                 self.outputs.get(name))
             todo = [name for name in names if self._factored(name)]
             shapes = [tuple(dense_weight(self.targets[name]).shape) for name in todo]
             refit = self.method.dense_stream
-            cholesky = svdmath.cholesky_factor(gram)[0] if any(needs_cholesky(s, refit) for s in shapes) else None
+            on_input = [s for name, s in zip(todo, shapes) if name not in self.outputs]
+            cholesky = svdmath.cholesky_factor(gram)[0] if any(needs_cholesky(s, refit) for s in on_input) else None
             inputs = LayerInputs(gram, cholesky, cross if refit else None)
             workers = min(len(todo), layer_workers(self.config.workers, shapes, self.config.device)) or 1
             with closing(ordered_map(lambda name: self._factors(name, inputs), todo, workers)) as found:
@@ -124,7 +132,7 @@ class Factorer:
         weight = dense_weight(self.targets[name])
         check_finite_float(name, weight)
         fisher = self.fisher.get(name) if self.method.gradients else None
-        layer = LayerInputs(inputs.gram, inputs.cholesky, inputs.cross, fisher)
+        layer = LayerInputs(inputs.gram, inputs.cholesky, inputs.cross, fisher, self.outputs.get(name))
         return self.method.factor(weight, min(self.ranks[name], min(weight.shape)), layer, self.config.options,
                                   svd=self.config.svd, seed=self.config.seed)
 
@@ -217,7 +225,8 @@ def compress_blocks(source: BlockSource, config: CompressConfig, tokens: torch.T
         factorer = Factorer(source.model, config, targets, {}, timer)
         collector = RankCollector(config, spill, factorer.fall_back_)
         if config.needs_gradients:
-            gradient_pass(source, calls, tokens, targets, collector.add, spill, timer, progress)
+            gradient_pass(source, calls, tokens, targets, collector.add, spill, timer, progress,
+                          output_side=not config.record.dense_stream)
         factorer.ranks.update(collector.ranks_for(targets))
         compress_pass = _closed_loop_pass if config.record.closed_loop else _open_loop_pass
         last = compress_pass(source, calls, factorer, collector, on_block, progress)
@@ -250,7 +259,8 @@ def _closed_loop_pass(source: BlockSource, calls: list, factorer: Factorer, coll
             factorer.fisher = collector.fisher_of(members)
             with factorer.timer.stage("forward"):
                 dense, compressed = sequential_block(source.blocks[index][0], block, factorer.targets,
-                                                     calls[index], dense, compressed, factorer.group)
+                                                     calls[index], dense, compressed, factorer.group,
+                                                     output_side=not factorer.method.dense_stream)
             _finish_block(factorer, index, on_block)
     return compressed
 
@@ -266,7 +276,7 @@ def _open_loop_pass(source: BlockSource, calls: list, factorer: Factorer, collec
             factorer.fisher = collector.fisher_of(members)
             with factorer.timer.stage("forward"):
                 stats, hidden = _grams(members, hidden, lambda i, h, c=calls[index]: call_block(block, c[i], h),
-                                       factorer.timer)
+                                       factorer.timer, not factorer.method.dense_stream)
             _factor_groups(factorer, members, stats)
             _finish_block(factorer, index, on_block)
     return hidden
@@ -288,31 +298,33 @@ def _outside_pass(source: BlockSource, tokens: torch.Tensor, last: list[torch.Te
     ids = batches(tokens)
     factorer.fisher = collector.fisher_of(outside)
     with factorer.timer.stage("forward"):
-        stats, _ = _grams(outside, last, lambda i, h: source.head(ids[i], h), factorer.timer)
+        stats, _ = _grams(outside, last, lambda i, h: source.head(ids[i], h), factorer.timer,
+                          not factorer.method.dense_stream)
     _factor_groups(factorer, outside, stats)
 
 
 def _factor_groups(factorer: Factorer, modules: dict[str, nn.Module], stats: Statistics) -> None:
-    """Factor ``modules`` on their Grams, layers sharing an input together (experts routed too few tokens
-    on isotropic statistics)."""
+    """Factor ``modules`` on their Grams (input Gram, or output Gram on the output side), layers sharing
+    an input together (experts routed too few tokens on isotropic statistics)."""
     factorer.fall_back_(stats, modules)
     groups: dict[str, list[str]] = {}
     for name in modules:
         groups.setdefault(stats.owner[name], []).append(name)
     for owner, names in groups.items():
-        factorer.group(names, stats.grams[owner], None)
+        factorer.group(names, stats.grams.get(owner), None, {n: stats.outputs[n] for n in names if n in stats.outputs})
 
 
 @torch.no_grad()
-def _grams(modules: dict[str, nn.Module], inputs: list[torch.Tensor], run, timer: StageTimer) -> tuple[Statistics, list]:
-    """Input Grams of ``modules`` over ``run(i, h)`` for each input h; and the outputs of ``run``."""
+def _grams(modules: dict[str, nn.Module], inputs: list[torch.Tensor], run, timer: StageTimer,
+           output_side: bool = True) -> tuple[Statistics, list]:
+    """Input (or output-side) Grams of ``modules`` over ``run(i, h)`` for each input h; and the outputs of ``run``."""
     stats = Statistics()
-    hooks = GramHooks(stats, modules, timer=timer)
+    hooks = GramHooks(stats, modules, timer=timer, output_side=output_side)
     outputs = []
     try:
         for index, hidden in enumerate(inputs):
             outputs.append(run(index, hidden))
-            hooks.last = (None, None)
+            hooks.new_batch()
     finally:
         hooks.remove()
     return stats, outputs

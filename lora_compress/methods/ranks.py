@@ -56,28 +56,29 @@ def layer_rank(config: CompressConfig, shape: tuple[int, int], singular_values=N
 
 def layer_costs(targets: dict[str, nn.Module], stats: Statistics, workers: int = 1) -> dict[str, LayerCost]:
     """The common-scale cost curve of every target (see SENSITIVITY), ``workers`` layers at once."""
-    choleskies = {}  # owner → L, for the tall layers (out > in) only: the others need none
+    choleskies = {}  # owner → L, for the tall layers (out > in) on their input side only: the others need none
     for name, module in targets.items():
         owner = stats.owner[name]
-        if owner not in choleskies and needs_cholesky(tuple(dense_weight(module).shape)):
+        if owner not in choleskies and name not in stats.outputs and needs_cholesky(tuple(dense_weight(module).shape)):
             choleskies[owner] = svdmath.cholesky_factor(stats.grams[owner])[0]
 
     def cost(name: str) -> LayerCost:
         weight, fisher = dense_weight(targets[name]), stats.fisher.get(name)
         weights = None if fisher is None else fisher.double() / stats.tokens
-        power = weighted_spectrum(weight, stats.gram(name), weights, cholesky=choleskies.get(stats.owner[name]),
-                                  damping=COST_DAMPING)
+        power = weighted_spectrum(weight, stats.input_gram(name), weights, cholesky=choleskies.get(stats.owner[name]),
+                                  damping=COST_DAMPING, output_gram=stats.outputs.get(name))
         return LayerCost.from_spectrum(tuple(weight.shape), power)
 
     with closing(ordered_map(cost, list(targets), workers)) as found:
         return dict(zip(targets, found))
 
 
-def rule_rank(config: CompressConfig, weight: torch.Tensor, gram: torch.Tensor | None) -> int | None:
+def rule_rank(config: CompressConfig, weight: torch.Tensor, gram: torch.Tensor | None,
+              output_gram: torch.Tensor | None = None) -> int | None:
     """A layer's rank by the config's per-layer rule (None = dense); ``energy`` reads the whitened
-    spectrum of its input Gram."""
+    spectrum of its input Gram (or of its output Gram)."""
     shape = tuple(weight.shape)
-    spectrum = weighted_spectrum(weight, gram).sqrt() if config.energy else None
+    spectrum = weighted_spectrum(weight, gram, output_gram=output_gram).sqrt() if config.energy else None
     rank = layer_rank(config, shape, spectrum)
     return rank if rank <= config.rank_limit(shape) else None
 
@@ -85,7 +86,8 @@ def rule_rank(config: CompressConfig, weight: torch.Tensor, gram: torch.Tensor |
 def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
                stats: Statistics | None) -> dict[str, int | None]:
     """Rank per layer by the config's per-layer rule (None = dense); ``energy`` needs the layers' Grams."""
-    return {name: rule_rank(config, dense_weight(module), stats.gram(name) if config.energy else None)
+    return {name: rule_rank(config, dense_weight(module), stats.input_gram(name) if config.energy else None,
+                            stats.outputs.get(name) if config.energy else None)
             for name, module in targets.items()}
 
 

@@ -39,6 +39,7 @@ class LayerInputs:
     cholesky: torch.Tensor | None = None  # L with L·Lᵀ = C (layers reading one input share it)
     cross: torch.Tensor | None = None  # X_dᵀX_c with the dense model's inputs, (in, in): dense_stream methods
     fisher: torch.Tensor | None = None  # output-gradient covariance F (out, out), or its diagonal (out,)
+    output_gram: torch.Tensor | None = None  # Σ (W·x)(W·x)ᵀ = W·C·Wᵀ, (out, out): for out ≤ in, in place of C
 
 
 Handler = Callable[..., Factors]  # (weight, rank, LayerInputs, config, *, svd, seed) → Factors

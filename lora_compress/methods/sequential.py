@@ -46,4 +46,4 @@ def factor_sequential(weight: torch.Tensor, rank: int, inputs: LayerInputs, conf
                       **solver) -> Factors:
     """The rank-``rank`` minimiser of ‖Rᵀ·(W − B·A)·X_cᵀ‖_F."""
     return aware_factors(weight, rank, inputs.gram, weights=output_weights(inputs, config),
-                         cholesky=inputs.cholesky, damping=config.fisher_damping)
+                         cholesky=inputs.cholesky, damping=config.fisher_damping, output_gram=inputs.output_gram)

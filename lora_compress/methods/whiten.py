@@ -24,4 +24,4 @@ class WhitenConfig(MethodConfig):
 def factor_whitened(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: WhitenConfig,
                     **solver) -> Factors:
     """The rank-``rank`` minimiser of ‖(W − B·A)·Xᵀ‖_F on the layer's calibration inputs."""
-    return aware_factors(weight, rank, inputs.gram, cholesky=inputs.cholesky)
+    return aware_factors(weight, rank, inputs.gram, cholesky=inputs.cholesky, output_gram=inputs.output_gram)
