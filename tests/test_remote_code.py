@@ -103,3 +103,19 @@ def test_export_takes_exactly_one_format(tiny_models, tmp_path):
     lc.compress(str(tiny_models["llama"]), out, lc.CompressConfig(rank=4), progress=False)
     result = CliRunner().invoke(main, ["export", str(out), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "give exactly one of --dense or --upgrade" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [lc.SvdConfig(), lc.SharedBasisConfig(side="input")], ids=["per-expert", "shared"])
+def test_transformers_alone_loads_a_compressed_mixture_of_experts(tiny_models, tmp_path, method):
+    out = tmp_path / "out"
+    lc.compress(str(tiny_models["mixtral"]), out, lc.CompressConfig(ratio=0.5, method=method), progress=False)
+    shared = json.loads((out / "config.json").read_text())["lora_shared"]
+    assert bool(shared) == isinstance(method, lc.SharedBasisConfig)
+    model = lc.load(out)
+    inputs = inputs_for(model)
+    expected = outputs(model, inputs)
+    assert rel_error(expected, outputs(dense(tiny_models["mixtral"]), inputs)) > 1e-3, "the compressed model must differ"
+    facts, seen = load_with_plain_transformers(out, "AutoModelForCausalLM", inputs, tmp_path)
+    assert rel_error(seen, expected) <= 1e-6
+    assert facts["params"] == total_params(model) < total_params(dense(tiny_models["mixtral"])), "the savings stay"

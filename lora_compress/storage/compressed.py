@@ -78,7 +78,7 @@ def finish_compressed(folder: Path, config, manifest: dict, *, adapters: bool = 
     Args:
         config: the base model's transformers config.
     """
-    write_remote_code(folder, config.to_dict(), manifest["model_class"], manifest["layers"])
+    write_remote_code(folder, config.to_dict(), manifest["model_class"], manifest["layers"], manifest.get("experts"))
     write_manifest(folder, manifest)
     if adapters:
         write_adapters(folder)

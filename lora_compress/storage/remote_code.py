@@ -5,6 +5,9 @@
                                                      without trust_remote_code, never loaded with random layers)
                                     base_model_type  the base's own model_type, e.g. "llama"
                                     lora_layers      {module: [out, in, rank, bias]}, one entry per factored layer
+                                    lora_experts     {experts module: layout}: fused MoE experts split into one
+                                                     linear map per expert (core/experts.py) before the above
+                                    lora_shared      {module: [factor, owner]}: a factor that is another layer's
                                     auto_map         AutoConfig and the task's Auto class → the modeling file
     modeling_lora_compressed.py   torch + transformers only: the base class with each listed layer
                                   swapped for a low-rank pair while it is built (from the template beside
@@ -25,7 +28,7 @@ from ..version import __version__
 MODEL_TYPE = "lora_compressed"
 MODELING = "modeling_lora_compressed.py"
 TEMPLATE = Path(__file__).with_name(MODELING + ".tmpl")
-OWN_KEYS = ("auto_map", "base_model_type", "lora_layers")  # config.json keys that are not the base's
+OWN_KEYS = ("auto_map", "base_model_type", "lora_layers", "lora_experts", "lora_shared")  # not the base's keys
 TASK_CLASSES = (  # the Auto class of a transformers model class, most specific first
     ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
@@ -54,13 +57,14 @@ def auto_class(class_name: str) -> str:
     return "AutoModel"
 
 
-def write_remote_code(folder: Path, base: dict, model_class: str, layers: dict) -> None:
+def write_remote_code(folder: Path, base: dict, model_class: str, layers: dict, experts: dict | None = None) -> None:
     """config.json and the modeling file of a compressed folder.
 
     Args:
         base: the base model's config as a dict (``config.to_dict()``).
         model_class: the transformers class of the base model, e.g. ``LlamaForCausalLM``.
         layers: the manifest's layer table; entries with a rank are factored.
+        experts: the manifest's split experts modules (name → layout), if any.
     """
     import transformers
 
@@ -72,7 +76,9 @@ def write_remote_code(folder: Path, base: dict, model_class: str, layers: dict) 
     module = MODELING.removesuffix(".py")
     config = {**base, "model_type": MODEL_TYPE, "base_model_type": base["model_type"], "architectures": [class_name],
               "auto_map": {"AutoConfig": f"{module}.LoraCompressedConfig", task: f"{module}.{class_name}"},
-              "lora_layers": factored_layers(layers)}
+              "lora_layers": factored_layers(layers), "lora_experts": experts or {},
+              "lora_shared": {name: [layer["shared"]["factor"], layer["shared"]["with"]]
+                              for name, layer in layers.items() if layer.get("shared") and layer.get("rank")}}
     (folder / "config.json").write_text(_dump(config))
     (folder / MODELING).write_text(Template(TEMPLATE.read_text()).substitute(
         version=__version__, base_model=model_class, base_config=config_class, auto_class=task,
