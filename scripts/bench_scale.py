@@ -31,8 +31,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_scale_checkpoints import SHAPES, make  # noqa: E402
-from prepare_examples import MODELS, SMOLLM2, TEXT  # noqa: E402
+from make_scale_checkpoints import make  # noqa: E402
+from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "scale.md"
@@ -127,20 +127,7 @@ def checkpoint_bytes(model: Path) -> int:
 
 def truncated(name: str, blocks: int) -> Path:
     """The checkpoint ``name`` with only its first ``blocks`` blocks (the same shapes otherwise)."""
-    folder = MODELS / f"{name}-random-{blocks}blocks"
-    if not folder.exists():
-        import make_scale_checkpoints as maker
-
-        cls, config = SHAPES[name]()
-        config.num_hidden_layers = blocks
-        shapes = dict(maker.SHAPES)
-        maker.SHAPES = {f"{name}-{blocks}blocks": lambda: (cls, config)}
-        try:
-            made = maker.make(f"{name}-{blocks}blocks")
-        finally:
-            maker.SHAPES = shapes
-        made.rename(folder)
-    return folder
+    return make(name, blocks)
 
 
 def row(label: str, mode: str, size: int, run: dict, plain: float, guess: int) -> list[str]:

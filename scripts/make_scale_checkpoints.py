@@ -28,20 +28,20 @@ from lora_compress.storage.shards import ShardWriter  # noqa: E402
 from lora_compress.stream.lazy import parameters_on_meta  # noqa: E402
 
 
-def qwen2_1_5b():
+def qwen2_1_5b(layers: int = 28):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return Qwen2ForCausalLM, Qwen2Config(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers, num_attention_heads=12,
         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
         dtype="bfloat16")
 
 
-def llama3_8b():
+def llama3_8b(layers: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM, LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=8192, rope_theta=5e5, tie_word_embeddings=False,
         dtype="bfloat16")
 
@@ -49,16 +49,16 @@ def llama3_8b():
 SHAPES = {"qwen2-1.5b": qwen2_1_5b, "llama3-8b": llama3_8b}
 
 
-def folder_of(name: str) -> Path:
-    return MODELS / f"{name}-random"
+def folder_of(name: str, layers: int | None = None) -> Path:
+    return MODELS / (f"{name}-random" if layers is None else f"{name}-random-{layers}blocks")
 
 
-def make(name: str) -> Path:
-    """Write the random checkpoint ``name`` (once) and return its folder."""
-    folder = folder_of(name)
+def make(name: str, layers: int | None = None) -> Path:
+    """Write the random checkpoint ``name`` (once; with ``layers``, only its first blocks) and return its folder."""
+    folder = folder_of(name, layers)
     if (folder / "model.safetensors.index.json").exists() or (folder / "model.safetensors").exists():
         return folder
-    cls, config = SHAPES[name]()
+    cls, config = SHAPES[name]() if layers is None else SHAPES[name](layers)
     config.architectures = [cls.__name__]
     with parameters_on_meta():
         model = cls(config)

@@ -47,9 +47,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = h.new_zeros(rows)
         numerator = torch.zeros_like(h)  # Σ_v e^{s_v − peak}·W_v, (N, C)
         step = max(1, BLOCK_ELEMENTS // min(VOCAB_BLOCK, vocab))
-        for start in range(0, vocab, VOCAB_BLOCK):
-            block = weight[start: start + VOCAB_BLOCK].float()  # (v, C)
-            block_bias = None if bias is None else bias[start: start + VOCAB_BLOCK].float()
+        for start in range(0, vocab, VOCAB_BLOCK):  # the head may stay on the CPU while the rows are on a GPU
+            block = weight[start: start + VOCAB_BLOCK].to(h.device).float()  # (v, C)
+            block_bias = None if bias is None else bias[start: start + VOCAB_BLOCK].to(h.device).float()
             for first in range(0, rows, step):
                 part = slice(first, first + step)
                 logits = F.linear(h[part], block, block_bias)  # (n, v)
@@ -59,8 +59,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total[part] = total[part] * rescale + exp.sum(1)
                 numerator[part] = numerator[part] * rescale.unsqueeze(1) + exp @ block
                 peak[part] = new_peak
-        chosen = weight[targets].float()  # (N, C)
-        target_logits = (h * chosen).sum(1) + (0 if bias is None else bias[targets].float())
+        rows_of = targets.to(weight.device)
+        chosen = weight[rows_of].to(h.device).float()  # (N, C)
+        target_logits = (h * chosen).sum(1) + (0 if bias is None else bias[rows_of].to(h.device).float())
         loss = (peak + total.log() - target_logits).sum()
         ctx.save_for_backward((numerator / total.unsqueeze(1) - chosen).to(hidden.dtype))
         return loss

@@ -12,8 +12,8 @@ on the smaller side of W (both give SVD-LLM's factors; they differ by rounding o
 
     out ≤ in   output space: eigh of Rᵀ·W·C·Wᵀ·R (out×out); no Cholesky of C, no ridge, C may be singular
                B = R⁻ᵀ·U_r·Σ_r,  A = Σ_r⁻¹·U_rᵀ·Rᵀ·W
-    out > in   input space: C = L·Lᵀ (Cholesky), SVD of Rᵀ·W·L via its in×in Gram
-               B = R⁻ᵀ·U_r·Σ_r,  A = V_rᵀ·L⁻¹
+    out > in   input space: C = L·Lᵀ (Cholesky), eigh of Lᵀ·Wᵀ·R·Rᵀ·W·L (in×in) for V_r
+               B = R⁻ᵀ·(Rᵀ·W·L)·V_r = R⁻ᵀ·U_r·Σ_r,  A = V_rᵀ·L⁻¹
 
 The output route never forms L: for a wide layer (down_proj, in = 8,960 or 14,336) that saves an
 in×in Cholesky (in³/3 multiply-adds) and its in² floats. The truncation loss Σ_{i>r} σ_i² is the
@@ -131,14 +131,23 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = N
         A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)
     elif needs_cholesky(tuple(weight.shape), cross is not None):
         L = svdmath.cholesky_factor(_damped(gram, input_damping))[0] if cholesky is None or input_damping else cholesky
-        U, S, Vh, S_all = svdmath.truncated_svd(Y @ L, rank, svd="gram")  # float64 Gram/eigh: exact for these
-        A = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
+        V, S_all = _input_space(Y, L, rank)  # V_r (in, r): right singular vectors of Rᵀ·W*·L
+        A = torch.linalg.solve_triangular(L, V.T, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
+        return svdmath.Factors(_unweigh_rows(Y @ (L @ V), R).to(weight.dtype), A.to(weight.dtype), S_all.float(),
+                               svdmath.energy_kept(S_all, rank))  # B = R⁻ᵀ·M·V_r = R⁻ᵀ·U_r·Σ_r, (out, r)
     else:
         U, S, S_all = _output_space(Y, _damped(gram.double(), input_damping), rank)
         S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # a direction the inputs never excite: B·A
         A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)    # keeps U·Uᵀ·Y there, as the Cholesky route
     B = _unweigh_rows(U * S, R)  # (out, r)
     return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), S_all.float(), svdmath.energy_kept(S_all, rank))
+
+
+def _input_space(Y: torch.Tensor, L: torch.Tensor, rank: int):
+    """(V_r, σ_all) of M = Y·L (out > in) from the eigendecomposition of Mᵀ·M = Lᵀ·(Yᵀ·Y)·L (in×in), without
+    forming M: the out×in products are Yᵀ·Y here and Y·(L·V_r) for B."""
+    eigenvalues, Z = torch.linalg.eigh(L.T @ (Y.T @ Y) @ L)  # ascending; (in,), (in, in)
+    return Z[:, -rank:].flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
 
 
 def _output_space(Y: torch.Tensor, gram: torch.Tensor, rank: int):
@@ -180,6 +189,5 @@ def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor | None = None, we
         square = Y @ gram @ Y.T  # (out, out)
     else:
         L = svdmath.cholesky_factor(gram)[0] if cholesky is None or input_damping else cholesky
-        M = Y @ L  # (out, in)
-        square = M.T @ M  # (in, in)
+        square = L.T @ (Y.T @ Y) @ L  # (in, in) = Mᵀ·M with M = Y·L, never formed
     return torch.linalg.eigvalsh(square).flip(0).clamp_min(0)
