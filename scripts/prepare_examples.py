@@ -9,8 +9,15 @@ Everything lands in the git-ignored cache folder (``.cache/`` at the repo root, 
   to float32 and saved once as a normal safetensors checkpoint (~30 s).
 - ``text/*.txt``: public-domain English prose from the ``brotli`` source archive, and
   ``text/vader_movie_reviews.tsv``: human-rated movie-review snippets from ``vaderSentiment``.
+- Held-out domains of other kinds (``--only domains``), each as an evaluation file and a disjoint
+  calibration file (``*_calib.txt``), so one domain can be calibrated on and evaluated on apart:
+  ``python_code``: small standard-library modules of this Python, sorted by name and dealt out
+  in turn; ``legal``: Debian's common-licenses texts, the FSF licences (GPL, LGPL, GFDL) for
+  calibration and the others (Apache, Artistic, BSD, CC0, MPL) for evaluation;
+  ``movie_reviews``: the movie snippets, one a paragraph, odd ids for evaluation, even for
+  calibration.
 
-Usage: ``python scripts/prepare_examples.py [--only minilm|smollm2|text]``
+Usage: ``python scripts/prepare_examples.py [--only minilm|smollm2|text|domains]``
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 from pathlib import Path
@@ -31,6 +39,11 @@ MINILM = MODELS / "all-MiniLM-L6-v2"
 SMOLLM2 = MODELS / "SmolLM2-135M-Instruct"
 BROTLI_TEXTS = ("alice29.txt", "asyoulik.txt", "plrabn12.txt", "lcet10.txt")
 VADER_MOVIES = TEXT / "vader_movie_reviews.tsv"
+LICENSES = Path("/usr/share/common-licenses")  # Debian base-files: `dpkg -L base-files | grep common-licenses`
+CALIB_LICENSES = ("GPL-", "LGPL-", "GFDL-")  # the FSF families calibrate; the rest are held out
+MODULE_MAX_CHARS = 30_000  # small modules only: many files' styles rather than a few long ones
+DOMAIN_CHARS = {"eval": 60_000, "calib": 150_000}  # ≥ 8,000 held-out tokens; ≥ 32×256 calibration tokens
+DOMAINS = ("python_code", "legal", "movie_reviews")  # text/<name>.txt (evaluation), text/<name>_calib.txt
 
 
 def _package_dir(name: str) -> Path:
@@ -111,11 +124,56 @@ def prepare_text() -> Path:
     return TEXT
 
 
+def _write_pair(name: str, evaluation: list[str], calibration: list[str]) -> None:
+    """text/<name>.txt and text/<name>_calib.txt, the pieces of each apart by a blank line."""
+    for suffix, pieces in (("", evaluation), ("_calib", calibration)):
+        (TEXT / f"{name}{suffix}.txt").write_text("\n\n".join(p.strip("\n") for p in pieces) + "\n",
+                                                 encoding="utf-8")
+
+
+def _deal(pieces: list[str]) -> tuple[list[str], list[str]]:
+    """Pieces dealt out in turn to evaluation and calibration, each side until its DOMAIN_CHARS."""
+    sides = {"eval": [], "calib": []}
+    for index, piece in enumerate(pieces):
+        side = sides["eval" if index % 2 == 0 else "calib"]
+        if sum(map(len, side)) < DOMAIN_CHARS["eval" if index % 2 == 0 else "calib"]:
+            side.append(piece)
+    return sides["eval"], sides["calib"]
+
+
+def python_modules() -> list[Path]:
+    """Public top-level standard-library modules of at most MODULE_MAX_CHARS, sorted by name."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(stdlib.glob("*.py"))
+            if not p.name.startswith("_") and p.stat().st_size <= MODULE_MAX_CHARS]
+
+
+def prepare_domains() -> Path:
+    """Python code, legal text and movie-review snippets, each split into disjoint evaluation and
+    calibration files (deterministic for a given Python and Debian release)."""
+    if all((TEXT / f"{n}{s}.txt").exists() for n in DOMAINS for s in ("", "_calib")):
+        return TEXT
+    if not VADER_MOVIES.exists():
+        prepare_text()
+    if not LICENSES.is_dir():  # not Debian: the legal domain is left out, the others are written
+        print(f"note: {LICENSES} (Debian's base-files) is missing: no legal domain", file=sys.stderr)
+    TEXT.mkdir(parents=True, exist_ok=True)
+    code = [f"# {p.name}\n{p.read_text(encoding='utf-8')}" for p in python_modules()]
+    _write_pair("python_code", *_deal(code))
+    licenses = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink()) if LICENSES.is_dir() else []
+    legal = {side: [_join_paragraphs(p.read_text(encoding="utf-8")) for p in licenses
+                    if p.name.startswith(CALIB_LICENSES) == (side == "calib")] for side in ("eval", "calib")}
+    _write_pair("legal", legal["eval"], legal["calib"])
+    rows = [line.split("\t") for line in VADER_MOVIES.read_text(encoding="utf-8").splitlines() if line.count("\t") >= 2]
+    _write_pair("movie_reviews", [r[2] for r in rows if int(r[0]) % 2], [r[2] for r in rows if not int(r[0]) % 2])
+    return TEXT
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["minilm", "smollm2", "text"])
+    parser.add_argument("--only", choices=["minilm", "smollm2", "text", "domains"])
     args = parser.parse_args()
-    steps = {"minilm": prepare_minilm, "smollm2": prepare_smollm2, "text": prepare_text}
+    steps = {"minilm": prepare_minilm, "smollm2": prepare_smollm2, "text": prepare_text, "domains": prepare_domains}
     for name, step in steps.items():
         if args.only in (None, name):
             print(f"{name}: {step()}")

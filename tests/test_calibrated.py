@@ -127,6 +127,48 @@ def test_rank_deficient_gram_takes_the_ridge_path(layer):
     assert output_error(factors, W, X) < output_error(factorize(W, 4, compute_dtype=torch.float64), W, X)
 
 
+@pytest.mark.parametrize("rank", [4, 10])
+def test_shrunk_input_whitening_holds_up_on_inputs_correlated_otherwise(layer, rank):
+    W, _ = layer
+    g = torch.Generator().manual_seed(3)
+    seen = torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 24, generator=g, dtype=torch.float64)
+    seen = seen + 1e-2 * torch.randn(400, 24, generator=g, dtype=torch.float64)  # calibration: 8 correlated directions
+    other = torch.randn(400, 24, generator=g, dtype=torch.float64) * seen.std(0)  # same channel scales, uncorrelated
+    shrunk = aware_factors(W, rank, seen.T @ seen, input_shrinkage=0.3)
+    exact = aware_factors(W, rank, seen.T @ seen)
+    assert output_error(shrunk, W, other) < 0.97 * output_error(exact, W, other)
+    assert output_error(exact, W, seen) < output_error(shrunk, W, seen)  # the exact fit wins on its own text
+
+
+def test_shrinking_the_gram_keeps_each_channel_scale(layer):
+    from lora_compress.core.whitening import shrunk_gram
+
+    _, X = layer
+    shrunk = shrunk_gram(X.T @ X, 0.3)
+    assert torch.allclose(shrunk.diagonal(), (X.T @ X).diagonal())
+    assert torch.allclose(shrunk - torch.diag(shrunk.diagonal()), 0.7 * (X.T @ X - torch.diag((X.T @ X).diagonal())))
+
+
+def test_the_output_route_shrinks_as_the_input_route_does(layer):
+    W, X = layer
+    W = W[:10]  # out ≤ in: the output route
+    gram = X.T @ X
+    from_inputs = aware_factors(W, 5, gram, input_shrinkage=0.3)
+    from_outputs = aware_factors(W, 5, None, output_gram=W @ gram @ W.T, input_shrinkage=0.3,
+                                 input_diagonal=gram.diagonal())
+    torch.testing.assert_close(from_outputs.B @ from_outputs.A, from_inputs.B @ from_inputs.A, rtol=1e-8, atol=1e-10)
+
+
+def test_causal_calibration_loss_draws_its_labels_from_the_model():
+    from lora_compress.calibrate.statistics import model_loss
+
+    logits = torch.full((2, 5, 8), -30.0)
+    logits[..., 3] = 30.0  # the model is sure of token 3 everywhere
+    ids = torch.zeros(2, 5, dtype=torch.long)  # the text says token 0
+    loss = model_loss(type("Output", (), {"logits": logits})(), ids, torch.Generator().manual_seed(0))
+    assert float(loss) < 1e-6
+
+
 @pytest.mark.parametrize("rank", [3, 8])
 def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank):
     W, X_d = layer

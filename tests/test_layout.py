@@ -42,7 +42,7 @@ def test_cli_method_choices_and_help_come_from_the_registry():
 def test_a_method_config_sets_the_method_and_its_knobs():
     config = CompressConfig(budget=0.8, calib="text.txt", method=SequentialConfig(fisher_damping=0.05))
     assert config.method == "sequential" and config.options.fisher_damping == 0.05
-    assert config.settings()["options"] == {"fisher_damping": 0.05, "fisher_floor": 0.01}
+    assert config.settings()["options"] == {"fisher_damping": 0.05, "fisher_floor": 0.01, "input_shrinkage": 0.3}
     assert CompressConfig(budget=0.8, calib="text.txt").options == SequentialConfig()
     assert get_method("sequential").gradients and get_method("sequential").closed_loop
     assert not get_method("whiten").gradients and not get_method("svd").calibration

@@ -190,3 +190,21 @@ def test_hooks_sum_a_wide_layer_s_output_gram_without_its_bias():
     expected = wide.weight @ flat.T @ flat @ wide.weight.T  # W·C·Wᵀ: the bias is left out
     torch.testing.assert_close(stats.outputs["wide"].float(), expected.detach(), rtol=1e-4, atol=1e-4)
     assert "wide" not in stats.grams and stats.grams["tall"].shape == (4, 4)  # the tall layer: its input side
+
+
+def test_the_head_loss_draws_its_labels_from_the_model_a_block_at_a_time(monkeypatch):
+    monkeypatch.setattr(head_loss, "VOCAB_BLOCK", 7)
+    monkeypatch.setattr(head_loss, "BLOCK_ELEMENTS", 7 * 3)
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(12, 50, bias=False)
+    features = torch.randn(2, 9, 12, generator=g, requires_grad=True)
+    with torch.no_grad():
+        sure = head(features).argmax(-1)  # (2, 9): made near-certain by scaling the head up
+        head.weight.mul_(200)
+    ids = torch.randint(0, 50, (2, 9), generator=g)  # the text disagrees
+    drawn = head_loss.next_token_loss(features, head, ids, torch.Generator().manual_seed(1))
+    drawn.backward()
+    expected = F.cross_entropy(head(features[:, :-1]).flatten(0, 1), sure[:, :-1].flatten(), reduction="sum")
+    assert drawn.item() == pytest.approx(expected.item(), abs=1e-3)
+    text = head_loss.next_token_loss(features, head, ids)
+    assert text.item() > drawn.item() + 100  # the text's labels are far less likely

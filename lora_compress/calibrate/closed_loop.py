@@ -55,7 +55,7 @@ def _group_statistics(block, modules: dict[str, nn.Module], calls, hidden, dense
     Each batch's block forward stops once the group's last layer has run.
 
     Returns:
-        ``(gram or None, cross or None, {name: output Gram})``.
+        ``(gram or None, cross or None, {name: output Gram}, the diagonal of the input's Gram)``.
     """
     on_output = {n for n, m in modules.items() if output_side and dense_inputs is None
                  and _output_side(tuple(dense_weight(m).shape))}
@@ -64,6 +64,9 @@ def _group_statistics(block, modules: dict[str, nn.Module], calls, hidden, dense
 
     def hook(name):
         def forward_hook(module, args, output):
+            if "diagonal" not in state:  # every layer of the group reads this input
+                accumulate(sums, "diagonal", flat_features(args[0]).double().pow(2).sum(0))
+                state["diagonal"] = True
             if name in on_output:
                 features = output_features(module, output)  # (tokens, out)
                 accumulate(outputs, name, features.T @ features)
@@ -82,6 +85,7 @@ def _group_statistics(block, modules: dict[str, nn.Module], calls, hidden, dense
         for index, (call, h) in enumerate(zip(calls, hidden)):
             state["index"] = index
             state.pop("gram", None)
+            state.pop("diagonal", None)
             try:
                 call_block(block, call, h)
             except Stop:
@@ -89,7 +93,7 @@ def _group_statistics(block, modules: dict[str, nn.Module], calls, hidden, dense
     finally:
         for handle in handles:
             handle.remove()
-    return sums.get("gram"), sums.get("cross"), outputs
+    return sums.get("gram"), sums.get("cross"), outputs, sums.get("diagonal")
 
 
 def block_stacks(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -143,8 +147,9 @@ def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Mo
                      output_side: bool = False):
     """Compress one block's targets group by group (see :func:`run_sequential`); ``dense`` None: no
     dense stream (the groups are then read off the compressed stream's first batch). With
-    ``output_side``, ``compress_group(names, gram, cross, outputs)`` gets the output Grams of the
-    group's layers with out ≤ in, and ``gram`` only where another layer needs it (else None).
+    ``output_side``, ``compress_group(names, gram, cross, outputs, diagonal)`` gets the output Grams of
+    the group's layers with out ≤ in, ``gram`` only where another layer needs it (else None), and the
+    diagonal of the input's Gram.
 
     Returns:
         The block's (dense, compressed) output hidden states, one per batch: the next block's inputs.
@@ -156,7 +161,11 @@ def sequential_block(block_name: str, block: nn.Module, targets: dict[str, nn.Mo
         groups, dense_inputs, dense_next = _record_inputs(block, members, calls, dense)
     for group in groups:
         modules = {name: members[name] for name in group}
-        gram, cross, outputs = _group_statistics(block, modules, calls, compressed,
-                                                 dense_inputs[group[0]] if dense_inputs else None, output_side)
-        compress_group(group, gram, cross, outputs) if output_side else compress_group(group, gram, cross)
+        gram, cross, outputs, diagonal = _group_statistics(block, modules, calls, compressed,
+                                                           dense_inputs[group[0]] if dense_inputs else None,
+                                                           output_side)
+        if output_side:
+            compress_group(group, gram, cross, outputs, diagonal)
+        else:
+            compress_group(group, gram, cross)
     return dense_next, [call_block(block, call, h) for call, h in zip(calls, compressed)]

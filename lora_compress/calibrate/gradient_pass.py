@@ -61,7 +61,7 @@ def _loss(source: BlockSource, ids: list[torch.Tensor]):
     if getattr(source.model, "get_output_embeddings", lambda: None)() is not None and \
             supports_chunked_loss(source.model):
         head = source.model.get_output_embeddings()
-        return lambda i, x: next_token_loss(source.head(ids[i], x, features=True).logits, head, ids[i])
+        return lambda i, x: next_token_loss(source.head(ids[i], x, features=True).logits, head, ids[i], generator)
     return lambda i, x: model_loss(source.head(ids[i], x), ids[i].to(x.device), generator)
 
 

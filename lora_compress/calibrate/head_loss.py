@@ -5,7 +5,9 @@
 
 The softmax is taken online over vocabulary blocks (a running max m and sum z per row); the
 gradient's numerator Σ_v e^{s_v − m}·W_v is rescaled by e^{m_old − m_new} whenever m grows, so each
-logit is made once and the gradient comes out of the forward pass. W is cast to float32 one
+logit is made once and the gradient comes out of the forward pass. With a generator, y is drawn from
+the model's own prediction instead of read from the text (the true Fisher, calibrate/statistics.model_loss),
+by the Gumbel-max trick in the same pass: y = argmax_v (s_v + g_v), g_v ~ Gumbel(0, 1). W is cast to float32 one
 vocabulary block at a time, so a bfloat16 head never runs a bf16 matmul and never exists whole in
 float32: Qwen2-1.5B's 151,936 × 1,536 head makes 0.6 GB of float32 logits per 1,024 tokens, here a
 block of rows × vocabulary is 64 MiB.
@@ -29,23 +31,28 @@ def supports_chunked_loss(model: nn.Module) -> bool:
             and getattr(config, "logits_scaling", 1) in (1, None))
 
 
-def next_token_loss(features: torch.Tensor, head: nn.Linear, ids: torch.Tensor) -> torch.Tensor:
-    """Σ over predicted tokens of −log p(next token), from the head's inputs ``features`` (B, T, C);
-    differentiable with respect to ``features`` (the head is frozen)."""
+def next_token_loss(features: torch.Tensor, head: nn.Linear, ids: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Σ over predicted tokens of −log p(y), from the head's inputs ``features`` (B, T, C); y is the next
+    token of ``ids``, or, with ``generator``, drawn from the model's own prediction. Differentiable with
+    respect to ``features`` (the head is frozen)."""
     hidden = features[:, :-1].reshape(-1, features.shape[-1])  # (N, C)
     targets = ids[:, 1:].reshape(-1).to(features.device)  # (N,)
     bias = None if head.bias is None else head.bias.detach()
-    return _LinearCrossEntropy.apply(hidden, head.weight.detach(), bias, targets)
+    return _LinearCrossEntropy.apply(hidden, head.weight.detach(), bias, targets, generator)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
+    def forward(ctx, hidden, weight, bias, targets, generator):
         h = hidden.float()  # (N, C)
         rows, vocab = h.shape[0], weight.shape[0]
         peak = h.new_full((rows,), -torch.inf)
         total = h.new_zeros(rows)
         numerator = torch.zeros_like(h)  # Σ_v e^{s_v − peak}·W_v, (N, C)
+        best = h.new_full((rows,), -torch.inf)  # the largest s_v + g_v so far (drawing y)
+        if generator is not None:
+            targets = torch.zeros_like(targets)
         step = max(1, BLOCK_ELEMENTS // min(VOCAB_BLOCK, vocab))
         for start in range(0, vocab, VOCAB_BLOCK):  # the head may stay on the CPU while the rows are on a GPU
             block = weight[start: start + VOCAB_BLOCK].to(h.device).float()  # (v, C)
@@ -53,6 +60,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for first in range(0, rows, step):
                 part = slice(first, first + step)
                 logits = F.linear(h[part], block, block_bias)  # (n, v)
+                if generator is not None:
+                    _draw(logits, start, part, best, targets, generator)
                 new_peak = torch.maximum(peak[part], logits.amax(1))
                 rescale = (peak[part] - new_peak).exp()
                 exp = logits.sub_(new_peak.unsqueeze(1)).exp_()
@@ -69,4 +78,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None
+        return grad_output * grad, None, None, None, None
+
+
+def _draw(logits: torch.Tensor, start: int, part: slice, best: torch.Tensor, targets: torch.Tensor,
+          generator: torch.Generator) -> None:
+    """Gumbel-max over one (rows × vocabulary) block: keep each row's best s_v + g_v and its token."""
+    uniform = torch.rand(logits.shape, generator=generator).to(logits.device).clamp_(1e-20, 1.0)
+    scores = logits - uniform.log_().neg_().log_()  # s + g, g = −log(−log u)
+    value, index = scores.max(1)
+    better = value > best[part]
+    best[part] = torch.where(better, value, best[part])
+    targets[part] = torch.where(better, index + start, targets[part])

@@ -83,6 +83,7 @@ class Statistics:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # owner name → (in, in)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # name → Σ (y−b)(y−b)ᵀ, (out, out): output side
     energy: dict[str, float] = field(default_factory=dict)  # owner name → Σ_t ‖x_t‖² (the trace of its Gram)
+    diagonals: dict[str, torch.Tensor] = field(default_factory=dict)  # owner name → Σ_t x_t², (in,): diag of its Gram
     owner: dict[str, str] = field(default_factory=dict)  # layer name → name whose Gram it shares
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (out, out), or (out,) when wide
     fourth: dict[str, torch.Tensor] = field(default_factory=dict)  # name → [Σ_t ‖g_t‖⁴, Σ_t Σ_i g_ti⁴] (full F)
@@ -97,6 +98,10 @@ class Statistics:
         """The input Gram of ``name``, or None for a layer summed on its output side."""
         return None if name in self.outputs else self.grams.get(self.owner.get(name, name))
 
+    def input_diagonal(self, name: str) -> torch.Tensor | None:
+        """The diagonal of the input Gram of ``name`` (summed on either side)."""
+        return self.diagonals.get(self.owner.get(name, name))
+
     def shrink_fisher(self) -> None:
         """Shrink each full gradient covariance F towards its diagonal, F ← (1 − α)·F + α·diag(F), once
         every token is in, with the Ledoit–Wolf intensity for that target (Schäfer & Strimmer 2005):
@@ -108,12 +113,18 @@ class Statistics:
 
 
 def model_loss(output, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The calibration loss of one batch: next-token loss (causal LMs; an encoder-decoder's decoder
-    predicting the text, calibrate/seq2seq.py), else rᵀh over the floating outputs."""
+    """The calibration loss of one batch: for an LM (causal, or an encoder-decoder's decoder:
+    calibrate/seq2seq.py) the next-token loss on labels drawn from the model's own prediction at each
+    position (the true Fisher: its gradients' covariance is the curvature of the KL to the dense model,
+    where the text's own labels weigh the directions that predict this text; issue 17: SmolLM2, 20% cut
+    calibrated on a play, worst other domain 3.80× → 3.57× dense alone); else rᵀh over the floating outputs."""
     logits = getattr(output, "logits", None)
-    if logits is not None:  # causal LM: the next-token loss, summed over tokens
+    if logits is not None:  # summed over the predicted tokens
         seq2seq = getattr(output, "encoder_last_hidden_state", None) is not None
-        return nn.functional.cross_entropy(*predictions(logits.float(), ids, seq2seq), reduction="sum")
+        predicted, _ = predictions(logits.float(), ids, seq2seq)  # (N, V)
+        probabilities = predicted.detach().softmax(-1).cpu()
+        labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(predicted.device)
+        return nn.functional.cross_entropy(predicted, labels, reduction="sum")
     loss = 0.0
     for value in output.values():  # encoder: random projections of every floating output
         if torch.is_tensor(value) and value.is_floating_point() and value.requires_grad:
@@ -160,7 +171,9 @@ class GramHooks:
             if not shared:
                 flat = flat_features(x.detach())  # (tokens, in)
                 self.stats.rows[name] = self.stats.rows.get(name, 0) + flat.shape[0]
-                self.stats.energy[name] = self.stats.energy.get(name, 0.0) + float(flat.pow(2).sum())
+                squares = flat.double().pow(2).sum(0)  # (in,)
+                accumulate(self.stats.diagonals, name, squares)
+                self.stats.energy[name] = self.stats.energy.get(name, 0.0) + float(squares.sum())
             if name in self.on_output:
                 features = output_features(module, output)  # (tokens, out)
                 accumulate(self.stats.outputs, name, features.T @ features)

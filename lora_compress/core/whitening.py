@@ -83,6 +83,27 @@ def _weigh_both(gram: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor
     return factor.T @ gram @ factor
 
 
+def shrunk_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """(1 − s)·C + s·diag(C): each input channel keeps its own scale, the correlations between channels
+    (which belong to the calibration text) count for 1 − s (C itself when s is 0)."""
+    if not shrinkage:
+        return gram
+    shrunk = gram.double() * (1 - shrinkage)  # (in, in)
+    shrunk.diagonal().copy_(gram.diagonal())
+    return shrunk
+
+
+def shrunk_output_gram(output_gram: torch.Tensor, weight: torch.Tensor, diagonal: torch.Tensor | None,
+                       shrinkage: float) -> torch.Tensor:
+    """W·((1 − s)·C + s·diag(C))·Wᵀ from the output Gram W·C·Wᵀ and diag(C), (out, out)."""
+    if not shrinkage:
+        return output_gram
+    if diagonal is None:
+        raise ValueError("shrinking an output Gram needs the diagonal of the input Gram")
+    W = weight.double()
+    return output_gram.double() * (1 - shrinkage) + shrinkage * (W * diagonal.double()) @ W.T
+
+
 def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """C + damping·mean(diag C)·I (C itself when damping is 0)."""
     if not damping:
@@ -96,7 +117,8 @@ def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
 def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, cross: torch.Tensor | None = None,
                   weights: torch.Tensor | None = None, cholesky: torch.Tensor | None = None,
                   damping: float = 0.0, ridge: float = 0.0, input_damping: float = 0.0,
-                  output_gram: torch.Tensor | None = None) -> svdmath.Factors:
+                  output_gram: torch.Tensor | None = None, input_shrinkage: float = 0.0,
+                  input_diagonal: torch.Tensor | None = None) -> svdmath.Factors:
     """Rank-``rank`` factors minimising ‖Rᵀ·(B·A·X_cᵀ − W·X_dᵀ)‖_F with R·Rᵀ the output weighting.
 
     Args:
@@ -112,6 +134,8 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = N
         input_damping: C + input_damping·mean(diag C)·I is whitened against (0: C itself).
         output_gram: Σ_t (W·x_t)(W·x_t)ᵀ = W·C·Wᵀ, (out, out), in place of C for a layer with out ≤ in
             (the output route reads nothing else); not with ``cross`` or ``input_damping``.
+        input_shrinkage: whiten against (1 − s)·C + s·diag(C) (:func:`shrunk_gram`); ``cholesky``, when
+            given, is then the factor of that; with ``output_gram``, ``input_diagonal`` is diag(C).
 
     Returns:
         Factors (B, A) in ``weight.dtype``; singular values are those of Rᵀ·W*·L.
@@ -126,17 +150,20 @@ def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = N
     R = row_factor(weights, damping)
     Y = _weigh_rows(target, R)  # Rᵀ·W*, (out, in)
     if output_gram is not None and cross is None and not input_damping:
-        U, S, S_all = _top_eigen(_weigh_both(output_gram.double(), R), rank)
+        shrunk = shrunk_output_gram(output_gram, weight, input_diagonal, input_shrinkage)
+        U, S, S_all = _top_eigen(_weigh_both(shrunk.double(), R), rank)
         S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # see the output route below
         A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)
     elif needs_cholesky(tuple(weight.shape), cross is not None):
-        L = svdmath.cholesky_factor(_damped(gram, input_damping))[0] if cholesky is None or input_damping else cholesky
+        if cholesky is None or input_damping:
+            cholesky = svdmath.cholesky_factor(_damped(shrunk_gram(gram, input_shrinkage), input_damping))[0]
+        L = cholesky
         V, S_all = _input_space(Y, L, rank)  # V_r (in, r): right singular vectors of Rᵀ·W*·L
         A = torch.linalg.solve_triangular(L, V.T, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
         return svdmath.Factors(_unweigh_rows(Y @ (L @ V), R).to(weight.dtype), A.to(weight.dtype), S_all.float(),
                                svdmath.energy_kept(S_all, rank))  # B = R⁻ᵀ·M·V_r = R⁻ᵀ·U_r·Σ_r, (out, r)
     else:
-        U, S, S_all = _output_space(Y, _damped(gram.double(), input_damping), rank)
+        U, S, S_all = _output_space(Y, _damped(shrunk_gram(gram.double(), input_shrinkage), input_damping), rank)
         S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # a direction the inputs never excite: B·A
         A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)    # keeps U·Uᵀ·Y there, as the Cholesky route
     B = _unweigh_rows(U * S, R)  # (out, r)
@@ -176,15 +203,17 @@ def refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge
 @torch.no_grad()
 def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                       cholesky: torch.Tensor | None = None, damping: float = 0.0,
-                      input_damping: float = 0.0, output_gram: torch.Tensor | None = None) -> torch.Tensor:
+                      input_damping: float = 0.0, output_gram: torch.Tensor | None = None,
+                      input_shrinkage: float = 0.0, input_diagonal: torch.Tensor | None = None) -> torch.Tensor:
     """σ_i² of Rᵀ·W·L (R from ``weights`` and ``damping`` as in :func:`aware_factors`), descending:
     the eigenvalues of Rᵀ·W·C·Wᵀ·R (out ≤ in; from ``output_gram`` = W·C·Wᵀ when given) or of
     Lᵀ·Wᵀ·R·Rᵀ·W·L (out > in)."""
     R = row_factor(weights, damping)
     if output_gram is not None and not input_damping:
-        return torch.linalg.eigvalsh(_weigh_both(output_gram.double(), R)).flip(0).clamp_min(0)
+        shrunk = shrunk_output_gram(output_gram, weight, input_diagonal, input_shrinkage)
+        return torch.linalg.eigvalsh(_weigh_both(shrunk.double(), R)).flip(0).clamp_min(0)
     Y = _weigh_rows(weight.double(), R)  # (out, in)
-    gram = _damped(gram.double(), input_damping)
+    gram = _damped(shrunk_gram(gram.double(), input_shrinkage), input_damping)
     if not needs_cholesky(tuple(weight.shape)):
         square = Y @ gram @ Y.T  # (out, out)
     else:

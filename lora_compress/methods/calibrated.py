@@ -41,7 +41,7 @@ from ..core import svd as svdmath
 from ..core.layers import check_finite_float, dense_weight
 from ..core.patch import factor_module_
 from ..core.targets import find_targets
-from ..core.whitening import needs_cholesky
+from ..core.whitening import needs_cholesky, shrunk_gram
 from ..core.workers import layer_workers, ordered_map
 from ..errors import LoraCompressError
 from .allocate import LayerCost, allocate
@@ -73,6 +73,7 @@ class Factorer:
         self.results = {name: new_layer_result(name, module) for name, module in targets.items()}
         self.fisher: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}  # the group at hand's output Grams
+        self.diagonal: torch.Tensor | None = None  # and the diagonal of its input's Gram
         self.sparse: dict[str, int] = {}  # experts routed too few calibration tokens → tokens: factored from W
 
     def fall_back_(self, stats: Statistics, names) -> Statistics:
@@ -85,19 +86,19 @@ class Factorer:
         self.group([name], gram, cross)
 
     def group(self, names: list[str], gram: torch.Tensor | None, cross: torch.Tensor | None,
-              outputs: dict[str, torch.Tensor] | None = None) -> None:
+              outputs: dict[str, torch.Tensor] | None = None, diagonal: torch.Tensor | None = None) -> None:
         """Factor ``names``, layers reading one input (Gram ``gram``, cross-Gram ``cross``; ``outputs``: the
-        output Grams of those summed on their output side), and swap them in. An expert routed too few
-        tokens is factored on isotropic statistics: the truncated SVD of W."""
-        self.outputs = outputs or {}
+        output Grams of those summed on their output side; ``diagonal``: diag of the input's Gram), and swap
+        them in. An expert routed too few tokens is factored on isotropic statistics: the truncated SVD of W."""
+        self.outputs, self.diagonal = outputs or {}, diagonal
         for name in [n for n in names if n in self.sparse]:
             self.results[name].note = (f"received {self.sparse[name]} calibration tokens (fewer than "
                                        f"--expert-min-tokens {self.config.expert_min_tokens}): factored from its "
                                        f"weight spectrum")
             self.fisher.pop(name, None)
-            outputs, self.outputs = self.outputs, {}
+            outputs, diagonal, self.outputs, self.diagonal = self.outputs, self.diagonal, {}, None
             self._group([name], torch.eye(dense_weight(self.targets[name]).shape[1], dtype=torch.float64), None)
-            self.outputs = outputs
+            self.outputs, self.diagonal = outputs, diagonal
         self._group([n for n in names if n not in self.sparse], gram, cross)
 
     def _group(self, names: list[str], gram: torch.Tensor, cross: torch.Tensor | None) -> None:
@@ -107,12 +108,13 @@ class Factorer:
             for name in names:
                 if name not in self.ranks:
                     self.ranks[name] = rule_rank(self.config, dense_weight(self.targets[name]), gram,
-                                                 self.outputs.get(name))
+                                                 self.outputs.get(name), self.diagonal)
             todo = [name for name in names if self._factored(name)]
             shapes = [tuple(dense_weight(self.targets[name]).shape) for name in todo]
             refit = self.method.dense_stream
             on_input = [s for name, s in zip(todo, shapes) if name not in self.outputs]
-            cholesky = svdmath.cholesky_factor(gram)[0] if any(needs_cholesky(s, refit) for s in on_input) else None
+            shrunk = shrunk_gram(gram, self.config.options.gram_shrinkage) if gram is not None else None
+            cholesky = svdmath.cholesky_factor(shrunk)[0] if any(needs_cholesky(s, refit) for s in on_input) else None
             inputs = LayerInputs(gram, cholesky, cross if refit else None)
             workers = min(len(todo), layer_workers(self.config.workers, shapes, self.config.device)) or 1
             with closing(ordered_map(lambda name: self._factors(name, inputs), todo, workers)) as found:
@@ -132,7 +134,7 @@ class Factorer:
         weight = dense_weight(self.targets[name])
         check_finite_float(name, weight)
         fisher = self.fisher.get(name) if self.method.gradients else None
-        layer = LayerInputs(inputs.gram, inputs.cholesky, inputs.cross, fisher, self.outputs.get(name))
+        layer = LayerInputs(inputs.gram, inputs.cholesky, inputs.cross, fisher, self.outputs.get(name), self.diagonal)
         return self.method.factor(weight, min(self.ranks[name], min(weight.shape)), layer, self.config.options,
                                   svd=self.config.svd, seed=self.config.seed)
 
@@ -171,9 +173,9 @@ class RankCollector:
         if self.config.budget is not None:
             workers = layer_workers(self.config.workers, [tuple(dense_weight(m).shape) for m in modules.values()],
                                     self.config.device)
-            self.costs.update(layer_costs(modules, stats, workers))
+            self.costs.update(layer_costs(modules, stats, workers, self.config.options.gram_shrinkage))
         else:
-            self.ranks.update(rule_ranks(self.config, modules, stats))
+            self.ranks.update(rule_ranks(self.config, modules, stats))  # rule_ranks shrinks as the method does
 
     def fisher_of(self, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """The gradient covariances pass 1 left for ``modules`` (one block's targets), taken once."""
@@ -311,7 +313,8 @@ def _factor_groups(factorer: Factorer, modules: dict[str, nn.Module], stats: Sta
     for name in modules:
         groups.setdefault(stats.owner[name], []).append(name)
     for owner, names in groups.items():
-        factorer.group(names, stats.grams.get(owner), None, {n: stats.outputs[n] for n in names if n in stats.outputs})
+        factorer.group(names, stats.grams.get(owner), None, {n: stats.outputs[n] for n in names if n in stats.outputs},
+                       stats.diagonals.get(owner))
 
 
 @torch.no_grad()

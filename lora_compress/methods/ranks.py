@@ -15,7 +15,7 @@ from torch import nn
 from ..calibrate.statistics import FULL_FISHER_MAX, Statistics
 from ..core import svd as svdmath
 from ..core.layers import dense_weight
-from ..core.whitening import needs_cholesky, weighted_spectrum
+from ..core.whitening import needs_cholesky, shrunk_gram, weighted_spectrum
 from ..core.workers import ordered_map
 from ..errors import LoraCompressError
 from .allocate import LayerCost, allocate
@@ -24,9 +24,10 @@ from .config import CompressConfig
 COST_DAMPING = 0.1  # the allocation's F damping: R·Rᵀ = F + this·mean(diag F)·I, as sequential's default
 SENSITIVITY = ("fisher-weighted whitened truncation loss: sum over dropped i of sigma_i^2 of R^T·W·L, "
                f"R R^T = F + {COST_DAMPING:g}·mean(diag F)·I with F the mean output-gradient covariance of the "
-               "calibration loss, shrunk towards its diagonal by the Ledoit-Wolf intensity (its diagonal g, "
-               f"R = diag(sqrt(g)), for layers wider than {FULL_FISHER_MAX} outputs), L L^T = X^T X of the "
-               "layer's calibration inputs")
+               "calibration loss (causal LMs: labels drawn from the model's own prediction), shrunk towards its "
+               f"diagonal by the Ledoit-Wolf intensity (its diagonal g, R = diag(sqrt(g)), for layers wider than "
+               f"{FULL_FISHER_MAX} outputs), L L^T = X^T X of the layer's calibration inputs, shrunk towards its "
+               "diagonal as the method's fit shrinks it")
 
 
 def check_fixed_rank(targets: dict[str, nn.Module], rank: int | None) -> None:
@@ -54,19 +55,22 @@ def layer_rank(config: CompressConfig, shape: tuple[int, int], singular_values=N
     return svdmath.rank_for_energy(singular_values, config.energy)
 
 
-def layer_costs(targets: dict[str, nn.Module], stats: Statistics, workers: int = 1) -> dict[str, LayerCost]:
-    """The common-scale cost curve of every target (see SENSITIVITY), ``workers`` layers at once."""
+def layer_costs(targets: dict[str, nn.Module], stats: Statistics, workers: int = 1,
+                shrinkage: float = 0.0) -> dict[str, LayerCost]:
+    """The common-scale cost curve of every target (see SENSITIVITY), ``workers`` layers at once, with each
+    input Gram shrunk towards its diagonal by ``shrinkage`` as the method's fit shrinks it."""
     choleskies = {}  # owner → L, for the tall layers (out > in) on their input side only: the others need none
     for name, module in targets.items():
         owner = stats.owner[name]
         if owner not in choleskies and name not in stats.outputs and needs_cholesky(tuple(dense_weight(module).shape)):
-            choleskies[owner] = svdmath.cholesky_factor(stats.grams[owner])[0]
+            choleskies[owner] = svdmath.cholesky_factor(shrunk_gram(stats.grams[owner], shrinkage))[0]
 
     def cost(name: str) -> LayerCost:
         weight, fisher = dense_weight(targets[name]), stats.fisher.get(name)
         weights = None if fisher is None else fisher.double() / stats.tokens
         power = weighted_spectrum(weight, stats.input_gram(name), weights, cholesky=choleskies.get(stats.owner[name]),
-                                  damping=COST_DAMPING, output_gram=stats.outputs.get(name))
+                                  damping=COST_DAMPING, output_gram=stats.outputs.get(name), input_shrinkage=shrinkage,
+                                  input_diagonal=stats.input_diagonal(name))
         return LayerCost.from_spectrum(tuple(weight.shape), power)
 
     with closing(ordered_map(cost, list(targets), workers)) as found:
@@ -74,11 +78,12 @@ def layer_costs(targets: dict[str, nn.Module], stats: Statistics, workers: int =
 
 
 def rule_rank(config: CompressConfig, weight: torch.Tensor, gram: torch.Tensor | None,
-              output_gram: torch.Tensor | None = None) -> int | None:
+              output_gram: torch.Tensor | None = None, diagonal: torch.Tensor | None = None) -> int | None:
     """A layer's rank by the config's per-layer rule (None = dense); ``energy`` reads the whitened
-    spectrum of its input Gram (or of its output Gram)."""
+    spectrum of its input Gram (or of its output Gram), shrunk as the method shrinks it."""
     shape = tuple(weight.shape)
-    spectrum = weighted_spectrum(weight, gram, output_gram=output_gram).sqrt() if config.energy else None
+    spectrum = weighted_spectrum(weight, gram, output_gram=output_gram, input_shrinkage=config.options.gram_shrinkage,
+                                 input_diagonal=diagonal).sqrt() if config.energy else None
     rank = layer_rank(config, shape, spectrum)
     return rank if rank <= config.rank_limit(shape) else None
 
@@ -87,12 +92,13 @@ def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
                stats: Statistics | None) -> dict[str, int | None]:
     """Rank per layer by the config's per-layer rule (None = dense); ``energy`` needs the layers' Grams."""
     return {name: rule_rank(config, dense_weight(module), stats.input_gram(name) if config.energy else None,
-                            stats.outputs.get(name) if config.energy else None)
+                            stats.outputs.get(name) if config.energy else None, stats.input_diagonal(name))
             for name, module in targets.items()}
 
 
 def choose_ranks(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
     """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
     if config.budget is not None:
-        return allocate(layer_costs(targets, stats), config.budget, config.allocation_max_keep)
+        return allocate(layer_costs(targets, stats, shrinkage=config.options.gram_shrinkage), config.budget,
+                        config.allocation_max_keep)
     return rule_ranks(config, targets, stats)

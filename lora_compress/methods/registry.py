@@ -30,6 +30,12 @@ class MethodConfig:
         """The knobs as plain JSON-able data."""
         return asdict(self)
 
+    @property
+    def gram_shrinkage(self) -> float:
+        """How far the method shrinks each input Gram towards its diagonal before whitening, in the fit
+        and in the budget's costs alike (0: not at all)."""
+        return 0.0
+
 
 @dataclass(frozen=True)
 class LayerInputs:
@@ -40,6 +46,7 @@ class LayerInputs:
     cross: torch.Tensor | None = None  # X_dᵀX_c with the dense model's inputs, (in, in): dense_stream methods
     fisher: torch.Tensor | None = None  # output-gradient covariance F (out, out), or its diagonal (out,)
     output_gram: torch.Tensor | None = None  # Σ (W·x)(W·x)ᵀ = W·C·Wᵀ, (out, out): for out ≤ in, in place of C
+    input_diagonal: torch.Tensor | None = None  # diag(C) = Σ x², (in,): to shrink an output Gram
 
 
 Handler = Callable[..., Factors]  # (weight, rank, LayerInputs, config, *, svd, seed) → Factors

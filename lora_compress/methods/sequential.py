@@ -7,7 +7,10 @@ and F are a Kronecker-factored estimate of the loss's curvature in the layer, so
 are those the loss is sensitive to. F is the full out×out covariance, shrunk towards its diagonal
 (calibrate/statistics.py), for layers with up to FULL_FISHER_MAX outputs, and its diagonal g
 (R = diag √g, floored) for wider ones (benchmarks/quality.md: the full F beats the diagonal at every
-cut on SmolLM2 and MiniLM).
+cut on SmolLM2 and MiniLM). C is shrunk towards its diagonal, (1 − s)·C + s·diag(C): each input
+channel keeps its own scale (the outlier channels that make whitening beat plain SVD), while the
+correlations between channels, which belong to the calibration text, count only for 1 − s, so a
+direction that text never excites is not cut for free.
 """
 from __future__ import annotations
 
@@ -27,11 +30,19 @@ class SequentialConfig(MethodConfig):
 
     fisher_damping: float = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (SmolLM2 20%, F unshrunk: 0.001–0.1 beat the diagonal)
     fisher_floor: float = 1e-2  # diagonal weights g/mean(g) are floored here so no output channel is ignored
+    input_shrinkage: float = 0.3  # C ← (1 − s)·C + s·diag(C) before whitening (issue 17: 0.3 beat 0 and 0.6 off the calibration text)
 
     def __post_init__(self):
         for name in ("fisher_damping", "fisher_floor"):
             if getattr(self, name) < 0:
                 raise LoraCompressError(f"{name} {getattr(self, name)} is negative; pass 0 or more")
+        if not 0 <= self.input_shrinkage <= 1:
+            raise LoraCompressError(f"input_shrinkage {self.input_shrinkage} is outside [0, 1]; pass e.g. 0.3")
+
+    @property
+    def gram_shrinkage(self) -> float:
+        """The input Gram's shrinkage towards its diagonal (see the module docstring)."""
+        return self.input_shrinkage
 
 
 def output_weights(inputs: LayerInputs, config: SequentialConfig) -> torch.Tensor | None:
@@ -46,4 +57,5 @@ def factor_sequential(weight: torch.Tensor, rank: int, inputs: LayerInputs, conf
                       **solver) -> Factors:
     """The rank-``rank`` minimiser of ‖Rᵀ·(W − B·A)·X_cᵀ‖_F."""
     return aware_factors(weight, rank, inputs.gram, weights=output_weights(inputs, config),
-                         cholesky=inputs.cholesky, damping=config.fisher_damping, output_gram=inputs.output_gram)
+                         cholesky=inputs.cholesky, damping=config.fisher_damping, output_gram=inputs.output_gram,
+                         input_shrinkage=config.input_shrinkage, input_diagonal=inputs.input_diagonal)

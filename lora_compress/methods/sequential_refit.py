@@ -38,4 +38,5 @@ def factor_refit(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: S
     """The rank-``rank`` minimiser of ‖Rᵀ·(B·A·X_cᵀ − W·X_dᵀ)‖_F, shrunk towards W."""
     return aware_factors(weight, rank, inputs.gram, cross=inputs.cross, weights=output_weights(inputs, config),
                          cholesky=inputs.cholesky, damping=config.fisher_damping, ridge=config.ridge,
-                         output_gram=inputs.output_gram)
+                         output_gram=inputs.output_gram, input_shrinkage=config.input_shrinkage,
+                         input_diagonal=inputs.input_diagonal)

@@ -1,0 +1,162 @@
+"""Cross-domain quality: calibrate on one text, evaluate on every domain → a markdown table.
+
+SmolLM2-135M: perplexity (first 4,096 tokens, 1,024-token windows, labels = input ids; as
+bench_quality.perplexity) on prose fiction (alice29), verse (plrabn12), a report (lcet10), a
+play (asyoulik), movie-review snippets, Python source code and legal text, each as a ratio to
+the dense model's perplexity. A domain is *held out* when it is not the calibration text; each
+row gives the worst and the mean held-out ratio and the seconds the compression took.
+all-MiniLM-L6-v2: cosine of mean-pooled embeddings to the dense model on paragraph sets of
+the same domains (the first 300 paragraphs of each evaluation file, 128 tokens at most).
+
+The evaluation files of the extra domains are disjoint from their ``*_calib.txt`` halves
+(prepare_examples.py --only domains), so those can be calibrated on too.
+
+Usage: python scripts/bench_domains.py --calib asyoulik,lcet10 --cuts 0.2,0.4 --out FILE
+       [--models smollm2,minilm]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench_quality import embed, markdown, perplexity
+from prepare_examples import CACHE, MINILM, SMOLLM2, TEXT
+
+from lora_compress.calibrate.tokens import calibration_tokens
+from lora_compress.methods.compress import compress_
+from lora_compress.methods.config import CompressConfig
+from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
+from lora_compress.storage.text import paragraphs, read_text
+
+DOMAINS = {"alice29": "alice29.txt", "plrabn12": "plrabn12.txt", "lcet10": "lcet10.txt", "asyoulik": "asyoulik.txt",
+           "movies": "movie_reviews.txt", "python": "python_code.txt", "legal": "legal.txt"}
+CALIB_FILES = {"python": "python_code_calib.txt", "legal": "legal_calib.txt", "movies": "movie_reviews_calib.txt"}
+PROSE_OR_LEGAL = ("alice29", "plrabn12", "lcet10", "asyoulik", "movies", "legal")
+DENSE_CACHE = CACHE / "bench" / "dense_domains.json"
+PARAGRAPHS = 300  # MiniLM: paragraphs per domain
+RANKS = {}  # "model/calib/cut" → layer → rank (None = dense), written beside the table
+
+
+def calib_path(name: str) -> Path:
+    """A domain name (its calibration half where it has one) or a file path."""
+    if name in DOMAINS:
+        return TEXT / CALIB_FILES.get(name, DOMAINS[name])
+    return Path(name)
+
+
+def held_out(domain: str, calib: str) -> bool:
+    return domain != calib
+
+
+def dense_figures(key: str, compute) -> dict[str, float]:
+    """Dense figures per domain, cached in DENSE_CACHE under ``key``."""
+    cache = json.loads(DENSE_CACHE.read_text()) if DENSE_CACHE.exists() else {}
+    if key not in cache or set(cache[key]) != set(DOMAINS):
+        cache[key] = compute()
+        DENSE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        DENSE_CACHE.write_text(json.dumps(cache, indent=1))
+    return cache[key]
+
+
+def compress_copy(dense, cut: float, tokens, method: str):
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = compress_(model, CompressConfig(budget=1 - cut, method=method), progress=False, tokens=tokens)
+    return model, report, time.perf_counter() - start
+
+
+def summary(ratios: dict[str, float], calib: str, higher_is_better: bool = False) -> list[str]:
+    """Worst and mean over the held-out domains, and the worst held-out prose-or-legal domain."""
+    held = {d: r for d, r in ratios.items() if held_out(d, calib)}
+    pick = min if higher_is_better else max
+    worst = pick(held, key=held.get)
+    prose = {d: r for d, r in held.items() if d in PROSE_OR_LEGAL}
+    worst_prose = pick(prose, key=prose.get)
+    return [f"{held[worst]:.3f} ({worst})", f"{sum(held.values()) / len(held):.3f}",
+            f"{prose[worst_prose]:.3f} ({worst_prose})"]
+
+
+def smollm2_rows(calibs, cuts, samples, length, method, tokens_eval):
+    source = resolve_source(str(SMOLLM2))
+    dense, tokenizer = load_dense(source), load_tokenizer(source)
+    texts = {d: TEXT / f for d, f in DOMAINS.items()}
+    base = dense_figures(f"smollm2/{tokens_eval}",
+                         lambda: {d: perplexity(dense, tokenizer, p, tokens_eval) for d, p in texts.items()})
+    yield ["dense", "-", *[f"{base[d]:.2f}" for d in DOMAINS], "-", "-", "-", "-"]
+    for calib in calibs:
+        tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
+        for cut in cuts:
+            model, report, seconds = compress_copy(dense, cut, tokens, method)
+            RANKS[f"smollm2/{calib}/{cut}"] = {layer.name: layer.rank for layer in report.layers}
+            ratios = {d: perplexity(model, tokenizer, p, tokens_eval) / base[d] for d, p in texts.items()}
+            yield [calib, f"{cut:.0%}", *[f"{ratios[d]:.3f}" for d in DOMAINS], *summary(ratios, calib),
+                   f"{seconds:.0f}"]
+            del model
+
+
+def paragraph_sets() -> dict[str, list[str]]:
+    return {d: paragraphs(read_text(TEXT / f))[:PARAGRAPHS] for d, f in DOMAINS.items()}
+
+
+def minilm_rows(calibs, cuts, samples, length, method):
+    source = resolve_source(str(MINILM))
+    dense, tokenizer = load_dense(source), load_tokenizer(source)
+    sets = paragraph_sets()
+    reference = {d: embed(dense, tokenizer, texts) for d, texts in sets.items()}
+    for calib in calibs:
+        tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
+        for cut in cuts:
+            model, report, seconds = compress_copy(dense, cut, tokens, method)
+            cosine = {d: float((embed(model, tokenizer, sets[d]) * reference[d]).sum(-1).mean()) for d in sets}
+            yield [calib, f"{cut:.0%}", *[f"{cosine[d]:.4f}" for d in DOMAINS],
+                   *summary(cosine, calib, higher_is_better=True), f"{seconds:.0f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", default="asyoulik,lcet10", help="calibration domains (or files), comma-separated")
+    parser.add_argument("--cuts", default="0.1,0.2,0.3,0.4", help="fractions of targeted parameters removed")
+    parser.add_argument("--models", default="smollm2,minilm")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--method", default="sequential")
+    parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per domain (SmolLM2)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    calibs, cuts = args.calib.split(","), [float(c) for c in args.cuts.split(",")]
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    parts = [f"# Cross-domain quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
+             f"the named text; method {args.method}, `--budget 1-cut`. SmolLM2: perplexity ratio to dense (the dense "
+             f"row: perplexities); MiniLM: embedding cosine to dense. *worst*/*mean*: over the held-out domains "
+             f"(all but the calibration text); *worst prose/legal*: the same without Python code. Seconds: the "
+             f"compression, calibration included, on a shared 2-core CPU.\n"]
+    summary_header = ["worst held-out", "mean held-out", "worst prose/legal", "seconds"]
+    tables = [("smollm2", lambda: smollm2_rows(calibs, cuts, args.calib_samples, args.calib_len, args.method,
+                                               args.tokens), "## SmolLM2-135M: perplexity ÷ dense"),
+              ("minilm", lambda: minilm_rows(calibs, cuts, args.calib_samples, args.calib_len, args.method),
+               "## all-MiniLM-L6-v2: embedding cosine to dense")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, rows_of, title in tables:
+        if name not in args.models:
+            continue
+        header = ["calib", "cut", *DOMAINS, *summary_header]
+        rows = []
+        for row in rows_of():
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+            args.out.write_text("\n\n".join(parts + [f"{title}\n\n{markdown(rows, header)}"]) + "\n")
+            args.out.with_suffix(".ranks.json").write_text(json.dumps(RANKS))
+        parts.append(f"{title}\n\n{markdown(rows, header)}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
