@@ -122,9 +122,12 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--ratio", type=float, help="Keep this fraction of each layer's parameters.")
 @click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
 @click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
-              "layer (needs --calib).")
+              "layer (needs --calib or --calib-generated 1).")
 @click.option("--method", default="auto", show_default=True, type=click.Choice(method_choices()), help=method_help())
 @calibration_options()
+@click.option("--calib-generated", default=0.0, show_default=True,
+              help="Share of the calibration sequences the model writes itself from its BOS token (top-k "
+              "sampling; causal LMs only, in memory only). 1 = data-free: no --calib needed.")
 @include_option
 @exclude_option
 @click.option("--svd", default="auto", show_default=True,
@@ -155,9 +158,9 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @quiet_option
 @gguf_option
 @user_errors
-def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, include, exclude,
-             svd, seed, max_keep, device, workers, dtype, expert_min_tokens, stream, memory_limit, adapters, force,
-             quiet, gguf_file):
+def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, calib_generated,
+             include, exclude, svd, seed, max_keep, device, workers, dtype, expert_min_tokens, stream, memory_limit,
+             adapters, force, quiet, gguf_file):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
     from .jobs.compress import compress as compress_checkpoint
     from .methods.config import CompressConfig
@@ -165,9 +168,9 @@ def compress(model, out, rank, ratio, energy, budget, method, calib, calib_sampl
     from .stream.distributed import is_main_process
 
     config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
-                            calib_samples=calib_samples, calib_len=calib_len, include=tuple(include),
-                            exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep, device=device,
-                            workers=workers, expert_min_tokens=expert_min_tokens)
+                            calib_samples=calib_samples, calib_len=calib_len, calib_generated=calib_generated,
+                            include=tuple(include), exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep,
+                            device=device, workers=workers, expert_min_tokens=expert_min_tokens)
     report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
                                  progress=not quiet, stream=stream, dtype=dtype, memory_limit=memory_limit,
                                  adapters=adapters)

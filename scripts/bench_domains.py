@@ -12,7 +12,10 @@ The evaluation files of the extra domains are disjoint from their ``*_calib.txt`
 (prepare_examples.py --only domains), so those can be calibrated on too.
 
 Usage: python scripts/bench_domains.py --calib asyoulik,lcet10 --cuts 0.2,0.4 --out FILE
-       [--models smollm2,minilm]
+       [--models smollm2,minilm] [--calib-generated 0.25] [--option input_shrinkage=0.2 ...]
+
+``--option NAME=VALUE`` sets a field of the method's config (e.g. SequentialConfig's); ``--calib-generated``
+is CompressConfig's share of model-written calibration sequences, written inside the timed compression.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from prepare_examples import CACHE, MINILM, SMOLLM2, TEXT
 from lora_compress.calibrate.tokens import calibration_tokens
 from lora_compress.methods.compress import compress_
 from lora_compress.methods.config import CompressConfig
+from lora_compress.methods.registry import get_method
 from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from lora_compress.storage.text import paragraphs, read_text
 
@@ -65,10 +69,22 @@ def dense_figures(key: str, compute) -> dict[str, float]:
     return cache[key]
 
 
-def compress_copy(dense, cut: float, tokens, method: str):
+def method_config(method: str, options: list[str]):
+    """The method's config with ``options`` (NAME=VALUE) set, or its name when there are none."""
+    if not options:
+        return method
+    fields = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        fields[name] = float(value)
+    return get_method(method).config_class(**fields)
+
+
+def compress_copy(dense, cut: float, tokens, method, generated: float = 0.0):
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    report = compress_(model, CompressConfig(budget=1 - cut, method=method), progress=False, tokens=tokens)
+    config = CompressConfig(budget=1 - cut, method=method, calib_generated=generated)
+    report = compress_(model, config, progress=False, tokens=tokens)
     return model, report, time.perf_counter() - start
 
 
@@ -83,7 +99,7 @@ def summary(ratios: dict[str, float], calib: str, higher_is_better: bool = False
             f"{prose[worst_prose]:.3f} ({worst_prose})"]
 
 
-def smollm2_rows(calibs, cuts, samples, length, method, tokens_eval):
+def smollm2_rows(calibs, cuts, samples, length, method, tokens_eval, generated):
     source = resolve_source(str(SMOLLM2))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     texts = {d: TEXT / f for d, f in DOMAINS.items()}
@@ -93,7 +109,7 @@ def smollm2_rows(calibs, cuts, samples, length, method, tokens_eval):
     for calib in calibs:
         tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
         for cut in cuts:
-            model, report, seconds = compress_copy(dense, cut, tokens, method)
+            model, report, seconds = compress_copy(dense, cut, tokens, method, generated)
             RANKS[f"smollm2/{calib}/{cut}"] = {layer.name: layer.rank for layer in report.layers}
             ratios = {d: perplexity(model, tokenizer, p, tokens_eval) / base[d] for d, p in texts.items()}
             yield [calib, f"{cut:.0%}", *[f"{ratios[d]:.3f}" for d in DOMAINS], *summary(ratios, calib),
@@ -105,7 +121,7 @@ def paragraph_sets() -> dict[str, list[str]]:
     return {d: paragraphs(read_text(TEXT / f))[:PARAGRAPHS] for d, f in DOMAINS.items()}
 
 
-def minilm_rows(calibs, cuts, samples, length, method):
+def minilm_rows(calibs, cuts, samples, length, method, generated):
     source = resolve_source(str(MINILM))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     sets = paragraph_sets()
@@ -113,7 +129,7 @@ def minilm_rows(calibs, cuts, samples, length, method):
     for calib in calibs:
         tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
         for cut in cuts:
-            model, report, seconds = compress_copy(dense, cut, tokens, method)
+            model, report, seconds = compress_copy(dense, cut, tokens, method, generated)
             cosine = {d: float((embed(model, tokenizer, sets[d]) * reference[d]).sum(-1).mean()) for d in sets}
             yield [calib, f"{cut:.0%}", *[f"{cosine[d]:.4f}" for d in DOMAINS],
                    *summary(cosine, calib, higher_is_better=True), f"{seconds:.0f}"]
@@ -127,21 +143,27 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--method", default="sequential")
+    parser.add_argument("--option", action="append", default=[], help="NAME=VALUE: a field of the method's config")
+    parser.add_argument("--calib-generated", type=float, default=CompressConfig.calib_generated,
+                        help="share of the calibration sequences written by the model from its BOS token")
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per domain (SmolLM2)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     calibs, cuts = args.calib.split(","), [float(c) for c in args.cuts.split(",")]
+    method = method_config(args.method, args.option)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     parts = [f"# Cross-domain quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
-             f"the named text; method {args.method}, `--budget 1-cut`. SmolLM2: perplexity ratio to dense (the dense "
+             f"the named text ({args.calib_generated:g} of them written by the model from its BOS token); method "
+             f"{args.method} {' '.join(args.option)}, `--budget 1-cut`. SmolLM2: perplexity ratio to dense (the dense "
              f"row: perplexities); MiniLM: embedding cosine to dense. *worst*/*mean*: over the held-out domains "
              f"(all but the calibration text); *worst prose/legal*: the same without Python code. Seconds: the "
              f"compression, calibration included, on a shared 2-core CPU.\n"]
     summary_header = ["worst held-out", "mean held-out", "worst prose/legal", "seconds"]
-    tables = [("smollm2", lambda: smollm2_rows(calibs, cuts, args.calib_samples, args.calib_len, args.method,
-                                               args.tokens), "## SmolLM2-135M: perplexity ÷ dense"),
-              ("minilm", lambda: minilm_rows(calibs, cuts, args.calib_samples, args.calib_len, args.method),
+    tables = [("smollm2", lambda: smollm2_rows(calibs, cuts, args.calib_samples, args.calib_len, method,
+                                               args.tokens, args.calib_generated), "## SmolLM2-135M: perplexity ÷ dense"),
+              ("minilm", lambda: minilm_rows(calibs, cuts, args.calib_samples, args.calib_len, method,
+                                             args.calib_generated),
                "## all-MiniLM-L6-v2: embedding cosine to dense")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, rows_of, title in tables:

@@ -15,7 +15,7 @@ from lora_compress.storage.compressed import MANIFEST, factored_modules
 from lora_compress.cli import main
 from lora_compress.errors import LoraCompressError
 from lora_compress.healing.distill import BLOCK_TARGETS, HealConfig, block_indices, heal, heal_
-from lora_compress.healing.teacher_text import sample_top_k
+from lora_compress.calibrate.generation import sample_top_k
 from helpers import dense
 
 healing = importlib.import_module("lora_compress.healing.distill")  # the module; lc.heal is the function

@@ -92,6 +92,9 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
     streaming_asked = stream or launched()
     checkpoint = None if source.gguf_file and not streaming_asked else open_lazily(source, config, parse_dtype(dtype))
     if _streams(source, checkpoint, config, streaming_asked, memory_limit):
+        if config.calib_generated:
+            raise LoraCompressError("--calib-generated needs the whole model in memory to write text, and this run "
+                                    "streams block by block; pass --calib FILE with --calib-generated 0")
         if config.record.calibration:
             return _compress_calibrated_streamed(source, checkpoint, out, config, calib_text, force=force,
                                                  command=command, progress=progress, adapters=adapters, model=model)

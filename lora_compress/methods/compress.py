@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibrate.generation import with_written, written_sequences
 from ..core.targets import expose_experts_
 from ..errors import LoraCompressError
 from .calibrated import compress_calibrated_
@@ -31,7 +32,10 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
         config: rank option, targets, method and SVD settings.
         progress: show a progress bar over layers.
         tokens: calibration token ids (samples, length), needed by every calibrated method
-            (see :func:`lora_compress.calibrate.tokens.calibration_tokens`).
+            (see :func:`lora_compress.calibrate.tokens.calibration_tokens`) unless the model writes
+            them all (``config.calib_generated == 1``); a share ``config.calib_generated`` of the
+            rows is replaced by sequences the model writes from its BOS token
+            (:mod:`lora_compress.calibrate.generation`).
         spill_folder: where a calibrated pass parks large intermediate tensors on disk (default: a
             temporary folder of its own).
 
@@ -49,11 +53,20 @@ def compress_(model: nn.Module, config: CompressConfig, progress: bool = True,
     expose_experts_(model, config.include, config.exclude)  # each expert's matrices become targets
     if config.record.calibration:
         check_calibrated(config, tokens)
-        return compress_calibrated_(model, config, tokens, progress, spill_folder)
+        if tokens is None:  # data-free: every sequence written
+            tokens = written_sequences(model, config.calib_samples, config.calib_len, config.seed)
+            written = len(tokens)
+        else:
+            written = round(config.calib_generated * len(tokens))
+            tokens = with_written(model, tokens, config.calib_generated, config.seed)
+        report = compress_calibrated_(model, config, tokens, progress, spill_folder)
+        report.calibration["generated"] = written
+        return report
     return compress_plain_(model, config, progress)
 
 
 def check_calibrated(config: CompressConfig, tokens) -> None:
     """Refuse a calibrated method without calibration tokens (or text)."""
-    if config.record.calibration and tokens is None:
-        raise LoraCompressError(f"--method {config.method} needs calibration text; pass --calib FILE")
+    if config.record.calibration and tokens is None and not config.data_free:
+        raise LoraCompressError(f"--method {config.method} needs calibration text; pass --calib FILE "
+                                f"(or --calib-generated 1: the model writes its own)")

@@ -51,6 +51,7 @@ class CompressConfig:
     calib: str | None = None  # calibration text (file, or a datasets name), recorded in the manifest
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
+    calib_generated: float = 0.0  # share of the calibration sequences the model writes itself from its BOS token (1: data-free)
     device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
     workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
     expert_min_tokens: int = EXPERT_MIN_TOKENS  # calibrated: an expert routed fewer tokens is factored from its weights
@@ -83,20 +84,37 @@ class CompressConfig:
         if isinstance(method, MethodConfig):
             method, options = method_of(method).name, method
         elif method == "auto":
-            method = CALIBRATED_DEFAULT if self.calib else "svd"
+            method = CALIBRATED_DEFAULT if self.calib or self.data_free else "svd"
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "options", get_method(method).options(options))
 
     def _check_calibration(self) -> None:
+        if not 0 <= self.calib_generated <= 1:
+            raise LoraCompressError(f"--calib-generated {self.calib_generated} is outside [0, 1]; pass a share of "
+                                    f"the calibration sequences such as 0.25")
+        if 0 < self.calib_generated < 1 and not self.calib:
+            raise LoraCompressError(f"--calib-generated {self.calib_generated:g} mixes written sequences into the "
+                                    f"--calib text; pass --calib FILE, or --calib-generated 1 for no text at all")
+        if self.calib_generated and not self.record.calibration:
+            raise LoraCompressError(f"--calib-generated writes calibration text, which --method {self.method} does "
+                                    f"not use; pass a calibrated method (sequential) or drop --calib-generated")
         if self.calib_samples < 1 or self.calib_len < 2:
             raise LoraCompressError(f"--calib-samples {self.calib_samples} / --calib-len {self.calib_len} are too "
                                     f"small; pass at least 1 sample of at least 2 tokens")
         if self.budget is not None and not self.record.calibration:
             raise LoraCompressError("--budget needs calibration text and an activation-aware method; "
-                                    "pass --calib FILE (and --method whiten or sequential, not svd)")
+                                    "pass --calib FILE (or --calib-generated 1) (and --method whiten or sequential, not svd)")
+        if self.calib and self.data_free:
+            warnings.warn("--calib is unused with --calib-generated 1 (the model writes every calibration sequence)",
+                          LoraCompressWarning, stacklevel=3)
         if self.calib and not self.record.calibration:
             warnings.warn(f"--calib is unused by --method {self.method} (plain SVD needs no calibration text)",
                           LoraCompressWarning, stacklevel=3)
+
+    @property
+    def data_free(self) -> bool:
+        """True when the model writes every calibration sequence itself (``calib_generated == 1``)."""
+        return self.calib_generated == 1
 
     @property
     def record(self) -> Method:

@@ -203,6 +203,7 @@ def evaluation_figures(evaluation: dict) -> dict:
 
 
 def manifest_settings(manifest: dict) -> dict:
-    """The compress settings worth stating (calibration sizes only when there was calibration text)."""
+    """The compress settings worth stating (calibration sizes only when there was calibration, given or written)."""
     settings = manifest["settings"]
-    return {key: value for key, value in settings.items() if settings.get("calib") or not key.startswith("calib_")}
+    return {key: value for key, value in settings.items() if settings.get("calib") or settings.get("calib_generated")
+            or not key.startswith("calib_")}
