@@ -80,10 +80,11 @@ def method_config(method: str, options: list[str]):
     return get_method(method).config_class(**fields)
 
 
-def compress_copy(dense, cut: float, tokens, method, generated: float = 0.0):
+def compress_copy(dense, cut: float, tokens, method, calib: str, generated: float = 0.0):
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    config = CompressConfig(budget=1 - cut, method=method, calib_generated=generated)
+    config = CompressConfig(budget=1 - cut, method=method, calib=None if generated == 1 else calib,
+                            calib_generated=generated)
     report = compress_(model, config, progress=False, tokens=tokens)
     return model, report, time.perf_counter() - start
 
@@ -109,7 +110,7 @@ def smollm2_rows(calibs, cuts, samples, length, method, tokens_eval, generated):
     for calib in calibs:
         tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
         for cut in cuts:
-            model, report, seconds = compress_copy(dense, cut, tokens, method, generated)
+            model, report, seconds = compress_copy(dense, cut, tokens, method, str(calib_path(calib)), generated)
             RANKS[f"smollm2/{calib}/{cut}"] = {layer.name: layer.rank for layer in report.layers}
             ratios = {d: perplexity(model, tokenizer, p, tokens_eval) / base[d] for d, p in texts.items()}
             yield [calib, f"{cut:.0%}", *[f"{ratios[d]:.3f}" for d in DOMAINS], *summary(ratios, calib),
@@ -129,7 +130,7 @@ def minilm_rows(calibs, cuts, samples, length, method, generated):
     for calib in calibs:
         tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
         for cut in cuts:
-            model, report, seconds = compress_copy(dense, cut, tokens, method, generated)
+            model, report, seconds = compress_copy(dense, cut, tokens, method, str(calib_path(calib)), generated)
             cosine = {d: float((embed(model, tokenizer, sets[d]) * reference[d]).sum(-1).mean()) for d in sets}
             yield [calib, f"{cut:.0%}", *[f"{cosine[d]:.4f}" for d in DOMAINS],
                    *summary(cosine, calib, higher_is_better=True), f"{seconds:.0f}"]
