@@ -144,6 +144,7 @@ class Factorer:
         report = CompressionReport(config, [self.results[n] for n in self.targets])
         report.calibration = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]),
                               "tokens": int(tokens.numel()), "text": config.calib,
+                              "generated": 0,  # sequences the model wrote itself (methods/compress.py sets it)
                               "sensitivity": SENSITIVITY if config.budget is not None else None,
                               "peak_memory_mb": round(peak_memory_mb(), 1),
                               "seconds": round(time.perf_counter() - start, 1),

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibrate.block_source import BlockSource, return_freed_memory
+from ..calibrate.block_source import BlockSource
+from ..core.pages import return_freed_memory
 from ..calibrate.seq2seq import is_encoder_decoder
 from ..errors import LoraCompressError
 from ..core.layers import LowRankLinear
