@@ -154,9 +154,10 @@ def main() -> None:
     calibs, cuts = args.calib.split(","), [float(c) for c in args.cuts.split(",")]
     method = method_config(args.method, args.option)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    written = f" ({args.calib_generated:g} of them written by the model from its BOS token)" if args.calib_generated else ""
+    method_named = " ".join([args.method, *args.option])
     parts = [f"# Cross-domain quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
-             f"the named text ({args.calib_generated:g} of them written by the model from its BOS token); method "
-             f"{args.method} {' '.join(args.option)}, `--budget 1-cut`. SmolLM2: perplexity ratio to dense (the dense "
+             f"the named text{written}; method {method_named}, `--budget 1-cut`. SmolLM2: perplexity ratio to dense (the dense "
              f"row: perplexities); MiniLM: embedding cosine to dense. *worst*/*mean*: over the held-out domains "
              f"(all but the calibration text); *worst prose/legal*: the same without Python code. Seconds: the "
              f"compression, calibration included, on a shared 2-core CPU.\n"]
