@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SPILL_BYTES = 256 << 20  # what a pass keeps for a later one: above this it goes to disk
+SPILL_BYTES = 64 << 20  # what a pass keeps for a later one: above this it goes to disk (read back once a block)
 
 
 class Spill:

@@ -26,6 +26,7 @@ from ..calibrate.head_loss import BLOCK_ELEMENTS, VOCAB_BLOCK, supports_chunked_
 from ..calibrate.spill import SPILL_BYTES
 from ..calibrate.statistics import FULL_FISHER_MAX
 from ..calibrate.tokens import BATCH_SAMPLES
+from ..core import whitening
 from ..core.layers import dense_weight
 from ..core.precision import compute_dtype
 from ..core.workers import layer_workers
@@ -109,8 +110,9 @@ def _working_set(model: nn.Module, config: CompressConfig, targets: dict[str, nn
     boundaries = (blocks + 1) * tokens * width * item
     fisher = sum(4 * o * o if o <= FULL_FISHER_MAX else 8 * o for o in (dense_weight(m).shape[0] for m in targets.values()))
     kept = min(boundaries, SPILL_BYTES) + min(fisher, SPILL_BYTES) if config.needs_gradients else 0
-    return hidden + kept + _activations(model, width, item, config.calib_len) + \
-        _block_statistics(targets, blocks) + _factoring(targets) + _head_loss(model, config.calib_len, width)
+    statistics = _block_statistics(model, targets, output_side=not config.record.dense_stream)
+    return hidden + kept + _activations(model, width, item, config.calib_len) + statistics + \
+        _factoring(targets) + _head_loss(model, config.calib_len, width)
 
 
 def _activations(model: nn.Module, width: int, item: int, length: int) -> int:
@@ -122,13 +124,22 @@ def _activations(model: nn.Module, width: int, item: int, length: int) -> int:
     return BATCH_SAMPLES * length * item * (16 * width + 4 * intermediate + 2 * heads * length)
 
 
-def _block_statistics(targets: dict[str, nn.Module], blocks: int) -> int:
-    """One block's input Grams (float64, one per distinct input width) and gradient covariances."""
+def _block_statistics(model: nn.Module, targets: dict[str, nn.Module], output_side: bool) -> int:
+    """The largest block's statistics: input Grams in float64 (one per distinct input width of its tall
+    layers, or of all its layers for a method that refits on the inputs), the output Gram of each
+    wide layer (out ≤ in: core/whitening.output_side) and the gradient covariances."""
     shapes = [tuple(dense_weight(m).shape) for m in targets.values()]
-    per_block = max(1, len(shapes) // max(blocks, 1))
-    inputs = sorted({s[1] for s in shapes}, reverse=True)
-    grams = sum(8 * n * n for n in inputs[: max(1, per_block // 2)])
-    fisher = sum(sorted((4 * o * o if o <= FULL_FISHER_MAX else 8 * o for o, _ in shapes), reverse=True)[:per_block])
+    prefixes = [name + "." for name, _ in find_blocks(model)]
+    by_block = [[tuple(dense_weight(m).shape) for n, m in targets.items() if n.startswith(p)] for p in prefixes]
+    return max((_statistics_bytes(b, output_side) for b in by_block if b),
+               default=_statistics_bytes(shapes, output_side))
+
+
+def _statistics_bytes(shapes: list[tuple[int, int]], output_side: bool) -> int:
+    on_output = [s for s in shapes if output_side and whitening.output_side(s)]
+    grams = sum(8 * n * n for n in {i for o, i in shapes if (o, i) not in on_output})
+    grams += sum(8 * o * o for o, _ in on_output)
+    fisher = sum(4 * o * o if o <= FULL_FISHER_MAX else 8 * o for o, _ in shapes)
     return grams + 2 * fisher  # + the float64 copy while it is shrunk
 
 
