@@ -113,6 +113,44 @@ def estimate(model: Path, stream: bool) -> int:
     return found.streamed if stream else found.in_memory
 
 
+def estimate_full(model: Path, blocks: int, stream: bool) -> int:
+    """jobs/memory.py's estimate for ``model``'s shapes with ``blocks`` blocks (a skeleton on meta)."""
+    import torch
+    from transformers import AutoConfig
+
+    from lora_compress import CompressConfig
+    from lora_compress.core.targets import find_targets
+    from lora_compress.jobs import memory
+    from lora_compress.storage.checkpoint import model_class
+    from lora_compress.stream.lazy import parameters_on_meta
+
+    config = CompressConfig(budget=0.8, calib=str(CALIB))
+    hf_config = AutoConfig.from_pretrained(model)
+    hf_config.num_hidden_layers = blocks
+    with parameters_on_meta():
+        skeleton = model_class(hf_config)._from_config(hf_config, dtype=torch.bfloat16).eval()
+    found = memory.estimate(skeleton, config, find_targets(skeleton), torch.bfloat16)
+    return found.streamed if stream else found.in_memory
+
+
+def extrapolated(label: str, mode: str, runs: list[tuple[int, int, dict, float]], blocks: int,
+                 model: Path) -> list[str]:
+    """A row for ``blocks`` blocks, straight through two runs (blocks, checkpoint bytes, run, plain seconds):
+    seconds, the checkpoint and the peak above it grow linearly with the blocks."""
+    (b1, size1, run1, plain1), (b2, size2, run2, plain2) = runs
+
+    def line(first, second):
+        return first + (second - first) * (blocks - b1) / (b2 - b1)
+
+    size = line(size1, size2)
+    seconds, plain = line(run1["seconds"], run2["seconds"]), line(plain1, plain2)
+    peak = size + line(run1["peak"] - size1, run2["peak"] - size2) if mode == "memory" else \
+        line(run1["peak"], run2["peak"])
+    stages = {k: line(run1["stages"].get(k, 0), v) for k, v in run2["stages"].items()}
+    run = {"seconds": seconds, "peak": peak, "stages": stages}
+    return row(label, mode, int(size), run, plain, estimate_full(model, blocks, mode == "stream"))
+
+
 def perplexity(model: Path, folder: Path) -> float:
     output = subprocess.run([str(Path(sys.executable).with_name("lora-compress")), "evaluate", str(model),
                              str(folder), "--text", str(EVAL), "--quiet", "--no-report"], capture_output=True,
@@ -152,6 +190,7 @@ def main() -> None:
                 models = [(f"Llama-3-8B shape, {b} of 32 blocks", truncated(name, int(b))) for b in args.blocks.split(",")]
             elif models is None:
                 models = [(f"{name} shape (random bf16)", make(name))]
+            measured = {}  # mode → [(blocks, checkpoint bytes, run, plain seconds)] of the few-block runs
             for label, model in models:
                 plain, plain_peak = plain_pass(model)
                 notes.append(f"{label}: plain forward+backward over the 32×256 tokens {plain:.1f} s, peak "
@@ -160,10 +199,18 @@ def main() -> None:
                     out = work / f"{model.name}-{mode}"
                     run = compress_run(model, out, mode == "stream")
                     rows.append(row(label, mode, checkpoint_bytes(model), run, plain, estimate(model, mode == "stream")))
+                    if name == "llama3-8b" and args.blocks:
+                        blocks = int(label.split(", ")[1].split()[0])
+                        measured.setdefault(mode, []).append((blocks, checkpoint_bytes(model), run, plain))
                     if name == "smollm2":
                         notes.append(f"{label}, {mode}: alice29 perplexity {perplexity(model, out):.2f}")
                     print(" | ".join(rows[-1]), flush=True)
                     shutil.rmtree(out, ignore_errors=True)
+            for mode, runs in measured.items():
+                if len(runs) >= 2:
+                    rows.append(extrapolated(f"**Llama-3-8B shape, 32 blocks (extrapolated from {runs[0][0]} and "
+                                             f"{runs[1][0]})**", mode, runs[:2], 32, models[-1][1]))
+                    print(" | ".join(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     header = ["model", "path", "checkpoint GiB", "peak RSS GiB", "peak − checkpoint", "estimate GiB", "minutes",
