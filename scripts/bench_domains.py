@@ -154,16 +154,18 @@ def main() -> None:
     calibs, cuts = args.calib.split(","), [float(c) for c in args.cuts.split(",")]
     method = method_config(args.method, args.option)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    written = f" ({args.calib_generated:g} of them written by the model from its BOS token)" if args.calib_generated else ""
+    written = f" ({args.calib_generated:g} of them written by the model from its BOS token)" \
+        if args.calib_generated else ""
     method_named = " ".join([args.method, *args.option])
     parts = [f"# Cross-domain quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
-             f"the named text{written}; method {method_named}, `--budget 1-cut`. SmolLM2: perplexity ratio to dense (the dense "
-             f"row: perplexities); MiniLM: embedding cosine to dense. *worst*/*mean*: over the held-out domains "
+             f"the named text{written}; method {method_named}, `--budget 1-cut`. SmolLM2: perplexity ratio to "
+             f"dense (the dense row: perplexities); MiniLM: embedding cosine to dense. *worst*/*mean*: over the held-out domains "
              f"(all but the calibration text); *worst prose/legal*: the same without Python code. Seconds: the "
              f"compression, calibration included, on a shared 2-core CPU.\n"]
     summary_header = ["worst held-out", "mean held-out", "worst prose/legal", "seconds"]
     tables = [("smollm2", lambda: smollm2_rows(calibs, cuts, args.calib_samples, args.calib_len, method,
-                                               args.tokens, args.calib_generated), "## SmolLM2-135M: perplexity ÷ dense"),
+                                               args.tokens, args.calib_generated),
+               "## SmolLM2-135M: perplexity ÷ dense"),
               ("minilm", lambda: minilm_rows(calibs, cuts, args.calib_samples, args.calib_len, method,
                                              args.calib_generated),
                "## all-MiniLM-L6-v2: embedding cosine to dense")]

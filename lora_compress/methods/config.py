@@ -51,7 +51,7 @@ class CompressConfig:
     calib: str | None = None  # calibration text (file, or a datasets name), recorded in the manifest
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
-    calib_generated: float = 0.0  # share of the calibration sequences the model writes itself from its BOS token (1: data-free)
+    calib_generated: float = 0.0  # share of the calibration sequences the model writes from its BOS (1: data-free)
     device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
     workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
     expert_min_tokens: int = EXPERT_MIN_TOKENS  # calibrated: an expert routed fewer tokens is factored from its weights
@@ -103,7 +103,8 @@ class CompressConfig:
                                     f"small; pass at least 1 sample of at least 2 tokens")
         if self.budget is not None and not self.record.calibration:
             raise LoraCompressError("--budget needs calibration text and an activation-aware method; "
-                                    "pass --calib FILE (or --calib-generated 1) (and --method whiten or sequential, not svd)")
+                                    "pass --calib FILE or --calib-generated 1, and --method whiten or sequential "
+                                    "(not svd)")
         if self.calib and self.data_free:
             warnings.warn("--calib is unused with --calib-generated 1 (the model writes every calibration sequence)",
                           LoraCompressWarning, stacklevel=3)
