@@ -136,7 +136,8 @@ def estimate_full(model: Path, blocks: int, stream: bool) -> int:
 def extrapolated(label: str, mode: str, runs: list[tuple[int, int, dict, float]], blocks: int,
                  model: Path) -> list[str]:
     """A row for ``blocks`` blocks, straight through two runs (blocks, checkpoint bytes, run, plain seconds):
-    seconds, the checkpoint and the peak above it grow linearly with the blocks."""
+    seconds, the checkpoint and (in memory) the peak above it grow linearly with the blocks; a streamed
+    run holds one block whatever their count, so its peak is the larger of the two measured."""
     (b1, size1, run1, plain1), (b2, size2, run2, plain2) = runs
 
     def line(first, second):
@@ -145,7 +146,7 @@ def extrapolated(label: str, mode: str, runs: list[tuple[int, int, dict, float]]
     size = line(size1, size2)
     seconds, plain = line(run1["seconds"], run2["seconds"]), line(plain1, plain2)
     peak = size + line(run1["peak"] - size1, run2["peak"] - size2) if mode == "memory" else \
-        line(run1["peak"], run2["peak"])
+        max(run1["peak"], run2["peak"])
     stages = {k: line(run1["stages"].get(k, 0), v) for k, v in run2["stages"].items()}
     run = {"seconds": seconds, "peak": peak, "stages": stages}
     return row(label, mode, int(size), run, plain, estimate_full(model, blocks, mode == "stream"))
