@@ -8,16 +8,34 @@ checkpoint the run peaked at the checkpoint plus all its factors (5.1 GiB for 2.
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import ctypes.util
 import mmap
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 
 MADV_DONTNEED = 4  # Linux: drop the pages; a later read faults them in again from the file
 CHECKPOINT_SUFFIX = ".safetensors"
+_RELEASING = contextvars.ContextVar("releasing_checkpoint_pages", default=False)
+
+
+@contextmanager
+def releasing_checkpoint_pages():
+    """Inside, :func:`release_checkpoint_pages` gives pages back; outside it does nothing.
+
+    Only code that loaded the model from its files itself and has not written to its weights
+    enters it (jobs/compress.py): a weight changed in place since loading would read back as the
+    file's bytes once its pages are dropped, and a Python caller's model may have been changed so.
+    """
+    token = _RELEASING.set(True)
+    try:
+        yield
+    finally:
+        _RELEASING.reset(token)
 
 
 @lru_cache(maxsize=1)
@@ -43,15 +61,17 @@ def return_freed_memory() -> None:
 
 def release_checkpoint_pages(tensor: torch.Tensor) -> int:
     """Drop the resident pages of ``tensor`` when its memory is a mapping of a checkpoint file
-    (a ``.safetensors`` file mapped by the loader); return the bytes given back (0 elsewhere:
-    another OS, a GPU tensor, a tensor in ordinary memory).
+    (a ``.safetensors`` file mapped by the loader) inside :func:`releasing_checkpoint_pages`;
+    return the bytes given back (0 elsewhere: outside it, another OS, a GPU tensor, a tensor in
+    ordinary memory).
 
     Only the pages lying wholly inside the tensor are dropped. They are clean copies of the file
     unless something wrote to them, and the caller drops the tensor (its layer was replaced): a
     read after all would fault the file's bytes in again, never zeros.
     """
     libc = _libc()
-    if not sys.platform.startswith("linux") or libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+    if not _RELEASING.get() or not sys.platform.startswith("linux") or libc is None or tensor.device.type != "cpu" \
+            or tensor.numel() == 0:
         return 0
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()

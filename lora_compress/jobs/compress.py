@@ -16,6 +16,7 @@ import torch
 
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
 from ..core.experts import experts_manifest
+from ..core.pages import releasing_checkpoint_pages
 from ..errors import LoraCompressError, LoraCompressWarning
 from ..methods.compress import check_calibrated, compress_
 from ..methods.config import CompressConfig
@@ -104,7 +105,8 @@ def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: 
         dense = load_dense(source, parse_dtype(dtype) or "auto")
         tokenizer = load_tokenizer(source)
         tokens = calibration_batch(tokenizer, calib_text, config) if calib_text is not None else None
-        report = compress_(dense, config, progress=progress, tokens=tokens, spill_folder=tmp)
+        with releasing_checkpoint_pages():  # loaded here from its files, never written to
+            report = compress_(dense, config, progress=progress, tokens=tokens, spill_folder=tmp)
         manifest = build_manifest(source, dense, config, report, command)
         save_weights(tmp, dense)
         _write_companions(tmp, source, dense, tokenizer, manifest, out, adapters)
@@ -159,7 +161,8 @@ def _compress_calibrated_streamed(source, checkpoint, out, config: CompressConfi
     tokenizer = load_tokenizer(source)
     tokens = calibration_batch(tokenizer, calib_text, config)
     with atomic_folder(Path(out), force, inputs=(model,)) as tmp:
-        report = compress_blockwise(blocks, config, tokens, tmp, progress)
+        with releasing_checkpoint_pages():  # blocks read from the files here, never written to
+            report = compress_blockwise(blocks, config, tokens, tmp, progress)
         _write_streamed_companions(tmp, source, checkpoint, report, command, tokenizer, out, adapters)
     return report
 
