@@ -101,35 +101,26 @@ def compress_run(model: Path, out: Path, stream: bool) -> dict:
             "streamed_note": "streaming block by block instead" in output, "command": shlex.join(command[1:])}
 
 
-def estimate(model: Path, stream: bool) -> int:
-    from lora_compress import CompressConfig
-    from lora_compress.jobs import memory
-    from lora_compress.storage.checkpoint import resolve_source
-    from lora_compress.stream.lazy import open_lazily
-
-    config = CompressConfig(budget=0.8, calib=str(CALIB))
-    checkpoint = open_lazily(resolve_source(str(model)), config)
-    found = memory.estimate(checkpoint.model, config, checkpoint.targets, checkpoint.dtype)
-    return found.streamed if stream else found.in_memory
-
-
-def estimate_full(model: Path, blocks: int, stream: bool) -> int:
-    """jobs/memory.py's estimate for ``model``'s shapes with ``blocks`` blocks (a skeleton on meta)."""
-    import torch
-    from transformers import AutoConfig
+def estimate(model: Path, stream: bool, blocks: int | None = None) -> int:
+    """jobs/memory.py's estimate for ``model``, or for its shapes with ``blocks`` blocks (a skeleton on meta)."""
+    import copy
 
     from lora_compress import CompressConfig
     from lora_compress.core.targets import find_targets
     from lora_compress.jobs import memory
-    from lora_compress.storage.checkpoint import model_class
-    from lora_compress.stream.lazy import parameters_on_meta
+    from lora_compress.storage.checkpoint import model_class, resolve_source
+    from lora_compress.stream.lazy import open_lazily, parameters_on_meta
 
     config = CompressConfig(budget=0.8, calib=str(CALIB))
-    hf_config = AutoConfig.from_pretrained(model)
-    hf_config.num_hidden_layers = blocks
-    with parameters_on_meta():
-        skeleton = model_class(hf_config)._from_config(hf_config, dtype=torch.bfloat16).eval()
-    found = memory.estimate(skeleton, config, find_targets(skeleton), torch.bfloat16)
+    checkpoint = open_lazily(resolve_source(str(model)), config)
+    skeleton, targets = checkpoint.model, checkpoint.targets
+    if blocks is not None:
+        hf_config = copy.deepcopy(skeleton.config)
+        hf_config.num_hidden_layers = blocks
+        with parameters_on_meta():
+            skeleton = model_class(hf_config)._from_config(hf_config, dtype=checkpoint.dtype).eval()
+        targets = find_targets(skeleton)
+    found = memory.estimate(skeleton, config, targets, checkpoint.dtype)
     return found.streamed if stream else found.in_memory
 
 
@@ -149,7 +140,7 @@ def extrapolated(label: str, mode: str, runs: list[tuple[int, int, dict, float]]
         max(run1["peak"], run2["peak"])
     stages = {k: line(run1["stages"].get(k, 0), v) for k, v in run2["stages"].items()}
     run = {"seconds": seconds, "peak": peak, "stages": stages}
-    return row(label, mode, int(size), run, plain, estimate_full(model, blocks, mode == "stream"))
+    return row(label, mode, int(size), run, plain, estimate(model, mode == "stream", blocks))
 
 
 def perplexity(model: Path, folder: Path) -> float:
