@@ -8,24 +8,39 @@ import warnings
 
 import click
 
-from .errors import LoraCompressError, LoraCompressWarning
+from .errors import LoraCompressError, LoraCompressWarning, OptionError, OptionWarning
+
+
+def flag(field: str) -> str:
+    """The command line's word for a config field: its option (``calib_samples`` → ``--calib-samples``), or
+    the field itself where the command has no option for it (a method's knob)."""
+    context = click.get_current_context(silent=True)
+    names = {option for param in (context.command.params if context else []) for option in param.opts}
+    option = "--" + field.replace("_", "-")
+    return option if option in names else field
 
 
 def user_errors(command):
     """Turn LoraCompressError into one line on stderr and exit code 2, and the library's warnings
-    (LoraCompressWarning) into ``warning:`` lines on stderr as they happen."""
+    (LoraCompressWarning) into ``warning:`` lines on stderr as they happen; settings are named by their
+    flags (errors.OptionError)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         with warnings.catch_warnings():
             warnings.simplefilter("always", LoraCompressWarning)
             shown = warnings.showwarning
-            warnings.showwarning = lambda message, category, *rest, **options: (
-                click.echo(f"warning: {message}", err=True) if issubclass(category, LoraCompressWarning)
-                else shown(message, category, *rest, **options))
+
+            def show(message, category, *rest, **options):
+                if not issubclass(category, LoraCompressWarning):
+                    return shown(message, category, *rest, **options)
+                text = message.worded(flag) if isinstance(message, OptionWarning) else message
+                click.echo(f"warning: {text}", err=True)
+            warnings.showwarning = show
             try:
                 return command(*args, **kwargs)
             except LoraCompressError as error:
-                click.echo(f"error: {error}", err=True)
+                text = error.worded(flag) if isinstance(error, OptionError) else error
+                click.echo(f"error: {text}", err=True)
                 sys.exit(2)
     return wrapper
 
@@ -60,11 +75,14 @@ CALIB_HELP = "Calibration text: a UTF-8 file (.txt, or .jsonl with a text field)
 
 
 def calibration_options(samples: int | None = 32, length: int | None = 256, calib_help: str = CALIB_HELP,
-                        required: bool = False):
-    """--calib, --calib-samples and --calib-len, spelled and explained alike in every command."""
+                        required: bool = False, shown: tuple[int, int] | None = None):
+    """--calib, --calib-samples and --calib-len, spelled and explained alike in every command; ``shown``: the
+    defaults a command fills in itself (its options default to None so that a recipe can fill them)."""
     def decorate(command):
-        length_help = "Tokens per calibration sequence." + ("" if length else " [default: 512, or the model's context if shorter]")
-        samples_help = "Calibration sequences." + ("" if samples else " [default: every sequence the text holds]")
+        length_note = f" [default: {shown[1]}]" if shown else " [default: 512, or the model's context if shorter]"
+        samples_note = f" [default: {shown[0]}]" if shown else " [default: every sequence the text holds]"
+        length_help = "Tokens per calibration sequence." + ("" if length else length_note)
+        samples_help = "Calibration sequences." + ("" if samples else samples_note)
         command = click.option("--calib-len", type=int, default=length, show_default=bool(length), help=length_help)(command)
         command = click.option("--calib-samples", type=int, default=samples, show_default=bool(samples),
                                help=samples_help)(command)
@@ -118,36 +136,39 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @main.command()
 @model_argument
 @click.option("--out", required=True, type=click.Path(), help="Output folder (must not exist unless --force).")
+@click.option("--recipe", type=click.Path(), help="Repeat a run: a compressed folder (or its lora_compress.json) "
+              "whose method, rank rule, targets and calibration are used; options given here override them.")
 @click.option("--rank", type=int, help="Same rank for every targeted layer.")
 @click.option("--ratio", type=float, help="Keep this fraction of each layer's parameters.")
 @click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
 @click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
               "layer (needs --calib or --calib-generated 1).")
-@click.option("--method", default="auto", show_default=True, type=click.Choice(method_choices()), help=method_help())
-@calibration_options()
-@click.option("--calib-generated", default=0.0, show_default=True,
+@click.option("--method", type=click.Choice(method_choices()), help=method_help() + " [default: auto]")
+@calibration_options(samples=None, length=None, shown=(32, 256))
+@click.option("--calib-generated", type=float,
               help="Share of the calibration sequences the model writes itself from its BOS token (top-k "
-              "sampling; causal LMs only, in memory only). 1 = data-free: no --calib needed.")
+              "sampling; causal LMs only, in memory only). 1 = data-free: no --calib needed. [default: 0]")
 @include_option
 @exclude_option
-@click.option("--svd", default="auto", show_default=True,
-              help="SVD solver: auto, full, randomized or gram (eigh of the smaller Gram matrix).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD, compress's only random step.")
-@click.option("--max-keep", default=0.9, show_default=True,
+@click.option("--svd", help="SVD solver of the data-free methods: auto, full, randomized or gram (eigh of the "
+              "smaller Gram matrix). [default: auto]")
+@click.option("--seed", type=int, help="Seed of every random step: the randomized SVD, the calibration labels "
+              "drawn from the model's predictions, the text the model writes. [default: 0]")
+@click.option("--max-keep", type=float,
               help="Speed rule: leave a layer dense rather than factor it at a rank keeping more than this "
-              "share of its weights (such factored layers run slower than dense ones).")
-@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
-@click.option("--workers", default=0, show_default=True,
+              "share of its weights (such factored layers run slower than dense ones). [default: 0.9]")
+@click.option("--device", help="Where the passes and the SVDs run: cpu, cuda or cuda:N. [default: cpu]")
+@click.option("--workers", type=int,
               help="Layers factored at once (a calibrated method: those of one group, e.g. q/k/v), each on its share "
               "of the CPU threads; 0 = auto (one per thread while every layer is 2048² weights or fewer, else 1).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Store the output in this dtype (default: the checkpoint's). Calibration computes in float32 "
               "where the device has no fast kernels for a half-precision dtype.")
-@click.option("--expert-min-tokens", default=16, show_default=True,
+@click.option("--expert-min-tokens", type=int,
               help="Calibrated methods on mixture-of-experts models: an expert the router sends fewer calibration "
-              "tokens is factored from its weights (plain SVD), as the report says.")
-@click.option("--stream", is_flag=True, help="Read and write one tensor at a time with --method svd (memory ≈ "
-              "one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
+              "tokens is factored from its weights (plain SVD), as the report says. [default: 16]")
+@click.option("--stream", is_flag=True, default=None, help="Read and write one tensor at a time with --method svd "
+              "(memory ≈ one layer + 0.5 GiB; implied under torchrun, which splits the layers across processes), one "
               "transformer block at a time with a calibrated method (memory ≈ one block + the calibration "
               "hidden states at every block boundary; one process).")
 @click.option("--memory-limit", help="Cap on this run's memory, e.g. 20G (default: what the machine has "
@@ -158,22 +179,15 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @quiet_option
 @gguf_option
 @user_errors
-def compress(model, out, rank, ratio, energy, budget, method, calib, calib_samples, calib_len, calib_generated,
-             include, exclude, svd, seed, max_keep, device, workers, dtype, expert_min_tokens, stream, memory_limit,
-             adapters, force, quiet, gguf_file):
+def compress(model, out, recipe, adapters, force, quiet, gguf_file, **options):
     """Factor MODEL's linear layers and write a self-contained folder OUT."""
-    from .jobs.compress import compress as compress_checkpoint
-    from .methods.config import CompressConfig
+    from .jobs.compress import compress as compress_checkpoint, configs_from
     from .report.tables import compression_table
-    from .stream.distributed import is_main_process
+    from .pipelines.distributed import is_main_process
 
-    config = CompressConfig(rank=rank, ratio=ratio, energy=energy, budget=budget, method=method, calib=calib,
-                            calib_samples=calib_samples, calib_len=calib_len, calib_generated=calib_generated,
-                            include=tuple(include), exclude=tuple(exclude), svd=svd, seed=seed, max_keep=max_keep,
-                            device=device, workers=workers, expert_min_tokens=expert_min_tokens)
-    report = compress_checkpoint(model, out, config, gguf_file=gguf_file, force=force, command=command_line(),
-                                 progress=not quiet, stream=stream, dtype=dtype, memory_limit=memory_limit,
-                                 adapters=adapters)
+    config, run = configs_from(recipe, options)
+    report = compress_checkpoint(model, out, config, run, gguf_file=gguf_file, force=force, command=command_line(),
+                                 progress=not quiet, adapters=adapters)
     if is_main_process():
         click.echo(compression_table(report))
         click.echo(f"wrote {out}")
@@ -320,7 +334,8 @@ def compare(runs, plot):
 def heal(folder, calib, calib_samples, calib_len, out, steps, minutes, lr, train, lora_rank, loss, block_weight,
          generate, batch_size, seed, checkpointing, precision, base, gguf_file, force, quiet, teacher, seq_len):
     """Fine-tune compressed FOLDER's factors to match its dense base model; write OUT."""
-    from .healing.distill import HealConfig, heal as heal_folder
+    from .healing.config import HealConfig
+    from .healing.folder import heal as heal_folder
     from .report.tables import healing_table
 
     base = deprecated("--teacher", "--base", teacher, base)

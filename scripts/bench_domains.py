@@ -33,8 +33,8 @@ from bench_quality import embed, markdown, perplexity
 from prepare_examples import CACHE, MINILM, SMOLLM2, TEXT
 
 from lora_compress.calibrate.tokens import calibration_tokens
-from lora_compress.methods.compress import compress_
-from lora_compress.methods.config import CompressConfig
+from lora_compress.pipelines.plan import compress_
+from lora_compress.methods.config import CompressConfig, RunConfig
 from lora_compress.methods.registry import get_method
 from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from lora_compress.storage.text import paragraphs, read_text
@@ -83,9 +83,8 @@ def method_config(method: str, options: list[str]):
 def compress_copy(dense, cut: float, tokens, method, calib: str, generated: float = 0.0):
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    config = CompressConfig(budget=1 - cut, method=method, calib=None if generated == 1 else calib,
-                            calib_generated=generated)
-    report = compress_(model, config, progress=False, tokens=tokens)
+    run = RunConfig(calib=None if generated == 1 else calib, calib_generated=generated)
+    report = compress_(model, CompressConfig(budget=1 - cut, method=method), run, progress=False, tokens=tokens)
     return model, report, time.perf_counter() - start
 
 
@@ -145,7 +144,7 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--method", default="sequential")
     parser.add_argument("--option", action="append", default=[], help="NAME=VALUE: a field of the method's config")
-    parser.add_argument("--calib-generated", type=float, default=CompressConfig.calib_generated,
+    parser.add_argument("--calib-generated", type=float, default=RunConfig.calib_generated,
                         help="share of the calibration sequences written by the model from its BOS token")
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per domain (SmolLM2)")
     parser.add_argument("--out", type=Path, required=True)

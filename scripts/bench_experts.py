@@ -18,7 +18,7 @@ import torch
 from lora_compress import CompressConfig, SharedBasisConfig, SvdConfig, compress_
 from lora_compress.core.experts import fused_experts
 from lora_compress.core.svd import factorize
-from lora_compress.core.whitening import aware_factors
+from lora_compress.core.whitening import Whitening
 
 RATIOS = (0.2, 0.3, 0.4, 0.5)
 METHODS = {"per-expert SVD": SvdConfig(), "shared A": SharedBasisConfig(side="input"),
@@ -107,7 +107,7 @@ def fallback_table() -> None:
                 errors = []
                 for _ in range(5):
                     x = torch.randn(tokens, n, dtype=torch.float64) @ scale.T
-                    f = aware_factors(weight, n // 4, x.T @ x)
+                    f = Whitening(weight, x.T @ x).factors(n // 4)
                     errors.append(float((test @ (weight - f.B @ f.A).T).norm() / reference))
                 cells.append(f"{sum(errors) / len(errors):.3f}")
             print(f"| {n} | σ²_k ∝ k^-{decay} | " + " | ".join(cells) + " |")

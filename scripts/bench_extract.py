@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_finetune import FINETUNE, LOKR_ADAPTER  # noqa: E402
 from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
-from lora_compress.calibrate.statistics import collect_statistics  # noqa: E402
+from lora_compress.calibrate.collectors import InputGram, forward_statistics  # noqa: E402
 from lora_compress.calibrate.tokens import calibration_tokens  # noqa: E402
 from lora_compress.storage.checkpoint import load_dense, resolve_source  # noqa: E402
 from lora_compress.export.extract import ExtractConfig, factor_deltas, model_deltas  # noqa: E402
@@ -105,8 +105,9 @@ def main() -> None:
     dense_params = sum(w.numel() for w in weights.values())
     calib = calibration_tokens(tokenizer, (TEXT / "asyoulik.txt").read_text(), args.calib_samples, 256)
     start = time.perf_counter()
-    grams = collect_statistics(tuned, calib, {n: tuned.get_submodule(n) for n in weights}, fisher=False,
-                               progress=False).gram
+    stats = forward_statistics(tuned, calib, {n: tuned.get_submodule(n) for n in weights},
+                               (InputGram(every_layer=True),), progress=False)
+    grams = lambda name: stats[name]["gram"]  # noqa: E731
     calib_seconds = time.perf_counter() - start
     rows = [["base alone (no adapter)", 0, 0, "-", reference["error"], reference["kl"], 0.0]]
     for rank in args.ranks:

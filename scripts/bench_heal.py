@@ -29,7 +29,8 @@ from prepare_examples import CACHE, SMOLLM2, TEXT
 
 import lora_compress as lc
 from lora_compress.storage.checkpoint import Source, load_dense, load_tokenizer, resolve_source
-from lora_compress.healing.distill import HealConfig, heal_
+from lora_compress.healing.config import HealConfig
+from lora_compress.healing.loop import heal_
 from lora_compress.storage.text import read_text
 
 OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "heal.md"
@@ -48,9 +49,9 @@ def compressed_folder(args) -> Path:
     folder = WORK / (f"smollm2-{args.method}-{args.allocation}-{round(args.cut * 100)}"
                      f"-{args.calib_samples}x{args.calib_len}")
     if not folder.exists():
-        config = lc.CompressConfig(**{args.allocation: round(1 - args.cut, 4)}, method=args.method, calib=str(CALIB),
-                                   calib_samples=args.calib_samples, calib_len=args.calib_len)
-        lc.compress(str(SMOLLM2), folder, config, command=f"bench_heal.py ({config.settings()})")
+        config = lc.CompressConfig(**{args.allocation: round(1 - args.cut, 4)}, method=args.method)
+        run = lc.RunConfig(calib=str(CALIB), calib_samples=args.calib_samples, calib_len=args.calib_len)
+        lc.compress(str(SMOLLM2), folder, config, run, command=f"bench_heal.py ({config.to_dict()})")
     return folder
 
 

@@ -41,8 +41,7 @@ def compressed_folder(cut: float, recompress: bool) -> tuple[Path, float]:
         if settings.get("budget") == budget and settings.get("calib") == str(CALIB):
             return folder, float("nan")
     start = time.perf_counter()
-    lc.compress(str(SMOLLM2), folder, lc.CompressConfig(budget=budget, calib=str(CALIB)), force=True,
-                command=f"lora-compress compress {SMOLLM2} --budget {budget} --calib {CALIB} --out {folder}")
+    lc.compress(str(SMOLLM2), folder, lc.CompressConfig(budget=budget), lc.RunConfig(calib=str(CALIB)), force=True, command=f"lora-compress compress {SMOLLM2} --budget {budget} --calib {CALIB} --out {folder}")
     return folder, time.perf_counter() - start
 
 

@@ -22,10 +22,10 @@ from torch.nn import functional as F
 
 from prepare_examples import MINILM, SMOLLM2, TEXT, VADER_MOVIES
 
-from lora_compress.calibrate.statistics import FULL_FISHER_MAX
+from lora_compress.calibrate.collectors import FULL_FISHER_MAX
 from lora_compress.calibrate.tokens import calibration_tokens
 from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
-from lora_compress.methods.compress import compress_
+from lora_compress.pipelines.plan import compress_
 from lora_compress.methods.config import CompressConfig
 from lora_compress.evaluation.metrics import mean_pool
 from lora_compress.storage.text import read_text

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from bench_quality import CALIB, MINILM, embed, movie_snippets
 
 from lora_compress import CompressConfig, MethodConfig, calibration_tokens, compress_, register_method
-from lora_compress.core.whitening import aware_factors
+from lora_compress.calibrate.collectors import CrossGram, InputGram
+from lora_compress.core.whitening import Whitening
+from lora_compress.methods.whiten import shared_cholesky
 from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from lora_compress.storage.text import read_text
 
@@ -26,10 +28,10 @@ class ClosedLoopConfig(MethodConfig):
     """The closed loop alone: compressed-stream inputs, no output weighting, no refit."""
 
 
-@register_method("closed-loop", ClosedLoopConfig, calibration=True, closed_loop=True,
+@register_method("closed-loop", ClosedLoopConfig, statistics=(InputGram(every_layer=True),), closed_loop=True,
                  summary="ablation: whitening on the compressed model's own inputs, block by block")
-def factor_closed_loop(weight, rank, inputs, config, **solver):
-    return aware_factors(weight, rank, inputs.gram, cholesky=inputs.cholesky)
+def factor_closed_loop(weight, rank, stats, config, **solver):
+    return Whitening(weight, stats["gram"], cholesky=shared_cholesky(stats)).factors(rank)
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,12 @@ class ClosedLoopRefitConfig(MethodConfig):
     ridge: float = 0.0  # relative ridge of the refit; 0 is the exact least squares
 
 
-@register_method("closed-loop-refit", ClosedLoopRefitConfig, calibration=True, closed_loop=True, dense_stream=True,
+@register_method("closed-loop-refit", ClosedLoopRefitConfig, closed_loop=True,
+                 statistics=(InputGram(every_layer=True), CrossGram()),
                  summary="ablation: the closed loop refitted to the dense outputs")
-def factor_closed_loop_refit(weight, rank, inputs, config, **solver):
-    return aware_factors(weight, rank, inputs.gram, cross=inputs.cross, cholesky=inputs.cholesky, ridge=config.ridge)
+def factor_closed_loop_refit(weight, rank, stats, config, **solver):
+    return Whitening(weight, stats["gram"], cross=stats["cross"], ridge=config.ridge,
+                     cholesky=shared_cholesky(stats)).factors(rank)
 
 
 # label: (method or its config, rank option)

@@ -68,7 +68,7 @@ def run_measured(command: list[str]) -> tuple[float, int, str]:
 PLAIN_PASS = """
 import sys, time, torch
 from lora_compress.calibrate.block_source import ResidentBlocks
-from lora_compress.calibrate.statistics import model_loss
+from lora_compress.calibrate.loss import model_loss
 from lora_compress.calibrate.tokens import batches, calibration_tokens, read_calibration_text
 from lora_compress.calibrate.forward import forward
 from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
@@ -105,14 +105,15 @@ def estimate(model: Path, stream: bool, blocks: int | None = None) -> int:
     """jobs/memory.py's estimate for ``model``, or for its shapes with ``blocks`` blocks (a skeleton on meta)."""
     import copy
 
-    from lora_compress import CompressConfig
+    from lora_compress import CompressConfig, RunConfig
     from lora_compress.core.targets import find_targets
     from lora_compress.jobs import memory
+    from lora_compress.pipelines.plan import Plan
     from lora_compress.storage.checkpoint import model_class, resolve_source
     from lora_compress.stream.lazy import open_lazily, parameters_on_meta
 
-    config = CompressConfig(budget=0.8, calib=str(CALIB))
-    checkpoint = open_lazily(resolve_source(str(model)), config)
+    plan = Plan.make(CompressConfig(budget=0.8), RunConfig(calib=str(CALIB)))
+    checkpoint = open_lazily(resolve_source(str(model)), plan.config)
     skeleton, targets = checkpoint.model, checkpoint.targets
     if blocks is not None:
         hf_config = copy.deepcopy(skeleton.config)
@@ -120,7 +121,7 @@ def estimate(model: Path, stream: bool, blocks: int | None = None) -> int:
         with parameters_on_meta():
             skeleton = model_class(hf_config)._from_config(hf_config, dtype=checkpoint.dtype).eval()
         targets = find_targets(skeleton)
-    found = memory.estimate(skeleton, config, targets, checkpoint.dtype)
+    found = memory.estimate(skeleton, plan, targets, checkpoint.dtype)
     return found.streamed if stream else found.in_memory
 
 

@@ -1,10 +1,12 @@
 """Blocks called differently (sliding-window and full-attention layers): every block gets its own call."""
 from __future__ import annotations
 
+from dataclasses import replace
 import torch
 
 from helpers import dense, saved_tensors
 from lora_compress import CompressConfig
+from lora_compress.methods.config import RunConfig
 from lora_compress.calibrate.blocks import block_calls, block_hidden, call_block, find_blocks, returns_tuple
 from lora_compress.jobs.compress import compress
 from lora_compress.storage.compressed import read_manifest
@@ -36,9 +38,10 @@ def test_recorded_calls_reproduce_the_models_own_forward(tiny_models):
 
 
 def test_sequential_compression_of_mixed_attention_streams_like_in_memory(tiny_models, text_file, tmp_path):
-    config = CompressConfig(method="sequential", budget=0.7, calib=str(text_file), calib_samples=6, calib_len=16)
-    compress(str(tiny_models["gemma2"]), tmp_path / "memory", config, progress=False)
-    compress(str(tiny_models["gemma2"]), tmp_path / "stream", config, progress=False, stream=True)
+    config = CompressConfig(method="sequential", budget=0.7)
+    run = RunConfig(calib=str(text_file), calib_samples=6, calib_len=16)
+    compress(str(tiny_models["gemma2"]), tmp_path / "memory", config, run, progress=False)
+    compress(str(tiny_models["gemma2"]), tmp_path / "stream", config, replace(run, stream=True), progress=False)
     assert read_manifest(tmp_path / "memory")["layers"] == read_manifest(tmp_path / "stream")["layers"]
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys() and any(k.endswith("lora_A") for k in memory)

@@ -8,16 +8,15 @@ import torch
 from click.testing import CliRunner
 
 from conftest import build_bert, build_llama
-from lora_compress.calibrate.closed_loop import run_sequential
-from lora_compress.calibrate.statistics import collect_statistics, shrunk_covariance
+from lora_compress.calibrate.collectors import GradientCovariance, StatisticsHooks, collectors_for, shrunk_covariance
 from lora_compress.calibrate.tokens import calibration_tokens
 from lora_compress.cli import main
 from lora_compress.core.svd import cholesky_factor, factorize
-from lora_compress.core.whitening import aware_factors, weighted_spectrum
+from lora_compress.core.whitening import Whitening
 from lora_compress.errors import LoraCompressError
 from lora_compress.methods.allocate import LayerCost, allocate
-from lora_compress.methods.compress import compress_
-from lora_compress.methods.config import CompressConfig
+from lora_compress.methods.config import CompressConfig, RunConfig, resolve
+from lora_compress.pipelines.plan import compress_
 from lora_compress.storage.compressed import load
 
 
@@ -45,7 +44,7 @@ def layer():
 @pytest.mark.parametrize("rank", [2, 5, 10])
 def test_whitened_error_beats_plain_svd_and_matches_the_optimum(layer, rank):
     W, X = layer
-    whitened = aware_factors(W, rank, X.T @ X)
+    whitened = Whitening(W, X.T @ X).factors(rank)
     plain = factorize(W, rank, compute_dtype=torch.float64)
     optimum = torch.linalg.svdvals(W @ X.T)[rank:].pow(2).sum().sqrt()  # best rank-r approximation of W·Xᵀ
     assert output_error(plain, W, X) > 1.05 * output_error(whitened, W, X)
@@ -54,16 +53,16 @@ def test_whitened_error_beats_plain_svd_and_matches_the_optimum(layer, rank):
 
 def test_weighted_spectrum_is_the_whitened_truncation_loss(layer):
     W, X = layer
-    power = weighted_spectrum(W, X.T @ X)
-    factors = aware_factors(W, 4, X.T @ X)
+    power = Whitening(W, X.T @ X).spectrum()
+    factors = Whitening(W, X.T @ X).factors(4)
     assert float(power[4:].sum().sqrt()) == pytest.approx(output_error(factors, W, X), rel=1e-6)
 
 
 def test_channel_weights_lower_the_weighted_error(layer):
     W, X = layer
     weights = torch.logspace(2, -2, W.shape[0], dtype=torch.float64)
-    weighted = aware_factors(W, 4, X.T @ X, weights=weights)
-    unweighted = aware_factors(W, 4, X.T @ X)
+    weighted = Whitening(W, X.T @ X, weights=weights).factors(4)
+    unweighted = Whitening(W, X.T @ X).factors(4)
     assert output_error(weighted, W, X, weights=weights) < output_error(unweighted, W, X, weights=weights)
 
 
@@ -77,30 +76,46 @@ def test_output_covariance_weighting_finds_the_optimum_the_diagonal_misses(layer
     W, X = layer
     gradients = correlated_inputs(tokens=300, features=W.shape[0], seed=2)  # (N, out): correlated output gradients
     F = gradients.T @ gradients
-    full = aware_factors(W, 4, X.T @ X, weights=F, damping=0.0)  # undamped: the metric is F itself
-    diagonal = aware_factors(W, 4, X.T @ X, weights=F.diagonal())
+    full = Whitening(W, X.T @ X, weights=F, damping=0.0).factors(4)  # undamped: the metric is F itself
+    diagonal = Whitening(W, X.T @ X, weights=F.diagonal()).factors(4)
     R = torch.linalg.cholesky(F)
     optimum = torch.linalg.svdvals(R.T @ W @ X.T)[4:].pow(2).sum().sqrt()  # best rank 4 in that metric
     assert _covariance_error(full, W, X, F) == pytest.approx(float(optimum), rel=1e-6)
     assert _covariance_error(diagonal, W, X, F) > 1.05 * _covariance_error(full, W, X, F)
-    assert float(weighted_spectrum(W, X.T @ X, F)[4:].sum().sqrt()) == pytest.approx(float(optimum), rel=1e-6)
+    assert float(Whitening(W, X.T @ X, weights=F).spectrum()[4:].sum().sqrt()) == pytest.approx(float(optimum), rel=1e-6)
+
+
+def _gradient_statistics(model, collector) -> dict:
+    """``collector``'s statistics of every target over a whole-model forward and backward (the model's loss)."""
+    from lora_compress.calibrate.loss import model_loss
+    from lora_compress.core.targets import find_targets
+
+    targets = find_targets(model)
+    hooks = StatisticsHooks(targets, collectors_for(targets, (collector,)))
+    embeddings = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for ids in tiny_tokens().split(4):
+            model_loss(model(input_ids=ids), ids, generator).backward()
+            hooks.new_batch(ids.numel())
+    finally:
+        hooks.remove()
+        embeddings.remove()
+    return {name: stats["fisher"] for name, stats in hooks.statistics().items()}
 
 
 def test_statistics_keep_the_full_gradient_covariance_up_to_the_width_limit():
-    model = build_llama(None, vocab=64)
-    from lora_compress.core.targets import find_targets
-
-    full = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False)
-    mixed = collect_statistics(model, tiny_tokens(), find_targets(model), progress=False,
-                               full_fisher_max=40)  # narrower than the MLP's hidden layer
-    for name, covariance in full.fisher.items():
+    full = _gradient_statistics(build_llama(None, vocab=64), GradientCovariance())
+    mixed = _gradient_statistics(build_llama(None, vocab=64),
+                                 GradientCovariance(full_max=40))  # narrower than the MLP's hidden layer
+    for name, covariance in full.items():
         out = covariance.shape[0]
         assert covariance.shape == (out, out) and torch.allclose(covariance, covariance.T)
         expected = (out, out) if out <= 40 else (out,)
-        assert mixed.fisher[name].shape == expected
-        diagonal = mixed.fisher[name].diagonal() if out <= 40 else mixed.fisher[name]
+        assert mixed[name].shape == expected
+        diagonal = mixed[name].diagonal() if out <= 40 else mixed[name]
         assert torch.allclose(covariance.diagonal().double(), diagonal.double(), rtol=1e-4)
-    assert {f.dim() for f in mixed.fisher.values()} == {1, 2}
+    assert {f.dim() for f in mixed.values()} == {1, 2}
 
 
 @pytest.mark.parametrize("samples, lowest, highest", [(5, 0.5, 1.0), (20_000, 0.0, 0.05)])
@@ -121,7 +136,7 @@ def test_rank_deficient_gram_takes_the_ridge_path(layer):
     gram = X.T @ X
     assert torch.linalg.cholesky_ex(gram)[1] != 0 or torch.linalg.matrix_rank(gram) < gram.shape[0]
     _, ridge = cholesky_factor(gram)
-    factors = aware_factors(W, 4, gram)
+    factors = Whitening(W, gram).factors(4)
     assert ridge > 0
     assert torch.isfinite(factors.B).all() and torch.isfinite(factors.A).all()
     assert output_error(factors, W, X) < output_error(factorize(W, 4, compute_dtype=torch.float64), W, X)
@@ -134,8 +149,8 @@ def test_shrunk_input_whitening_holds_up_on_inputs_correlated_otherwise(layer, r
     seen = torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 24, generator=g, dtype=torch.float64)
     seen = seen + 1e-2 * torch.randn(400, 24, generator=g, dtype=torch.float64)  # calibration: 8 correlated directions
     other = torch.randn(400, 24, generator=g, dtype=torch.float64) * seen.std(0)  # same channel scales, uncorrelated
-    shrunk = aware_factors(W, rank, seen.T @ seen, input_shrinkage=0.3)
-    exact = aware_factors(W, rank, seen.T @ seen)
+    shrunk = Whitening(W, seen.T @ seen, shrinkage=0.3).factors(rank)
+    exact = Whitening(W, seen.T @ seen).factors(rank)
     assert output_error(shrunk, W, other) < 0.97 * output_error(exact, W, other)
     assert output_error(exact, W, seen) < output_error(shrunk, W, seen)  # the exact fit wins on its own text
 
@@ -153,14 +168,13 @@ def test_the_output_route_shrinks_as_the_input_route_does(layer):
     W, X = layer
     W = W[:10]  # out ≤ in: the output route
     gram = X.T @ X
-    from_inputs = aware_factors(W, 5, gram, input_shrinkage=0.3)
-    from_outputs = aware_factors(W, 5, None, output_gram=W @ gram @ W.T, input_shrinkage=0.3,
-                                 input_diagonal=gram.diagonal())
+    from_inputs = Whitening(W, gram, shrinkage=0.3).factors(5)
+    from_outputs = Whitening(W, output_gram=W @ gram @ W.T, shrinkage=0.3, input_diagonal=gram.diagonal()).factors(5)
     torch.testing.assert_close(from_outputs.B @ from_outputs.A, from_inputs.B @ from_inputs.A, rtol=1e-8, atol=1e-10)
 
 
 def test_causal_calibration_loss_draws_its_labels_from_the_model():
-    from lora_compress.calibrate.statistics import model_loss
+    from lora_compress.calibrate.loss import model_loss
 
     logits = torch.full((2, 5, 8), -30.0)
     logits[..., 3] = 30.0  # the model is sure of token 3 everywhere
@@ -174,8 +188,8 @@ def test_closed_loop_refit_never_increases_the_error_it_minimises(layer, rank):
     W, X_d = layer
     drift = correlated_inputs(seed=5) * 0.3
     X_c = X_d + drift  # what a compressed model feeds this layer
-    refit = aware_factors(W, rank, X_c.T @ X_c, cross=X_d.T @ X_c, ridge=0.0)  # the exact least-squares refit
-    open_loop = aware_factors(W, rank, X_c.T @ X_c)
+    refit = Whitening(W, X_c.T @ X_c, cross=X_d.T @ X_c, ridge=0.0).factors(rank)  # the exact least-squares refit
+    open_loop = Whitening(W, X_c.T @ X_c).factors(rank)
     assert output_error(refit, W, X_c, X_d) < output_error(open_loop, W, X_c, X_d)
 
 
@@ -216,13 +230,8 @@ def test_budget_outside_unit_interval_is_refused(budget):
 
 
 def test_budget_with_plain_svd_is_refused():
-    with pytest.raises(LoraCompressError, match="--budget needs calibration"):
-        CompressConfig(budget=0.5, method="svd")
-
-
-def test_method_defaults_to_sequential_with_calibration_text():
-    assert CompressConfig(ratio=0.5).method == "svd"
-    assert CompressConfig(ratio=0.5, calib="text.txt").method == "sequential"
+    with pytest.raises(LoraCompressError, match="^budget needs calibration"):
+        resolve(CompressConfig(budget=0.5, method="svd"), RunConfig(calib="text.txt"))
 
 
 class WordTokenizer:
@@ -245,15 +254,18 @@ def tiny_tokens(samples=8, length=24) -> torch.Tensor:
     return torch.randint(2, 60, (samples, length), generator=torch.Generator().manual_seed(0))
 
 
-def test_sequential_groups_layers_that_share_inputs():
-    model = build_llama(None, vocab=64)
-    seen = []
+def test_layers_that_read_one_input_form_a_group():
     from lora_compress.core.targets import find_targets
 
-    run_sequential(model, tiny_tokens(), find_targets(model), lambda names, gram, cross: seen.append(names), False)
-    short = [[n.split(".")[-1] for n in group] for group in seen[:4]]
+    model = build_llama(None, vocab=64)
+    hooks = StatisticsHooks(find_targets(model), {})
+    with torch.no_grad():
+        model(input_ids=tiny_tokens(1, 8))
+    hooks.remove()
+    groups = hooks.groups()
+    short = [[n.split(".")[-1] for n in group] for group in groups[:4]]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
-    assert len(seen) == 8
+    assert len(groups) == 8
 
 
 @pytest.mark.parametrize("build", [build_llama, build_bert], ids=["llama", "bert"])
@@ -283,7 +295,7 @@ def _output(model, ids):
 
 
 def test_method_without_tokens_asks_for_calibration_text():
-    with pytest.raises(LoraCompressError, match="--calib"):
+    with pytest.raises(LoraCompressError, match="^method whiten needs calibration text; pass calib FILE"):
         compress_(build_llama(None, vocab=64), CompressConfig(ratio=0.5, method="whiten"), progress=False)
 
 
@@ -343,7 +355,7 @@ def test_cli_budget_too_small_names_smallest_feasible(tiny_models, calib_file, t
 
 def test_calibration_longer_than_the_model_positions_is_refused():
     model = build_bert(None, vocab=64)  # 256 positions
-    with pytest.raises(LoraCompressError, match="--calib-len 300 is longer"):
+    with pytest.raises(LoraCompressError, match="^calib_len 300 is longer"):
         compress_(model, CompressConfig(ratio=0.5, method="whiten"), progress=False, tokens=tiny_tokens(2, 300))
 
 

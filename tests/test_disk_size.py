@@ -43,7 +43,7 @@ def half_llama(tmp_path_factory):
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "stream"])
 def test_factors_and_untouched_tensors_keep_the_checkpoints_dtype_and_are_stored_once(half_llama, tmp_path, stream):
     out = tmp_path / "out"
-    lc.compress(str(half_llama), out, lc.CompressConfig(ratio=0.5), progress=False, stream=stream)
+    lc.compress(str(half_llama), out, lc.CompressConfig(ratio=0.5), lc.RunConfig(stream=stream), progress=False)
     tensors = stored(out)
     assert {dtype for dtype, _ in tensors.values()} == {"F16"}
     assert sum(key.endswith(".lora_A") for key in tensors) == 14 and not (out / "adapters.safetensors").exists()

@@ -1,6 +1,7 @@
 """Mixture-of-experts models (tiny Mixtral, Qwen2-MoE, Qwen3-MoE): each expert's matrices as targets."""
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 
 import torch
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 
 from helpers import dense, inputs_for, outputs, rel_error, saved_tensors
 from lora_compress import CompressConfig, LowRankLinear, apply_adapters, compress, compress_, export_dense, load
+from lora_compress.methods.config import RunConfig
 from lora_compress.cli import main
 from lora_compress.core.experts import FactoredExperts, fuse_experts_, unfuse_experts_
 from lora_compress.core.svd import factorize
@@ -81,7 +83,7 @@ def test_saved_experts_reload_bit_identical(moe_model, tmp_path):
 
 def test_streamed_experts_are_the_in_memory_tensors(moe_model, tmp_path):
     compress(str(moe_model), tmp_path / "memory", CompressConfig(ratio=0.5), progress=False)
-    compress(str(moe_model), tmp_path / "stream", CompressConfig(ratio=0.5), progress=False, stream=True)
+    compress(str(moe_model), tmp_path / "stream", CompressConfig(ratio=0.5), RunConfig(stream=True), progress=False)
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys()
     assert "model.layers.1.mlp.experts.gate_up_proj.2.lora_A" in memory
@@ -94,7 +96,7 @@ def test_experts_left_out_stay_fused_in_the_folder(tiny_models, tmp_path):
     tensors = saved_tensors(tmp_path / "out")
     assert tensors["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["experts"] == {}
-    compress(str(tiny_models["mixtral"]), tmp_path / "stream", config, progress=False, stream=True)
+    compress(str(tiny_models["mixtral"]), tmp_path / "stream", config, RunConfig(stream=True), progress=False)
     assert saved_tensors(tmp_path / "stream").keys() == tensors.keys()
 
 
@@ -122,8 +124,8 @@ def test_adapters_put_expert_factors_onto_the_original_checkpoint(tiny_models, t
 def test_a_budget_spends_parameters_on_experts_at_ranks_of_their_own(tiny_models, text_file):
     model = dense(tiny_models["mixtral"])
     tokens = torch.randint(2, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    config = CompressConfig(budget=0.6, calib=str(text_file))
-    report = compress_(model, config, progress=False, tokens=tokens)
+    report = compress_(model, CompressConfig(budget=0.6), RunConfig(calib=str(text_file)), progress=False,
+                       tokens=tokens)
     experts = [layer for layer in report.layers if ".experts." in layer.name]
     assert sum(layer.params for layer in experts) > 0.5 * report.params
     assert len({layer.rank for layer in experts}) > 2, "experts should get ranks of their own"
@@ -133,8 +135,8 @@ def test_a_budget_spends_parameters_on_experts_at_ranks_of_their_own(tiny_models
 def test_an_expert_routed_few_tokens_is_factored_from_its_weights(tiny_models, text_file):
     model = dense(tiny_models["qwen3_moe"])
     tokens = torch.randint(2, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    config = CompressConfig(ratio=0.5, calib=str(text_file), method="whiten", expert_min_tokens=20)
-    report = compress_(model, config, progress=False, tokens=tokens)
+    config = CompressConfig(ratio=0.5, method="whiten", expert_min_tokens=20)
+    report = compress_(model, config, RunConfig(calib=str(text_file)), progress=False, tokens=tokens)
     sparse = report.calibration["sparse_experts"]["tokens"]
     assert sparse and all(count < 20 for count in sparse.values())
     assert len(sparse) < sum(".experts." in layer.name for layer in report.layers), "some experts got enough tokens"
@@ -183,9 +185,10 @@ def test_unsupported_fused_experts_are_named_as_left_dense():
 
 
 def test_streamed_calibration_of_experts_gives_the_in_memory_factors(tiny_models, text_file, tmp_path):
-    config = CompressConfig(budget=0.6, calib=str(text_file), calib_samples=6, calib_len=16, expert_min_tokens=8)
-    compress(str(tiny_models["mixtral"]), tmp_path / "memory", config, progress=False)
-    compress(str(tiny_models["mixtral"]), tmp_path / "stream", config, progress=False, stream=True)
+    config = CompressConfig(budget=0.6, expert_min_tokens=8)
+    run = RunConfig(calib=str(text_file), calib_samples=6, calib_len=16)
+    compress(str(tiny_models["mixtral"]), tmp_path / "memory", config, run, progress=False)
+    compress(str(tiny_models["mixtral"]), tmp_path / "stream", config, replace(run, stream=True), progress=False)
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys()
     assert any(".experts.gate_up_proj." in key and key.endswith("lora_A") for key in memory)

@@ -9,11 +9,12 @@ from click.testing import CliRunner
 
 import lora_compress as lc
 from lora_compress.cli import main
+from lora_compress.methods.config import RunConfig
 from lora_compress.storage.compressed import MANIFEST
 
 from lora_compress.calibrate.generation import generation_problem, with_written, written_sequences
 from lora_compress.errors import LoraCompressError
-from lora_compress.methods.compress import compress_
+from lora_compress.pipelines.plan import compress_
 from lora_compress.methods.config import CompressConfig
 from lora_compress.storage.checkpoint import load_dense, resolve_source
 
@@ -45,15 +46,15 @@ def test_a_share_of_the_rows_is_written_and_the_users_rows_kept_are_spread_evenl
 def test_an_encoder_cannot_write_calibration_text_and_says_so_in_one_line(tiny_models):
     model = dense(tiny_models["bert"])
     assert "no language-model head" in generation_problem(model)
-    with pytest.raises(LoraCompressError, match="--calib-generated: BertModel has no language-model head") as err:
+    with pytest.raises(LoraCompressError, match="^calib_generated: BertModel has no language-model head") as err:
         written_sequences(model, 2, 8)
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.5])
 def test_a_share_of_written_calibration_outside_0_1_is_refused(share):
-    with pytest.raises(LoraCompressError, match="--calib-generated"):
-        CompressConfig(budget=0.8, calib="t.txt", calib_generated=share)
+    with pytest.raises(LoraCompressError, match="^calib_generated"):
+        RunConfig(calib="t.txt", calib_generated=share)
 
 
 def test_compress_writes_the_share_of_calibration_it_is_asked_and_records_it(tiny_models):
@@ -61,8 +62,8 @@ def test_compress_writes_the_share_of_calibration_it_is_asked_and_records_it(tin
     reports = {}
     for share in (0.0, 0.5):
         model = dense(tiny_models["llama"])
-        config = CompressConfig(budget=0.7, calib="t.txt", calib_generated=share)
-        reports[share] = (compress_(model, config, progress=False, tokens=tokens), model)
+        run = RunConfig(calib="t.txt", calib_generated=share)
+        reports[share] = (compress_(model, CompressConfig(budget=0.7), run, progress=False, tokens=tokens), model)
     assert reports[0.0][0].calibration["generated"] == 0 and reports[0.5][0].calibration["generated"] == 4
     first, second = (dict(m.named_parameters()) for _, m in reports.values())
     assert any(first[k].shape != second[k].shape or not torch.equal(first[k], second[k]) for k in first)
@@ -74,7 +75,7 @@ def test_data_free_compress_needs_no_calib_text_and_records_what_it_wrote(tiny_m
                                        "--calib-generated", "1", "--calib-samples", "4", "--calib-len", "16", "--quiet"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["settings"]["method"] == "sequential" and manifest["settings"]["calib"] is None
+    assert manifest["settings"]["method"] == "sequential" and manifest["run"]["calib"] is None
     assert manifest["calibration"]["generated"] == 4
     assert lc.load(out) is not None
 

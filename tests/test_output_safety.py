@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import lora_compress as lc
 from lora_compress.cli import main
-from lora_compress.methods import compress as methods_compress
+from lora_compress.pipelines import plan as pipeline_plan
 from lora_compress.storage.compressed import MANIFEST, read_manifest
 from lora_compress.storage.output import MARKER, atomic_folder, check_output_folder, clean_stale
 
@@ -58,7 +58,7 @@ def test_export_and_heal_refuse_to_write_over_their_input(tiny_models, tmp_path,
 def test_an_unwritable_output_place_fails_before_any_compute(tiny_models, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(methods_compress, "compress_plain_", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr(pipeline_plan, "compress_datafree_", lambda *a, **k: pytest.fail("computed before checking"))
     result = run("compress", tiny_models["llama"], "--rank", "2", "--out", blocker / "out", "--quiet")
     assert result.exit_code == 2 and "cannot write to" in result.output and "choose a writable --out" in result.output
 

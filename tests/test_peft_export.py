@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from lora_compress import CompressConfig, LoraCompressError, compress, load
 from lora_compress.cli import main
 from lora_compress.export.dense import export_dense
-from lora_compress.export.extract import ExtractConfig, budget_ranks, extract
+from lora_compress.export.extract import ExtractConfig, extract
+from lora_compress.methods.allocate import LayerCost, allocate
 
 peft = pytest.importorskip("peft")
 
@@ -116,10 +117,10 @@ def test_energy_gives_per_layer_ranks_with_consistent_patterns(tiny_models, tmp_
 
 
 def test_budget_spends_on_the_largest_singular_values_per_parameter():
-    spectra = {"big": torch.tensor([10.0, 1.0]), "small": torch.tensor([3.0, 2.0])}
-    shapes = {"big": (4, 4), "small": (4, 4)}
-    assert budget_ranks(spectra, shapes, 0.5) == {"big": 1, "small": 1}  # 16 of 32 parameters
-    assert budget_ranks(spectra, shapes, 0.25) == {"big": 1, "small": 0}
+    costs = {"big": LayerCost.from_spectrum((4, 4), torch.tensor([100.0, 1.0])),  # σ² of each delta
+             "small": LayerCost.from_spectrum((4, 4), torch.tensor([9.0, 4.0]))}
+    assert allocate(costs, 0.5, adapters=True) == {"big": 1, "small": 1}  # 16 of 32 parameters
+    assert allocate(costs, 0.25, adapters=True) == {"big": 1, "small": 0}  # extract's budget: compress's allocator
 
 
 def test_budget_keeps_adapter_within_the_budget(tiny_models, tmp_path):

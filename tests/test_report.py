@@ -17,8 +17,9 @@ from lora_compress.core.targets import find_targets
 from lora_compress.errors import LoraCompressError
 from lora_compress.evaluation.drift import block_drift
 from lora_compress.jobs.compress import compress
-from lora_compress.methods.compress import compress_
+from lora_compress.pipelines.plan import compress_
 from lora_compress.methods.config import CompressConfig
+from lora_compress.calibrate.collectors import LayerStatistics
 from lora_compress.report.spectra import layer_spectra, spectrum_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -155,8 +156,11 @@ def test_whitened_spectra_differ_from_plain_ones(tiny_models):
     targets = find_targets(model, include=("q_proj",))
     scale = torch.linspace(0.1, 3.0, 32, dtype=torch.float64)  # inputs with very unequal channels
     plain = layer_spectra(targets, progress=False)
-    whitened = layer_spectra(targets, grams=lambda name: torch.diag(scale ** 2), progress=False)
-    expected = torch.linalg.svdvals(targets[plain[0].name].weight.double() * scale)
+    stats = {name: LayerStatistics({"output_gram": m.weight.double() @ torch.diag(scale ** 2) @ m.weight.double().T,
+                                    "input_diagonal": scale ** 2}, 1) for name, m in targets.items()}  # wide layers
+    W = targets[plain[0].name].weight.double()
+    whitened = layer_spectra(targets, stats, shrinkage=0.3, progress=False)  # a diagonal C: shrinking keeps it
+    expected = torch.linalg.svdvals(W * scale)
     assert torch.allclose(whitened[0].singular_values, expected, rtol=1e-4)
     assert not torch.allclose(whitened[0].singular_values, plain[0].singular_values, rtol=1e-2)
 

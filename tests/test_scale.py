@@ -13,19 +13,21 @@ from torch.nn import functional as F
 
 from helpers import dense, saved_tensors
 from lora_compress import CompressConfig, LoraCompressError, LoraCompressWarning, compress
+from lora_compress.methods.config import RunConfig
 from lora_compress.calibrate import head_loss, spill
 from lora_compress.calibrate.block_source import ResidentBlocks
 from lora_compress.calibrate.spill import Spill
 from lora_compress.cli import main
-from lora_compress.core.whitening import aware_factors
+from lora_compress.core.whitening import Whitening
 from lora_compress.jobs.memory import parse_size
 from lora_compress.storage.compressed import MANIFEST
 
-CALIBRATED = dict(budget=0.8, calib_samples=6, calib_len=16)  # two calibration batches: 4 + 2
+def _config() -> CompressConfig:
+    return CompressConfig(budget=0.8)
 
 
-def _config(text_file, **extra) -> CompressConfig:
-    return CompressConfig(calib=str(text_file), **{**CALIBRATED, **extra})
+def _run(text_file, **extra) -> RunConfig:
+    return RunConfig(calib=str(text_file), calib_samples=6, calib_len=16, **extra)  # two calibration batches: 4 + 2
 
 
 def test_too_little_memory_for_any_path_is_one_line_before_compute(tiny_models, text_file, tmp_path):
@@ -45,15 +47,15 @@ def test_when_only_streaming_fits_it_streams_and_says_so(tiny_models, text_file,
     found = memory.MemoryEstimate(in_memory=10 << 30, streamed=1 << 30, parts={"checkpoint": 1})
     monkeypatch.setattr(memory, "estimate", lambda *args: found)
     with pytest.warns(LoraCompressWarning, match="streaming block by block instead"):
-        compress(str(tiny_models["llama"]), tmp_path / "auto", _config(text_file), progress=False, memory_limit="4G")
-    compress(str(tiny_models["llama"]), tmp_path / "stream", _config(text_file), progress=False, stream=True)
+        compress(str(tiny_models["llama"]), tmp_path / "auto", _config(), _run(text_file, memory_limit="4G"), progress=False)
+    compress(str(tiny_models["llama"]), tmp_path / "stream", _config(), _run(text_file, stream=True), progress=False)
     auto, streamed = saved_tensors(tmp_path / "auto"), saved_tensors(tmp_path / "stream")
     assert auto.keys() == streamed.keys() and all(torch.equal(auto[k], streamed[k]) for k in auto)
 
 
 def test_memory_sizes_parse_and_a_bad_one_is_refused():
     assert parse_size("20G") == 20 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5g") == 3 << 29
-    with pytest.raises(LoraCompressError, match="--memory-limit 'lots' is not a size; pass e.g. 20G"):
+    with pytest.raises(LoraCompressError, match="^memory_limit 'lots' is not a size; pass e.g. 20G"):
         parse_size("lots")
 
 
@@ -87,7 +89,7 @@ def test_a_bf16_checkpoint_is_written_in_bf16_the_same_in_memory_and_streamed(bf
     monkeypatch.setattr(block_source, "compute_dtype", lambda storage, device: compute)
     assert ResidentBlocks(dense(bf16_llama)).dtype == compute
     for stream in (False, True):
-        compress(str(bf16_llama), tmp_path / str(stream), _config(text_file), progress=False, stream=stream)
+        compress(str(bf16_llama), tmp_path / str(stream), _config(), _run(text_file, stream=stream), progress=False)
     in_memory, streamed = saved_tensors(tmp_path / "False"), saved_tensors(tmp_path / "True")
     assert any(key.endswith("lora_A") for key in in_memory)
     assert {t.dtype for t in in_memory.values() if t.is_floating_point()} == {torch.bfloat16}
@@ -95,7 +97,7 @@ def test_a_bf16_checkpoint_is_written_in_bf16_the_same_in_memory_and_streamed(bf
 
 
 def test_the_report_splits_the_time_by_stage(tiny_models, text_file, tmp_path):
-    report = compress(str(tiny_models["llama"]), tmp_path / "out", _config(text_file), progress=False)
+    report = compress(str(tiny_models["llama"]), tmp_path / "out", _config(), _run(text_file), progress=False)
     stages = report.calibration["seconds_by_stage"]
     assert {"forward", "backward", "statistics", "costs", "factoring"} <= set(stages)
     assert all(seconds >= 0 for seconds in stages.values())
@@ -125,7 +127,7 @@ def test_output_space_whitening_needs_no_ridge_for_a_singular_gram():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(8, 24, generator=g, dtype=torch.float64)  # out ≤ in: the output route
     X = torch.randn(6, 24, generator=g, dtype=torch.float64)  # 6 tokens: XᵀX has rank 6
-    factors = aware_factors(W, 4, X.T @ X)
+    factors = Whitening(W, X.T @ X).factors(4)
     error = torch.linalg.norm((W - factors.B @ factors.A) @ X.T)
     optimum = torch.linalg.svdvals(W @ X.T)[4:].pow(2).sum().sqrt()
     assert torch.isfinite(factors.A).all() and float(error) == pytest.approx(float(optimum), rel=1e-6)
@@ -145,25 +147,28 @@ def test_spill_round_trips_on_disk_and_in_memory(tmp_path):
 
 
 def test_spilling_to_disk_gives_the_factors_kept_in_memory(tiny_models, text_file, tmp_path, monkeypatch):
-    compress(str(tiny_models["llama"]), tmp_path / "kept", _config(text_file), progress=False)
-    monkeypatch.setattr("lora_compress.methods.calibrated.SPILL_BYTES", 0)
-    compress(str(tiny_models["llama"]), tmp_path / "spilled", _config(text_file), progress=False)
+    compress(str(tiny_models["llama"]), tmp_path / "kept", _config(), _run(text_file), progress=False)
+    monkeypatch.setattr("lora_compress.pipelines.calibrated.SPILL_BYTES", 0)
+    compress(str(tiny_models["llama"]), tmp_path / "spilled", _config(), _run(text_file), progress=False)
     kept, spilled = saved_tensors(tmp_path / "kept"), saved_tensors(tmp_path / "spilled")
     assert kept.keys() == spilled.keys() and all(torch.equal(kept[k], spilled[k]) for k in kept)
     assert spill.SPILL_BYTES > 0
 
 
 def test_interrupting_a_streamed_run_leaves_no_output(tiny_models, text_file, tmp_path, monkeypatch):
-    from lora_compress.calibrate import closed_loop
+    from lora_compress.pipelines.fit_pass import FitPass
+
+    calls = []
 
     def interrupted(*args, **kwargs):
+        calls.append(args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lora_compress.methods.calibrated.sequential_block", interrupted)
+    monkeypatch.setattr(FitPass, "_closed", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compress(str(tiny_models["llama"]), tmp_path / "out", _config(text_file), progress=False, stream=True)
+        compress(str(tiny_models["llama"]), tmp_path / "out", _config(), _run(text_file, stream=True), progress=False)
+    assert len(calls) == 1, "the interruption reached the fit pass's first block"
     assert not list(tmp_path.iterdir())
-    assert closed_loop.sequential_block is not interrupted
 
 
 def test_a_wide_layer_whitened_from_its_output_gram_gets_the_factors_of_its_input_gram():
@@ -172,26 +177,27 @@ def test_a_wide_layer_whitened_from_its_output_gram_gets_the_factors_of_its_inpu
     X = torch.randn(50, 20, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
     F = torch.randn(6, 6, generator=g, dtype=torch.float64)
     F = F @ F.T
-    from_inputs = aware_factors(W, 3, X.T @ X, weights=F, damping=0.1)
-    from_outputs = aware_factors(W, 3, None, weights=F, damping=0.1, output_gram=W @ X.T @ X @ W.T)
+    from_inputs = Whitening(W, X.T @ X, weights=F, damping=0.1).factors(3)
+    from_outputs = Whitening(W, output_gram=W @ X.T @ X @ W.T, weights=F, damping=0.1).factors(3)
     torch.testing.assert_close(from_outputs.B @ from_outputs.A, from_inputs.B @ from_inputs.A, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(from_outputs.singular_values, from_inputs.singular_values, rtol=1e-6, atol=1e-9)
 
 
 def test_hooks_sum_a_wide_layer_s_output_gram_without_its_bias():
-    from lora_compress.calibrate.statistics import GramHooks, Statistics
+    from lora_compress.calibrate.collectors import InputGram, OutputGram, StatisticsHooks, collectors_for
 
     wide, tall = torch.nn.Linear(12, 4), torch.nn.Linear(4, 9)
+    modules = {"wide": wide, "tall": tall}
     x = torch.randn(3, 5, 12)
-    stats = Statistics()
-    hooks = GramHooks(stats, {"wide": wide, "tall": tall}, output_side=True)
+    hooks = StatisticsHooks(modules, collectors_for(modules, (InputGram(), OutputGram())))
     with torch.no_grad():
         tall(wide(x))
     hooks.remove()
+    stats = hooks.statistics(15)
     flat = x.reshape(-1, 12)
     expected = wide.weight @ flat.T @ flat @ wide.weight.T  # W·C·Wᵀ: the bias is left out
-    torch.testing.assert_close(stats.outputs["wide"].float(), expected.detach(), rtol=1e-4, atol=1e-4)
-    assert "wide" not in stats.grams and stats.grams["tall"].shape == (4, 4)  # the tall layer: its input side
+    torch.testing.assert_close(stats["wide"]["output_gram"].float(), expected.detach(), rtol=1e-4, atol=1e-4)
+    assert "gram" not in stats["wide"] and stats["tall"]["gram"].shape == (4, 4)  # the tall layer: its input side
 
 
 def test_the_head_loss_draws_its_labels_from_the_model_a_block_at_a_time(monkeypatch):

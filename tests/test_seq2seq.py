@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from helpers import dense, rel_error, saved_tensors
 from lora_compress import (CompressConfig, LoraCompressError, calibration_tokens, compress, compress_, evaluate_folder,
                            load)
-from lora_compress.calibrate import closed_loop
+from lora_compress.methods.config import RunConfig
+from lora_compress.pipelines.factoring import GroupFactoring
 from lora_compress.calibrate.seq2seq import decoder_input_ids, model_inputs
 from lora_compress.cli import main
 from lora_compress.storage.checkpoint import load_tokenizer, resolve_source
@@ -72,10 +73,10 @@ def test_calibrated_methods_feed_the_decoder_and_beat_plain_svd(seq2seq_model, t
     reference = dense(seq2seq_model)
     before = _logits(reference, tokens)
     errors = {}
-    for name, config in {"svd": CompressConfig(ratio=0.5),
-                         method: CompressConfig(ratio=0.5, calib=str(text_file), method=method)}.items():
+    for name in ("svd", method):
         model = dense(seq2seq_model)
-        compress_(model, config, progress=False, tokens=tokens)
+        compress_(model, CompressConfig(ratio=0.5, method=name), progress=False,
+                  tokens=None if name == "svd" else tokens)
         errors[name] = rel_error(_logits(model, tokens), before)
     assert errors["svd"] > 1e-2, "plain SVD at half the parameters should really change the model"
     assert errors[method] < errors["svd"]
@@ -84,12 +85,13 @@ def test_calibrated_methods_feed_the_decoder_and_beat_plain_svd(seq2seq_model, t
 def test_the_closed_loop_compresses_the_encoder_before_the_decoder(tiny_models, text_file, monkeypatch):
     model = dense(tiny_models["t5"])
     seen = []
-    sequential_block = closed_loop.sequential_block
-    monkeypatch.setattr(closed_loop, "sequential_block", lambda name, *args: (seen.append(name),
-                                                                              sequential_block(name, *args))[1])
-    compress_(model, CompressConfig(ratio=0.5, calib=str(text_file)), progress=False,
+    factor = GroupFactoring.factor
+    monkeypatch.setattr(GroupFactoring, "factor", lambda self, names, stats: (
+        seen.append(names[0].rpartition(".block.")[0] + ".block." + names[0].split(".block.")[1].split(".")[0]),
+        factor(self, names, stats)))
+    compress_(model, CompressConfig(ratio=0.5), RunConfig(calib=str(text_file)), progress=False,
               tokens=_tokens(tiny_models["t5"], text_file))
-    assert seen == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    assert list(dict.fromkeys(seen)) == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
 
 
 def test_evaluate_scores_the_decoders_predictions(seq2seq_model, text_file, tmp_path):
@@ -116,7 +118,7 @@ def test_an_encoder_decoder_without_an_lm_head_is_one_line_from_evaluate(tiny_mo
 
 def test_streamed_plain_svd_of_an_encoder_decoder_is_the_in_memory_result(seq2seq_model, tmp_path):
     compress(str(seq2seq_model), tmp_path / "memory", CompressConfig(ratio=0.5), progress=False)
-    compress(str(seq2seq_model), tmp_path / "stream", CompressConfig(ratio=0.5), progress=False, stream=True)
+    compress(str(seq2seq_model), tmp_path / "stream", CompressConfig(ratio=0.5), RunConfig(stream=True), progress=False)
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys()
     assert all(torch.equal(memory[key], streamed[key]) for key in memory)

@@ -16,20 +16,23 @@ from safetensors.torch import load_file
 
 from helpers import dense, inputs_for, outputs, rel_error, saved_tensors
 from lora_compress import CompressConfig, LoraCompressError, load
+from lora_compress.methods.config import RunConfig, resolve
 from lora_compress.cli import main
 from lora_compress.jobs.compress import compress
 from lora_compress.storage import shards, tensorfile
 from lora_compress.storage.checkpoint import INDEX, WEIGHTS, load_dense, resolve_source
 from lora_compress.storage.compressed import ADAPTERS, MANIFEST
 from lora_compress.stream.block_loader import BlockLoader
-from lora_compress.stream.blockwise import compress_blockwise
+from lora_compress.pipelines.calibrated import compress_calibrated
 from lora_compress.stream.lazy import open_lazily
-from lora_compress.stream.tensorwise import compress_tensorwise
+from lora_compress.pipelines.tensorwise import compress_tensorwise
 
 
 def _manifest(folder):
+    """The manifest but for what differs by design between an in-memory and a streamed run."""
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest.pop("command")
+    manifest["run"].pop("stream")
     return manifest
 
 
@@ -44,7 +47,7 @@ def _sharded_copy(source, folder):
 def test_streaming_writes_the_same_tensors_and_manifest_as_in_memory(tiny_model, tmp_path):
     config = CompressConfig(ratio=0.5)
     compress(str(tiny_model), tmp_path / "memory", config, progress=False, adapters=True)
-    compress(str(tiny_model), tmp_path / "stream", config, progress=False, stream=True, adapters=True)
+    compress(str(tiny_model), tmp_path / "stream", config, RunConfig(stream=True), progress=False, adapters=True)
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert set(memory) == set(streamed)
     assert any(key.endswith("lora_A") for key in memory)
@@ -59,7 +62,7 @@ def test_sharded_input_gives_sharded_output_that_loads_like_in_memory(tiny_model
     source = _sharded_copy(tiny_models["llama"], tmp_path / "sharded")
     assert (source / INDEX).exists()
     monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 10_000)
-    compress(str(source), tmp_path / "stream", CompressConfig(rank=4), progress=False, stream=True)
+    compress(str(source), tmp_path / "stream", CompressConfig(rank=4), RunConfig(stream=True), progress=False)
     compress(str(tiny_models["llama"]), tmp_path / "memory", CompressConfig(rank=4), progress=False)
     assert (tmp_path / "stream" / INDEX).exists() and not (tmp_path / "stream" / WEIGHTS).exists()
     ids = torch.arange(12).reshape(1, 12)
@@ -75,7 +78,7 @@ def test_shard_changed_while_reading_is_detected(tiny_models, tmp_path):
     with open(source / WEIGHTS, "ab") as handle:
         handle.write(b"\0" * 8)
     with pytest.raises(LoraCompressError, match="changed on disk while compressing"):
-        compress_tensorwise(plan, config, tmp_path / "out", progress=False)
+        compress_tensorwise(plan, resolve(config, RunConfig()), RunConfig(), tmp_path / "out", progress=False)
 
 
 def test_disk_full_leaves_no_output_folder(tiny_models, tmp_path, monkeypatch):
@@ -84,7 +87,7 @@ def test_disk_full_leaves_no_output_folder(tiny_models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tensorfile.TensorFileWriter, "add", full)
     with pytest.raises(LoraCompressError, match="free space or choose another --out"):
-        compress(str(tiny_models["llama"]), tmp_path / "out", CompressConfig(ratio=0.5), progress=False, stream=True)
+        compress(str(tiny_models["llama"]), tmp_path / "out", CompressConfig(ratio=0.5), RunConfig(stream=True), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -92,16 +95,16 @@ def test_unwritable_output_is_one_clear_error(tiny_models, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(LoraCompressError, match="choose a writable --out"):
-        compress(str(tiny_models["llama"]), blocker / "out", CompressConfig(ratio=0.5), progress=False, stream=True)
+        compress(str(tiny_models["llama"]), blocker / "out", CompressConfig(ratio=0.5), RunConfig(stream=True), progress=False)
 
 
 CALIBRATED = {"sequential-budget": {"method": "sequential", "budget": 0.7},
               "whiten-ratio": {"method": "whiten", "ratio": 0.5}}
 
 
-def _calibrated(text_file, option: str) -> CompressConfig:
+def _calibrated(text_file, option: str, **run) -> tuple[CompressConfig, RunConfig]:
     """6 samples: two calibration batches (4 + 2), so the sums over batches are exercised."""
-    return CompressConfig(calib=str(text_file), calib_samples=6, calib_len=16, **CALIBRATED[option])
+    return CompressConfig(**CALIBRATED[option]), RunConfig(calib=str(text_file), calib_samples=6, calib_len=16, **run)
 
 
 @pytest.fixture(scope="module", params=[(m, o) for m in ("llama", "bert") for o in CALIBRATED],
@@ -111,8 +114,8 @@ def calibrated_pair(request, tiny_models, text_file, tmp_path_factory):
     model, option = request.param
     root = tmp_path_factory.mktemp(f"{model}-{option}")
     source = _sharded_copy(tiny_models[model], root / "sharded")
-    compress(str(source), root / "memory", _calibrated(text_file, option), progress=False)
-    compress(str(source), root / "stream", _calibrated(text_file, option), progress=False, stream=True)
+    compress(str(source), root / "memory", *_calibrated(text_file, option), progress=False)
+    compress(str(source), root / "stream", *_calibrated(text_file, option, stream=True), progress=False)
     return root, source
 
 
@@ -153,20 +156,19 @@ def test_streamed_calibrated_output_loads_with_the_in_memory_outputs(calibrated_
 
 def test_streamed_calibration_writes_shards_that_load(tiny_models, text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 10_000)
-    compress(str(tiny_models["llama"]), tmp_path / "stream", _calibrated(text_file, "whiten-ratio"),
-             progress=False, stream=True)
-    compress(str(tiny_models["llama"]), tmp_path / "memory", _calibrated(text_file, "whiten-ratio"), progress=False)
+    compress(str(tiny_models["llama"]), tmp_path / "stream", *_calibrated(text_file, "whiten-ratio", stream=True), progress=False)
+    compress(str(tiny_models["llama"]), tmp_path / "memory", *_calibrated(text_file, "whiten-ratio"), progress=False)
     assert (tmp_path / "stream" / INDEX).exists() and not (tmp_path / "stream" / WEIGHTS).exists()
     batch = inputs_for(dense(tiny_models["llama"]))
     assert rel_error(outputs(load(tmp_path / "stream"), batch), outputs(load(tmp_path / "memory"), batch)) < 1e-5
 
 
 def test_streamed_calibration_leaves_every_block_on_the_meta_device(tiny_models, text_file, tmp_path):
-    config = _calibrated(text_file, "sequential-budget")
+    config, run = _calibrated(text_file, "sequential-budget")
     plan = open_lazily(resolve_source(str(tiny_models["llama"])), config)
     tokens = torch.randint(2, 40, (6, 16), generator=torch.Generator().manual_seed(0))
-    (tmp_path / "out").mkdir()
-    compress_blockwise(BlockLoader(plan), config, tokens, tmp_path / "out", progress=False)
+    report = compress_calibrated(BlockLoader(plan), resolve(config, run), tokens, plan.targets, progress=False)
+    assert any(layer.rank for layer in report.layers)
     in_memory = [name for name, param in plan.model.named_parameters() if not param.is_meta]
     assert in_memory and not any(name.startswith("model.layers.") for name in in_memory)
     assert all(module.weight.is_meta for module in plan.targets.values())  # swapped-out dense layers too
@@ -201,22 +203,22 @@ def test_streamed_calibration_of_a_model_without_repeated_blocks_is_one_clear_li
     result = _cli_compress(tiny_resnet, tmp_path / "out", text_file, "--include", r"classifier\.1")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: ResNetForImageClassification has no repeated blocks of linear layers (a ModuleList) to stream "
-        "calibration through; drop --stream"]
+        "error: ResNetForImageClassification has no repeated blocks of linear layers (a ModuleList); calibrated "
+        "methods work block by block: use the data-free --method svd"]
     assert not (tmp_path / "out").exists()
 
 
 def test_calibrated_compression_under_torchrun_asks_for_one_process(tiny_models, text_file, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the check comes before joining a group
     with pytest.raises(LoraCompressError, match="in one process; drop torchrun"):
-        compress(str(tiny_models["llama"]), tmp_path / "out", _calibrated(text_file, "whiten-ratio"), progress=False)
+        compress(str(tiny_models["llama"]), tmp_path / "out", *_calibrated(text_file, "whiten-ratio"), progress=False)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_cuda_is_one_clear_error():
-    with pytest.raises(LoraCompressError, match="CUDA is not available here.*--device cpu"):
-        CompressConfig(ratio=0.5, device="cuda")
+    with pytest.raises(LoraCompressError, match="^device cuda was asked but CUDA is not available here.*pass cpu"):
+        RunConfig(device="cuda")
 
 
 def _torchrun(processes, model, out, *extra):
@@ -235,7 +237,7 @@ def test_two_torchrun_processes_write_what_one_process_writes(tiny_models, tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torchrun runs each process on one thread; same BLAS path = same bits
     try:
-        compress(str(tiny_models["gpt2"]), tmp_path / "one", CompressConfig(ratio=0.5), progress=False, stream=True)
+        compress(str(tiny_models["gpt2"]), tmp_path / "one", CompressConfig(ratio=0.5), RunConfig(stream=True), progress=False)
     finally:
         torch.set_num_threads(threads)
     one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
@@ -256,7 +258,7 @@ def test_more_processes_than_layers_is_refused(tiny_models, tmp_path):
 def test_smollm2_streams_to_the_same_tensors_as_in_memory(smollm2_dir, tmp_path):
     config = CompressConfig(ratio=0.5, include=(r"layers\.(0|29)\.",))
     compress(str(smollm2_dir), tmp_path / "memory", config, progress=False)
-    compress(str(smollm2_dir), tmp_path / "stream", config, progress=False, stream=True)
+    compress(str(smollm2_dir), tmp_path / "stream", config, RunConfig(stream=True), progress=False)
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys()
     assert all(torch.equal(memory[key], streamed[key]) for key in memory)

@@ -9,6 +9,7 @@ import torch
 
 from helpers import saved_tensors
 from lora_compress import CompressConfig, LoraCompressError
+from lora_compress.methods.config import RunConfig
 from lora_compress.jobs.compress import compress
 from lora_compress.core.workers import SMALL_LAYER, layer_workers, ordered_map
 
@@ -58,8 +59,8 @@ def test_auto_runs_one_small_layer_per_thread_on_a_cpu_and_one_large_layer_or_gp
 
 
 def test_negative_workers_is_one_clear_error():
-    with pytest.raises(LoraCompressError, match="--workers -1 is negative"):
-        CompressConfig(ratio=0.5, workers=-1)
+    with pytest.raises(LoraCompressError, match="^workers -1 is negative"):
+        RunConfig(workers=-1)
 
 
 @pytest.mark.slow
@@ -68,10 +69,12 @@ def test_two_workers_write_the_factors_one_thread_writes(tiny_model, tmp_path, s
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # two workers of one thread each
-        compress(str(tiny_model), tmp_path / "two", CompressConfig(ratio=0.5, workers=2), progress=False, stream=stream)
+        compress(str(tiny_model), tmp_path / "two", CompressConfig(ratio=0.5), RunConfig(workers=2, stream=stream),
+                 progress=False)
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
-        compress(str(tiny_model), tmp_path / "one", CompressConfig(ratio=0.5, workers=1), progress=False, stream=stream)
+        compress(str(tiny_model), tmp_path / "one", CompressConfig(ratio=0.5), RunConfig(workers=1, stream=stream),
+                 progress=False)
     finally:
         torch.set_num_threads(threads)
     one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
@@ -80,9 +83,9 @@ def test_two_workers_write_the_factors_one_thread_writes(tiny_model, tmp_path, s
 
 
 def test_workers_factor_a_calibrated_group_at_once_with_the_factors_of_one(tiny_model, text_file, tmp_path):
-    config = dict(ratio=0.5, calib=str(text_file), calib_samples=2, calib_len=16)
-    compress(str(tiny_model), tmp_path / "one", CompressConfig(**config, workers=1), progress=False)
-    compress(str(tiny_model), tmp_path / "two", CompressConfig(**config, workers=2), progress=False)
+    run = dict(calib=str(text_file), calib_samples=2, calib_len=16)
+    compress(str(tiny_model), tmp_path / "one", CompressConfig(ratio=0.5), RunConfig(workers=1, **run), progress=False)
+    compress(str(tiny_model), tmp_path / "two", CompressConfig(ratio=0.5), RunConfig(workers=2, **run), progress=False)
     one, two = saved_tensors(tmp_path / "one"), saved_tensors(tmp_path / "two")
     assert any(key.endswith("lora_A") for key in one) and one.keys() == two.keys()
     for key in one:  # float64 factoring on one or two threads: equal up to rounding

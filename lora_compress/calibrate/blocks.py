@@ -121,26 +121,43 @@ def block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
 
 
 @torch.no_grad()
-def captured_block_calls(model: nn.Module, blocks: list[nn.Module],
-                         tokens: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
-    """Every block's (args, kwargs) as :func:`block_calls` gives them, captured from a real forward of
-    the model (its blocks in memory, run up to the last one). For blocks that hand the next block more
-    than hidden states, which a recorder cannot make up: T5's first block computes the position biases
-    the others receive."""
-    calls = [[] for _ in blocks]
+def captured_block_calls(model: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
+                         encoder_outputs: list | None = None) -> tuple[list[list], list[list | None]]:
+    """Every block's (args, kwargs) as :func:`block_calls` gives them, captured from a real forward of the
+    model (its blocks in memory, run up to the last one), and what each call returned beside its hidden
+    states (None for a block returning a tensor). For blocks that hand the next block more than hidden
+    states, which a recorder cannot make up: T5's first block computes the position biases the others
+    receive. ``encoder_outputs``: per batch, the encoder's output a decoder's blocks read.
 
-    def stop(*_):
-        raise Stop
+    Returns:
+        ``(calls[k][batch], tails[k][batch] or None)``.
+    """
+    calls, tails = [[] for _ in blocks], [[] for _ in blocks]
+
+    def record_output(index):
+        def hook(module, args, output):
+            if isinstance(output, tuple) and tails[index] is not None:
+                tails[index].append(tuple(output[1:]))
+            else:
+                tails[index] = None
+            if index == len(blocks) - 1:
+                raise Stop
+        return hook
 
     handles = [block.register_forward_pre_hook(lambda _m, args, kwargs, i=index: calls[i].append((args, kwargs)),
                                                with_kwargs=True) for index, block in enumerate(blocks)]
-    handles.append(blocks[-1].register_forward_hook(stop))
+    handles += [block.register_forward_hook(record_output(index)) for index, block in enumerate(blocks)]
     try:
-        _forward_until_stopped(model, tokens)
+        for batch, ids in enumerate(batches(tokens)):
+            extra = {} if encoder_outputs is None else {"encoder_outputs": encoder_outputs[batch]}
+            try:
+                forward(model, ids, **extra)
+            except Stop:
+                pass
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return calls, tails
 
 
 def block_hidden(calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:

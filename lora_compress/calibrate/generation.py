@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import LoraCompressError
+from ..errors import LoraCompressError, OptionError
 
 TOP_K = 50  # top-k sampling: coherent text without the loops of greedy decoding (top-p sorts the vocabulary: slower)
 GENERATE_BATCH = 64  # sequences generated at once
@@ -61,7 +61,7 @@ def written_sequences(model: nn.Module, count: int, length: int, seed: int = 0) 
     """
     problem = generation_problem(model)
     if problem is not None:
-        raise LoraCompressError(f"--calib-generated: {problem}; pass --calib-generated 0 and --calib FILE")
+        raise OptionError(f"{{calib_generated}}: {problem}; pass {{calib_generated}} 0 and {{calib}} FILE")
     device = next(model.parameters()).device
     start = torch.full((count, 1), start_token(model), dtype=torch.long, device=device)
     generator, ends = torch.Generator(device).manual_seed(seed), end_tokens(model)

@@ -75,3 +75,12 @@ def encoder_decoder_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return []
     names = {id(module): name for name, module in model.named_modules()}
     return [(names[id(part)], part) for part in (model.get_encoder(), model.get_decoder())]
+
+
+def encoder_outputs(hidden: list[torch.Tensor] | None) -> list | None:
+    """Per batch, the encoder's last hidden states as the ``encoder_outputs`` a seq2seq model accepts."""
+    if hidden is None:
+        return None
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return [BaseModelOutput(last_hidden_state=h) for h in hidden]

@@ -6,6 +6,7 @@ taken out of the forward or backward that ran them.
 """
 from __future__ import annotations
 
+import resource
 import time
 from contextlib import contextmanager
 
@@ -35,3 +36,8 @@ class StageTimer:
 
     def rounded(self) -> dict[str, float]:
         return {name: round(value, 1) for name, value in self.seconds.items()}
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,4 +1,4 @@
-"""Calibration text → token batches: evenly spread sequences, cut into forward-sized batches."""
+"""Calibration text → token batches: the one calibration tokenizer, and forward-sized batches."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LoraCompressError
+from ..errors import LoraCompressError, OptionError
 from ..storage.text import read_text
 
 
@@ -14,23 +14,34 @@ BATCH_SAMPLES = 4  # sequences per forward while calibrating (bounds activation 
 
 
 
-def calibration_tokens(tokenizer, text: str, samples: int, length: int) -> torch.Tensor:
-    """``samples`` sequences of ``length`` tokens, taken evenly spread over ``text``.
+def calibration_tokens(tokenizer, text: str, samples: int | None, length: int, consecutive: bool = False,
+                       least: int = 1) -> torch.Tensor:
+    """Calibration sequences of ``length`` tokens of ``text``: the one calibration tokenizer of compress,
+    inspect, extract and heal. ``samples`` sequences evenly spread over the text, or, ``consecutive``, the
+    first ones back to back (as many as the text holds when ``samples`` is None; at least ``least``).
 
     Returns:
         Token ids, (samples, length).
 
     Raises:
-        LoraCompressError: the text holds fewer than samples × length tokens.
+        LoraCompressError: no tokenizer, or a text too short for the sequences asked.
     """
+    if tokenizer is None:
+        raise LoraCompressError("the model folder has no tokenizer to cut calibration text into tokens; copy its "
+                                "tokenizer files next to config.json")
     ids = tokenizer(text, return_tensors="pt", truncation=False)["input_ids"][0]  # (N,)
+    if consecutive:
+        count = len(ids) // length if samples is None else min(len(ids) // length, samples)
+        if count < least:
+            raise OptionError(f"the calibration text holds {len(ids):,} tokens; {least} sequences of {{calib_len}} "
+                              f"{length} need {least * length:,}; pass a longer text or a shorter {{calib_len}}")
+        return ids[: count * length].view(count, length)  # (count, length)
     needed = samples * length
     if len(ids) < needed:
-        raise LoraCompressError(f"calibration text has {len(ids):,} tokens but --calib-samples {samples} × "
-                                f"--calib-len {length} needs {needed:,}; pass a longer text or fewer/shorter samples")
+        raise OptionError(f"calibration text has {len(ids):,} tokens but {{calib_samples}} {samples} × "
+                          f"{{calib_len}} {length} needs {needed:,}; pass a longer text or fewer/shorter samples")
     starts = torch.linspace(0, len(ids) - length, samples).long()
     return torch.stack([ids[s: s + length] for s in starts.tolist()])  # (samples, length)
-
 
 
 def batches(tokens: torch.Tensor, size: int = BATCH_SAMPLES) -> list[torch.Tensor]:

@@ -2,10 +2,8 @@
 
     W (out×in)  ≈  lora_B (out×r)  ·  lora_A (r×in)
 
-Scale convention: Σ goes into B (``B = U_r Σ_r``, ``A = V_rᵀ``), so A has orthonormal rows
-for plain SVD. With whitening (SVD-LLM), the SVD is of ``W·L`` where ``L Lᵀ = XᵀX`` is the
-Cholesky factor of the calibration inputs' Gram matrix, and ``A = V_rᵀ L⁻¹``; this rank-r
-pair minimises ``‖(W − BA) Xᵀ‖_F``.
+Scale convention: Σ goes into B (``B = U_r Σ_r``, ``A = V_rᵀ``), so A has orthonormal rows.
+Activation-aware factors (SVD-LLM's whitening and its two-sided form) are core/whitening.py's.
 
 Nothing here knows about nn.Module: tensors in, tensors out, computed in float32 or
 float64 under ``torch.no_grad()`` and cast back by the caller.
@@ -296,15 +294,15 @@ def truncated_svd(matrix: torch.Tensor, rank: int, svd: str = "auto", seed: int 
 
 
 @torch.no_grad()
-def factorize(weight: torch.Tensor, rank: int, *, whitening: torch.Tensor | None = None,
-              svd: str = "auto", seed: int = 0, compute_dtype=torch.float32) -> Factors:
-    """Best rank-``rank`` factors of ``weight`` (out×in), optionally activation-aware.
+def factorize(weight: torch.Tensor, rank: int, *, svd: str = "auto", seed: int = 0,
+              compute_dtype=torch.float32) -> Factors:
+    """Best rank-``rank`` factors of ``weight`` (out×in) in Frobenius norm (activation-aware factors:
+    core/whitening.Whitening).
 
     Args:
         weight: the dense matrix W, (out, in), any float dtype.
         rank: kept rank, 1 ≤ rank ≤ min(out, in).
-        whitening: lower-triangular L (in×in) with ``L Lᵀ = XᵀX``; None for plain SVD.
-        svd: ``full``, ``randomized`` or ``auto``.
+        svd: ``full``, ``randomized``, ``gram`` or ``auto``.
         seed: seed of the randomized SVD.
         compute_dtype: float32 or float64; the factors come back in ``weight.dtype``.
 
@@ -321,18 +319,9 @@ def factorize(weight: torch.Tensor, rank: int, *, whitening: torch.Tensor | None
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank {rank} is outside 1..{min(out_features, in_features)} for a "
                          f"{out_features}×{in_features} weight; choose a rank in that range")
-    dtype = torch.float64 if whitening is not None else compute_dtype
-    W = weight.to(dtype)
-    target = W @ whitening.to(dtype) if whitening is not None else W  # (out, in)
-    U, S, Vh, S_all = truncated_svd(target, rank, svd=svd, seed=seed)
+    U, S, Vh, S_all = truncated_svd(weight.to(compute_dtype), rank, svd=svd, seed=seed)
     B = U * S  # (out, r)
-    A = Vh if whitening is None else _unwhiten(Vh, whitening.to(dtype))  # (r, in)
-    return Factors(B.to(weight.dtype), A.to(weight.dtype), S_all.float(), energy_kept(S_all, rank))
-
-
-def _unwhiten(Vh: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """A = V_rᵀ L⁻¹, by a triangular solve rather than an explicit inverse."""
-    return torch.linalg.solve_triangular(L, Vh, upper=False, left=False)  # (r, in)
+    return Factors(B.to(weight.dtype), Vh.to(weight.dtype), S_all.float(), energy_kept(S_all, rank))
 
 
 def truncate(factors: Factors, rank: int) -> Factors:

@@ -1,4 +1,4 @@
-"""Pure tensor math of activation-aware factoring: whitening on both sides of W.
+"""Pure tensor math of activation-aware factoring: whitening on both sides of W, in one object.
 
     minimise ‖Rᵀ·(B·A·X_cᵀ − W*·X_dᵀ)‖_F  over rank-r B (out×r), A (r×in)
 
@@ -7,20 +7,24 @@
     W* = W                         or, with the dense inputs' cross-Gram, the least-squares refit
 
 The best rank-r map keeps the top-r left singular directions of Y = Rᵀ·W*·X_cᵀ, the eigenvectors U_r
-of Y·Yᵀ = Rᵀ·W*·C·W*ᵀ·R, and projects W* onto them: B·A = R⁻ᵀ·U_r·U_rᵀ·Rᵀ·W*. Two routes compute it,
-on the smaller side of W (both give SVD-LLM's factors; they differ by rounding only):
+of Y·Yᵀ = Rᵀ·W*·C·W*ᵀ·R, and projects W* onto them: B·A = R⁻ᵀ·U_r·U_rᵀ·Rᵀ·W*. :class:`Whitening` builds
+one symmetric matrix per layer, on the smaller side of W, and decomposes it once: its eigenvalues are
+the squared singular values σ_i² of Rᵀ·W*·L (the spectrum the budget allocates with, that
+``inspect --spectrum`` prints and the energy rule reads) and its eigenvectors give the factors
+(SVD-LLM's, up to rounding):
 
-    out ≤ in   output space: eigh of Rᵀ·W·C·Wᵀ·R (out×out); no Cholesky of C, no ridge, C may be singular
-               B = R⁻ᵀ·U_r·Σ_r,  A = Σ_r⁻¹·U_rᵀ·Rᵀ·W
-    out > in   input space: C = L·Lᵀ (Cholesky), eigh of Lᵀ·Wᵀ·R·Rᵀ·W·L (in×in) for V_r
+    out ≤ in   output space: Rᵀ·W·C·Wᵀ·R (out×out), from the output Gram W·C·Wᵀ when given: no Cholesky
+               of C, no ridge, C may be singular.   B = R⁻ᵀ·U_r·Σ_r,  A = Σ_r⁻¹·U_rᵀ·Rᵀ·W
+    out > in   input space: C = L·Lᵀ (Cholesky), Lᵀ·Wᵀ·R·Rᵀ·W·L (in×in), never forming W·L.
                B = R⁻ᵀ·(Rᵀ·W·L)·V_r = R⁻ᵀ·U_r·Σ_r,  A = V_rᵀ·L⁻¹
 
-The output route never forms L: for a wide layer (down_proj, in = 8,960 or 14,336) that saves an
-in×in Cholesky (in³/3 multiply-adds) and its in² floats. The truncation loss Σ_{i>r} σ_i² is the
-error above, so the spectrum doubles as a cost per rank. Tensors in, tensors out: the methods
-(lora_compress.methods) choose the knobs.
+The truncation loss Σ_{i>r} σ_i² is the error above, so the spectrum doubles as a cost per rank.
+Tensors in, tensors out: the methods (lora_compress.methods) choose the knobs.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -62,18 +66,6 @@ def _unweigh_rows(matrix: torch.Tensor, factor: torch.Tensor | None) -> torch.Te
     return torch.linalg.solve_triangular(factor.T, matrix, upper=True)
 
 
-def needs_cholesky(shape: tuple[int, int], refit: bool = False) -> bool:
-    """Whether factoring a layer of ``shape`` (out, in) takes the Cholesky factor of its input Gram:
-    for tall layers (out > in) and for the refit; the output route needs none."""
-    return refit or shape[0] > shape[1]
-
-
-def output_side(shape: tuple[int, int]) -> bool:
-    """Whether a layer of ``shape`` (out, in) is whitened in output space: out ≤ in. Its statistic is then
-    the Gram of its outputs Σ_t (W·x_t)(W·x_t)ᵀ = W·C·Wᵀ (out×out) rather than C (in×in)."""
-    return shape[0] <= shape[1]
-
-
 def _weigh_both(gram: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """Rᵀ·G·R (diag(√w)·G·diag(√w) for a vector factor)."""
     if factor is None:
@@ -104,89 +96,116 @@ def shrunk_output_gram(output_gram: torch.Tensor, weight: torch.Tensor, diagonal
     return output_gram.double() * (1 - shrinkage) + shrinkage * (W * diagonal.double()) @ W.T
 
 
-def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """C + damping·mean(diag C)·I (C itself when damping is 0)."""
-    if not damping:
-        return gram
-    shifted = gram.clone()
-    shifted.diagonal().add_(damping * float(gram.diagonal().mean()))
-    return shifted
-
-
-@torch.no_grad()
-def aware_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, cross: torch.Tensor | None = None,
-                  weights: torch.Tensor | None = None, cholesky: torch.Tensor | None = None,
-                  damping: float = 0.0, ridge: float = 0.0, input_damping: float = 0.0,
-                  output_gram: torch.Tensor | None = None, input_shrinkage: float = 0.0,
-                  input_diagonal: torch.Tensor | None = None) -> svdmath.Factors:
-    """Rank-``rank`` factors minimising ‖Rᵀ·(B·A·X_cᵀ − W·X_dᵀ)‖_F with R·Rᵀ the output weighting.
+@dataclass
+class Whitening:
+    """Rᵀ·W*·L of one layer, decomposed once for its spectrum (σ_i², descending) and its rank-r factors.
 
     Args:
         weight: W, (out, in).
         gram: C = X_cᵀX_c of the inputs the factors will see, (in, in).
-        cross: X_dᵀX_c with the dense inputs, (in, in); None means X_d = X_c (plain whitening).
-        weights: per-output-channel weights w, (out,), or an output covariance F, (out, out);
-            None means all ones.
-        cholesky: L with L·Lᵀ = C when already computed (layers sharing inputs share it); used only
-            where :func:`needs_cholesky` says so.
-        damping: F + damping·mean(diag F)·I is factored (full covariances only).
-        ridge: the refit's relative ridge (see :func:`refit_target`); 0 is the exact least squares.
-        input_damping: C + input_damping·mean(diag C)·I is whitened against (0: C itself).
         output_gram: Σ_t (W·x_t)(W·x_t)ᵀ = W·C·Wᵀ, (out, out), in place of C for a layer with out ≤ in
-            (the output route reads nothing else); not with ``cross`` or ``input_damping``.
-        input_shrinkage: whiten against (1 − s)·C + s·diag(C) (:func:`shrunk_gram`); ``cholesky``, when
-            given, is then the factor of that; with ``output_gram``, ``input_diagonal`` is diag(C).
-
-    Returns:
-        Factors (B, A) in ``weight.dtype``; singular values are those of Rᵀ·W*·L.
+            (the output route reads nothing else); not with ``cross``.
+        input_diagonal: diag(C), (in,): shrinks an output Gram (``shrinkage``).
+        weights: per-output-channel weights w, (out,), or an output covariance F, (out, out); None: all ones.
+        damping: F + damping·mean(diag F)·I is factored (full covariances only).
+        shrinkage: whiten against (1 − s)·C + s·diag(C) (:func:`shrunk_gram`).
+        cross: X_dᵀX_c with the dense inputs, (in, in): fit the least-squares refit W* (:func:`refit_target`).
+        ridge: the refit's relative ridge; 0 is the exact least squares.
+        cholesky: L with L·Lᵀ = the shrunk C, or a function making it (layers sharing inputs share it).
 
     Example:
-        >>> f = aware_factors(W, 8, X.T @ X)       # SVD-LLM's closed form
-        >>> (W - f.B @ f.A) @ X.T                   # the smallest rank-8 output error
+        >>> Whitening(W, X.T @ X).factors(8)            # SVD-LLM's closed form: the smallest rank-8 ‖(W − B·A)·Xᵀ‖
+        >>> Whitening(W, X.T @ X).spectrum()[8:].sum()   # its squared error
     """
-    target = weight.double()  # (out, in)
-    if cross is not None:
-        target = refit_target(target, gram.double(), cross.double(), ridge)
-    R = row_factor(weights, damping)
-    Y = _weigh_rows(target, R)  # Rᵀ·W*, (out, in)
-    if output_gram is not None and cross is None and not input_damping:
-        shrunk = shrunk_output_gram(output_gram, weight, input_diagonal, input_shrinkage)
-        U, S, S_all = _top_eigen(_weigh_both(shrunk.double(), R), rank)
-        S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # see the output route below
-        A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)
-    elif needs_cholesky(tuple(weight.shape), cross is not None):
-        if cholesky is None or input_damping:
-            cholesky = svdmath.cholesky_factor(_damped(shrunk_gram(gram, input_shrinkage), input_damping))[0]
-        L = cholesky
-        V, S_all = _input_space(Y, L, rank)  # V_r (in, r): right singular vectors of Rᵀ·W*·L
-        A = torch.linalg.solve_triangular(L, V.T, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
-        return svdmath.Factors(_unweigh_rows(Y @ (L @ V), R).to(weight.dtype), A.to(weight.dtype), S_all.float(),
-                               svdmath.energy_kept(S_all, rank))  # B = R⁻ᵀ·M·V_r = R⁻ᵀ·U_r·Σ_r, (out, r)
-    else:
-        U, S, S_all = _output_space(Y, _damped(shrunk_gram(gram.double(), input_shrinkage), input_damping), rank)
-        S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # a direction the inputs never excite: B·A
-        A = (U.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)    # keeps U·Uᵀ·Y there, as the Cholesky route
-    B = _unweigh_rows(U * S, R)  # (out, r)
-    return svdmath.Factors(B.to(weight.dtype), A.to(weight.dtype), S_all.float(), svdmath.energy_kept(S_all, rank))
+
+    weight: torch.Tensor
+    gram: torch.Tensor | None = None
+    output_gram: torch.Tensor | None = None
+    input_diagonal: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    damping: float = 0.0
+    shrinkage: float = 0.0
+    cross: torch.Tensor | None = None
+    ridge: float = 0.0
+    cholesky: torch.Tensor | Callable[[], torch.Tensor] | None = None
+    _square: torch.Tensor | None = field(default=None, repr=False)
+    _row: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def route(self) -> str:
+        """``output`` (from the output Gram), ``input`` (the Cholesky of C: tall layers, the refit) or
+        ``output-from-input`` (Y·C·Yᵀ: a wide layer given its input Gram)."""
+        if self.output_gram is not None and self.cross is None:
+            return "output"
+        if self.cross is not None or self.weight.shape[0] > self.weight.shape[1]:
+            return "input"
+        return "output-from-input"
+
+    @torch.no_grad()
+    def spectrum(self) -> torch.Tensor:
+        """σ_i² of Rᵀ·W*·L, descending (float64)."""
+        return torch.linalg.eigvalsh(self.square()).flip(0).clamp_min(0)
+
+    @torch.no_grad()
+    def factors(self, rank: int) -> svdmath.Factors:
+        """Rank-``rank`` factors minimising ‖Rᵀ·(B·A·X_cᵀ − W*·X_dᵀ)‖_F, in ``weight.dtype``; their singular
+        values are those of Rᵀ·W*·L."""
+        Y = self.weighted()  # Rᵀ·W*, (out, in)
+        eigenvalues, Z = torch.linalg.eigh(self.square())  # ascending
+        singular = eigenvalues.flip(0).clamp_min(0).sqrt()
+        top = Z[:, -rank:].flip(1)  # (side, r), best first
+        if self.route == "input":
+            L = self._cholesky()
+            A = torch.linalg.solve_triangular(L, top.T, upper=False, left=False)  # V_rᵀ L⁻¹, (r, in)
+            B = _unweigh_rows(Y @ (L @ top), self.row())  # R⁻ᵀ·M·V_r = R⁻ᵀ·U_r·Σ_r, (out, r)
+        else:
+            S = singular[:rank]
+            S = torch.where(S > S[0] * 1e-7, S, torch.ones_like(S))  # a direction the inputs never excite: B·A
+            A = (top.T @ Y) / S.unsqueeze(1)  # Σ_r⁻¹·U_rᵀ·Rᵀ·W, (r, in)  # keeps U·Uᵀ·Y there, as the input route
+            B = _unweigh_rows(top * S, self.row())  # (out, r)
+        return svdmath.Factors(B.to(self.weight.dtype), A.to(self.weight.dtype), singular.float(),
+                               svdmath.energy_kept(singular, rank))
+
+    def row(self) -> torch.Tensor | None:
+        """R (:func:`row_factor`), made once."""
+        if self._row is None and self.weights is not None:
+            self._row = row_factor(self.weights, self.damping)
+        return self._row
+
+    def weighted(self) -> torch.Tensor:
+        """Y = Rᵀ·W*, (out, in) float64; W* is W, or the refit's least-squares target."""
+        target = self.weight.double()  # (out, in)
+        if self.cross is not None:
+            target = refit_target(target, self.gram.double(), self.cross.double(), self.ridge)
+        return _weigh_rows(target, self.row())
+
+    def square(self) -> torch.Tensor:
+        """The symmetric matrix whose eigenvalues are the σ_i² of Rᵀ·W*·L (module docstring), made once."""
+        if self._square is None:
+            self._square = self._make_square()
+        return self._square
+
+    def _make_square(self) -> torch.Tensor:
+        if self.route == "output":
+            shrunk = shrunk_output_gram(self.output_gram, self.weight, self.input_diagonal, self.shrinkage)
+            return _weigh_both(shrunk.double(), self.row())  # (out, out)
+        Y = self.weighted()  # (out, in)
+        if self.route == "input":
+            L = self._cholesky()
+            return L.T @ (Y.T @ Y) @ L  # (in, in) = Mᵀ·M with M = Y·L, never formed
+        return Y @ shrunk_gram(self.gram.double(), self.shrinkage) @ Y.T  # (out, out)
+
+    def _cholesky(self) -> torch.Tensor:
+        if callable(self.cholesky):
+            self.cholesky = self.cholesky()
+        if self.cholesky is None:
+            self.cholesky = input_cholesky(self.gram, self.shrinkage)
+        return self.cholesky
 
 
-def _input_space(Y: torch.Tensor, L: torch.Tensor, rank: int):
-    """(V_r, σ_all) of M = Y·L (out > in) from the eigendecomposition of Mᵀ·M = Lᵀ·(Yᵀ·Y)·L (in×in), without
-    forming M: the out×in products are Yᵀ·Y here and Y·(L·V_r) for B."""
-    eigenvalues, Z = torch.linalg.eigh(L.T @ (Y.T @ Y) @ L)  # ascending; (in,), (in, in)
-    return Z[:, -rank:].flip(1), eigenvalues.flip(0).clamp_min(0).sqrt()
-
-
-def _output_space(Y: torch.Tensor, gram: torch.Tensor, rank: int):
-    """(U_r, σ_r, σ_all) of Y·X from the eigendecomposition of Y·C·Yᵀ (out×out), descending."""
-    return _top_eigen(Y @ gram @ Y.T, rank)
-
-
-def _top_eigen(square: torch.Tensor, rank: int):
-    """(U_r, σ_r, σ_all) of a PSD matrix G = M·Mᵀ: its top eigenvectors and the singular values of M."""
-    eigenvalues, Z = torch.linalg.eigh(square)  # ascending; (out,), (out, out)
-    singular = eigenvalues.flip(0).clamp_min(0).sqrt()
-    return Z[:, -rank:].flip(1), singular[:rank], singular
+def input_cholesky(gram: torch.Tensor, shrinkage: float = 0.0) -> torch.Tensor:
+    """L with L·Lᵀ = (1 − s)·C + s·diag(C) (a ridge grown only as far as C needs it)."""
+    return svdmath.cholesky_factor(shrunk_gram(gram, shrinkage))[0]
 
 
 def refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -198,25 +217,3 @@ def refit_target(W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge
     lam = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     L, _ = svdmath.cholesky_factor(gram + lam)
     return torch.cholesky_solve((cross + lam).T @ W.T, L).T  # (out, in)
-
-
-@torch.no_grad()
-def weighted_spectrum(weight: torch.Tensor, gram: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                      cholesky: torch.Tensor | None = None, damping: float = 0.0,
-                      input_damping: float = 0.0, output_gram: torch.Tensor | None = None,
-                      input_shrinkage: float = 0.0, input_diagonal: torch.Tensor | None = None) -> torch.Tensor:
-    """σ_i² of Rᵀ·W·L (R from ``weights`` and ``damping`` as in :func:`aware_factors`), descending:
-    the eigenvalues of Rᵀ·W·C·Wᵀ·R (out ≤ in; from ``output_gram`` = W·C·Wᵀ when given) or of
-    Lᵀ·Wᵀ·R·Rᵀ·W·L (out > in)."""
-    R = row_factor(weights, damping)
-    if output_gram is not None and not input_damping:
-        shrunk = shrunk_output_gram(output_gram, weight, input_diagonal, input_shrinkage)
-        return torch.linalg.eigvalsh(_weigh_both(shrunk.double(), R)).flip(0).clamp_min(0)
-    Y = _weigh_rows(weight.double(), R)  # (out, in)
-    gram = _damped(shrunk_gram(gram.double(), input_shrinkage), input_damping)
-    if not needs_cholesky(tuple(weight.shape)):
-        square = Y @ gram @ Y.T  # (out, out)
-    else:
-        L = svdmath.cholesky_factor(gram)[0] if cholesky is None or input_damping else cholesky
-        square = L.T @ (Y.T @ Y) @ L  # (in, in) = Mᵀ·M with M = Y·L, never formed
-    return torch.linalg.eigvalsh(square).flip(0).clamp_min(0)

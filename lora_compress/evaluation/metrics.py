@@ -12,14 +12,14 @@ similarity of the embeddings and relative error of the last hidden states.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..calibrate.timing import StageTimer
 from ..calibrate.seq2seq import is_encoder_decoder, is_seq2seq_lm, model_inputs, predictions
 from ..core.counting import COUNTED, targeted_params, total_params
 from ..errors import LoraCompressError
@@ -36,17 +36,6 @@ class EvalConfig:
     max_paragraphs: int = 256  # encoders: paragraphs embedded
     max_length: int = 128  # encoders: tokens per paragraph
     batch_size: int = 16  # encoders: paragraphs per forward
-
-
-@dataclass
-class _Timer:
-    seconds: dict = field(default_factory=lambda: {"dense": 0.0, "compressed": 0.0})
-
-    def run(self, key: str, model: nn.Module, **inputs):
-        start = time.perf_counter()
-        output = model(**inputs)
-        self.seconds[key] += time.perf_counter() - start
-        return output
 
 
 def count_summary(dense: nn.Module, compressed: nn.Module, targets) -> dict:
@@ -80,7 +69,7 @@ def evaluate(dense: nn.Module, compressed: nn.Module, tokenizer, text: str, targ
     """
     if tokenizer is None:
         raise LoraCompressError("the model folder has no tokenizer; copy its tokenizer files next to config.json")
-    timer = _Timer()
+    timer = StageTimer()
     if is_causal_lm(dense) or is_seq2seq_lm(dense):
         kind = "seq2seq" if is_seq2seq_lm(dense) else "causal-lm"
         figures = {"kind": kind, **_predictions(dense, compressed, tokenizer, text, config, timer, progress)}
@@ -91,7 +80,7 @@ def evaluate(dense: nn.Module, compressed: nn.Module, tokenizer, text: str, targ
     else:
         figures = {"kind": "encoder", **_encoder(dense, compressed, tokenizer, text, config, timer, progress)}
     figures["params"] = count_summary(dense, compressed, targets)
-    figures["seconds"] = timer.seconds
+    figures["seconds"] = {"dense": 0.0, "compressed": 0.0, **timer.seconds}
     return figures
 
 
@@ -116,8 +105,10 @@ def _predictions(dense, compressed, tokenizer, text, config, timer, progress) ->
     windows = _windows(tokenizer, text, config, fit_context(dense, config.window))
     seq2seq = is_encoder_decoder(dense)
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
-        logits_d = timer.run("dense", dense, **model_inputs(dense, ids)).logits.float()[0]  # (T, V)
-        logits_c = timer.run("compressed", compressed, **model_inputs(dense, ids)).logits.float()[0]  # (T, V)
+        with timer.stage("dense"):
+            logits_d = dense(**model_inputs(dense, ids)).logits.float()[0]  # (T, V)
+        with timer.stage("compressed"):
+            logits_c = compressed(**model_inputs(dense, ids)).logits.float()[0]  # (T, V)
         predicted_d, labels = predictions(logits_d, ids[0], seq2seq)  # (N, V), (N,)
         sums["nll_dense"] += F.cross_entropy(predicted_d, labels, reduction="sum").item()
         sums["nll_compressed"] += F.cross_entropy(predictions(logits_c, ids[0], seq2seq)[0], labels,
@@ -152,8 +143,10 @@ def _encoder(dense, compressed, tokenizer, text, config, timer, progress) -> dic
     batches = [chunks[i: i + config.batch_size] for i in range(0, len(chunks), config.batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
         inputs = tokenizer(batch, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")
-        hidden_d = timer.run("dense", dense, **inputs).last_hidden_state.float()  # (B, T, C)
-        hidden_c = timer.run("compressed", compressed, **inputs).last_hidden_state.float()  # (B, T, C)
+        with timer.stage("dense"):
+            hidden_d = dense(**inputs).last_hidden_state.float()  # (B, T, C)
+        with timer.stage("compressed"):
+            hidden_c = compressed(**inputs).last_hidden_state.float()  # (B, T, C)
         mask = inputs["attention_mask"].bool()
         diff_sq += (hidden_c - hidden_d)[mask].pow(2).sum().item()
         ref_sq += hidden_d[mask].pow(2).sum().item()

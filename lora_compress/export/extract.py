@@ -25,12 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.statistics import collect_statistics
+from ..calibrate.collectors import InputGram, forward_statistics
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
 from ..core import svd as svdmath
 from ..core.layers import check_finite_float, dense_weight, is_conv1d
 from ..core.targets import find_targets
+from ..core.whitening import Whitening
 from ..errors import LoraCompressError
+from ..methods.allocate import LayerCost, allocate
 from ..storage.card import Card, write_card
 from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from ..storage.output import atomic_folder, check_output_folder
@@ -187,11 +189,13 @@ def factor_deltas(weights: dict[str, torch.Tensor], config: ExtractConfig, gram=
     """
     full = {}
     for name, delta in tqdm(weights.items(), desc="factoring", unit="layer", disable=not progress):
-        whitening = svdmath.cholesky_factor(gram(name))[0] if gram else None
         smallest = min(delta.shape)
         rank = smallest if config.rank is None else min(config.rank, smallest)
-        svd = "full" if config.rank is None else config.svd
-        full[name] = svdmath.factorize(delta, rank, whitening=whitening, svd=svd, seed=config.seed)
+        if gram is not None:  # the whitened SVD of the delta: the one Whitening the methods use
+            full[name] = Whitening(delta, gram(name)).factors(rank)
+        else:
+            full[name] = svdmath.factorize(delta, rank, svd="full" if config.rank is None else config.svd,
+                                           seed=config.seed)
     ranks = _choose_ranks(full, weights, config)
     notes = {name: f"--rank {config.rank} capped at the smaller dimension (full rank, exact)" for name, f in full.items()
              if config.rank is not None and f.rank < config.rank}
@@ -204,25 +208,9 @@ def _choose_ranks(full: dict, weights: dict, config: ExtractConfig) -> dict[str,
         return {name: f.rank for name, f in full.items()}
     if config.energy is not None:
         return {name: svdmath.rank_for_energy(f.singular_values, config.energy) for name, f in full.items()}
-    return budget_ranks({n: f.singular_values for n, f in full.items()},
-                        {n: tuple(w.shape) for n, w in weights.items()}, config.budget)
-
-
-def budget_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int]:
-    """Ranks whose Σ r·(m+n) stays within ``budget`` × Σ m·n, greedily by σ² per parameter.
-
-    Each rank-1 component of a layer costs m+n parameters and removes σ² of squared error; taking
-    components in order of σ²/(m+n) keeps each layer's components in σ order (equal cost per layer).
-    """
-    allowed = budget * sum(m * n for m, n in shapes.values())
-    gains = [(float(s) ** 2 / sum(shapes[name]), name) for name, spectrum in spectra.items() for s in spectrum]
-    ranks, used = dict.fromkeys(spectra, 0), 0
-    for _, name in sorted(gains, key=lambda item: item[0], reverse=True):
-        cost = sum(shapes[name])
-        if used + cost <= allowed:
-            ranks[name] += 1
-            used += cost
-    return ranks
+    costs = {name: LayerCost.from_spectrum(tuple(weights[name].shape), f.singular_values.double().pow(2))
+             for name, f in full.items()}
+    return allocate(costs, config.budget, adapters=True)  # the one allocator, as compress --budget
 
 
 def _model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -256,8 +244,6 @@ def _check_inputs(tokenizer, text: str | None, config: ExtractConfig, vocab: int
     if text is None:
         ids = torch.randint(0, vocab, (2, config.check_tokens // 2), generator=torch.Generator().manual_seed(config.seed))
         return [], [ids], f"{ids.numel()} random token ids (seed {config.seed}; pass --calib for real text)"
-    if tokenizer is None:
-        raise LoraCompressError("--calib needs a tokenizer but the base folder has none; copy its tokenizer files")
     tokens = calibration_tokens(tokenizer, text, config.calib_samples, config.calib_len)  # (S, T)
     fit = max(1, len(tokens) * 3 // 4)
     return list(tokens[:fit].split(4)), list(tokens[fit:].split(4)), \
@@ -313,9 +299,10 @@ def extract(base: str, tuned: str, out: str | Path, config: ExtractConfig, *, ca
 
 
 def _grams(model: nn.Module, fit: list[torch.Tensor], deltas: Deltas, progress: bool):
-    """XᵀX of each changed layer's inputs in the tuned model (what base + adapter will see)."""
+    """``gram(name)``: XᵀX of each changed layer's inputs in the tuned model (what base + adapter will see)."""
     targets = {name: model.get_submodule(name) for name in deltas.weights}
-    return collect_statistics(model, torch.cat(fit), targets, fisher=False, progress=progress).gram
+    stats = forward_statistics(model, torch.cat(fit), targets, (InputGram(every_layer=True),), progress)
+    return lambda name: stats[name]["gram"]
 
 
 def _compare(base_model, tuned_model, deltas: Deltas, variants: dict, check: list, config) -> ExtractionReport:

@@ -22,16 +22,18 @@ import torch
 from torch import nn
 
 from ..calibrate.blocks import find_blocks
+from ..calibrate.collectors import statistics_bytes
 from ..calibrate.head_loss import BLOCK_ELEMENTS, VOCAB_BLOCK, supports_chunked_loss
 from ..calibrate.spill import SPILL_BYTES
-from ..calibrate.statistics import FULL_FISHER_MAX
 from ..calibrate.tokens import BATCH_SAMPLES
-from ..core import whitening
+from ..core.experts import experts_by_matrix
 from ..core.layers import dense_weight
 from ..core.precision import compute_dtype
 from ..core.workers import layer_workers
-from ..errors import LoraCompressError
-from ..methods.config import CompressConfig
+from ..errors import OptionError
+from ..methods.config import RunConfig
+from ..pipelines.passes import PassPlan
+from ..pipelines.plan import CALIBRATED, Plan
 
 BASELINE = 3 << 28  # the process with torch, transformers and the tokenizer loaded (0.45 GiB measured), its thread
 # pools and allocator slack: 0.75 GiB (0.5 left the estimate 0.16 GiB under the SmolLM2 in-memory run)
@@ -64,7 +66,7 @@ def parse_size(text: str) -> int:
     """
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not match:
-        raise LoraCompressError(f"--memory-limit {text!r} is not a size; pass e.g. 20G or 512M")
+        raise OptionError(f"{{memory_limit}} {text!r} is not a size; pass e.g. 20G or 512M")
     return int(float(match[1]) * _UNITS[match[2].upper()])
 
 
@@ -73,47 +75,50 @@ def available_bytes() -> int:
     return psutil.Process().memory_info().rss + psutil.virtual_memory().available
 
 
-def estimate(model: nn.Module, config: CompressConfig, targets: dict[str, nn.Module],
+def estimate(model: nn.Module, plan: Plan, targets: dict[str, nn.Module],
              storage_dtype: torch.dtype) -> MemoryEstimate:
     """Peak bytes of the in-memory and the streamed path for ``model`` (its parameters may be on meta)."""
     checkpoint = _bytes(model.parameters(), storage_dtype) + _bytes(model.buffers(), storage_dtype)
-    if not config.record.calibration:
-        return _plain(checkpoint, config, targets)
-    device = torch.device(config.device)
+    if plan.pipeline != CALIBRATED:
+        return _plain(checkpoint, plan.run, targets)
+    device = torch.device(plan.run.device)
     dtype = compute_dtype(storage_dtype, device)
     blocks = find_blocks(model)
     block = max((_bytes(b.parameters(), dtype) for _, b in blocks), default=0)
     outside = checkpoint - sum(_bytes(b.parameters(), storage_dtype) for _, b in blocks)
-    work = _working_set(model, config, targets, dtype, len(blocks))
+    passes = PassPlan.of(plan.config, experts=bool(experts_by_matrix(model, targets)))
+    work = _working_set(model, plan.run, passes, targets, dtype, blocks)
     copy = block if dtype != storage_dtype else 0  # the block worked on, cast from the checkpoint's dtype
     parts = {"checkpoint": checkpoint, "one block in the compute dtype": copy, "calibration working set": work}
     return MemoryEstimate(BASELINE + checkpoint + copy + work, BASELINE + outside + block + work,
                           {k: v for k, v in parts.items() if v})
 
 
-def _plain(checkpoint: int, config: CompressConfig, targets: dict[str, nn.Module]) -> MemoryEstimate:
-    """Plain SVD: per worker, the widest weight in float32 and its SVD's workspace (about 3 copies)."""
+def _plain(checkpoint: int, run: RunConfig, targets: dict[str, nn.Module]) -> MemoryEstimate:
+    """A data-free method: per worker, the widest weight in float32 and its SVD's workspace (about 3 copies)."""
     shapes = [tuple(dense_weight(m).shape) for m in targets.values()]
-    workers = layer_workers(config.workers, shapes, config.device)
+    workers = layer_workers(run.workers, shapes, run.device)
     layer = 3 * 4 * max((math.prod(s) for s in shapes), default=0) * workers
     return MemoryEstimate(BASELINE + checkpoint + layer, BASELINE + 2 * layer,
                           {"checkpoint": checkpoint, "factoring": layer})
 
 
-def _working_set(model: nn.Module, config: CompressConfig, targets: dict[str, nn.Module], dtype: torch.dtype,
-                 blocks: int) -> int:
-    """Bytes a calibrated pass adds to the weights it holds (module docstring)."""
+def _working_set(model: nn.Module, run: RunConfig, passes: PassPlan, targets: dict[str, nn.Module],
+                 dtype: torch.dtype, blocks: list) -> int:
+    """Bytes a calibrated run adds to the weights it holds (module docstring); the statistics are what the
+    passes declare (pipelines/passes.py), the same declarations the pipeline runs."""
     item = torch.finfo(dtype).bits // 8
-    tokens = config.calib_samples * config.calib_len
+    tokens = run.calib_samples * run.calib_len
     width = getattr(model.config, "hidden_size", None) or max(dense_weight(m).shape[1] for m in targets.values())
-    streams = 3 if config.record.dense_stream else 2  # compressed (and dense) stream + the one being made
+    streams = 3 if passes.dense_stream else 2  # compressed (and dense) stream + the one being made
     hidden = tokens * width * item * (streams + 1)  # + the gradients at a block boundary
-    boundaries = (blocks + 1) * tokens * width * item
-    fisher = sum(4 * o * o if o <= FULL_FISHER_MAX else 8 * o for o in (dense_weight(m).shape[0] for m in targets.values()))
-    kept = min(boundaries, SPILL_BYTES) + min(fisher, SPILL_BYTES) if config.needs_gradients else 0
-    statistics = _block_statistics(model, targets, output_side=not config.record.dense_stream)
-    return hidden + kept + _activations(model, width, item, config.calib_len) + statistics + \
-        _factoring(targets) + _head_loss(model, config.calib_len, width)
+    boundaries = (len(blocks) + 1) * tokens * width * item
+    shapes = [tuple(dense_weight(m).shape) for m in targets.values()]
+    kept = sum(statistics_bytes([shape], passes.kept) for shape in shapes)
+    pass_kept = min(boundaries, SPILL_BYTES) + min(kept, SPILL_BYTES) if passes.gradient_pass else 0
+    statistics = _block_statistics(targets, passes, blocks)
+    return hidden + pass_kept + _activations(model, width, item, run.calib_len) + statistics + \
+        _factoring(targets) + _head_loss(model, run.calib_len, width)
 
 
 def _activations(model: nn.Module, width: int, item: int, length: int) -> int:
@@ -125,23 +130,12 @@ def _activations(model: nn.Module, width: int, item: int, length: int) -> int:
     return BATCH_SAMPLES * length * item * (16 * width + 4 * intermediate + 2 * heads * length)
 
 
-def _block_statistics(model: nn.Module, targets: dict[str, nn.Module], output_side: bool) -> int:
-    """The largest block's statistics: input Grams in float64 (one per distinct input width of its tall
-    layers, or of all its layers for a method that refits on the inputs), the output Gram of each
-    wide layer (out ≤ in: core/whitening.output_side) and the gradient covariances."""
-    shapes = [tuple(dense_weight(m).shape) for m in targets.values()]
-    prefixes = [name + "." for name, _ in find_blocks(model)]
+def _block_statistics(targets: dict[str, nn.Module], passes: PassPlan, blocks: list) -> int:
+    """The largest block's statistics in either pass, as the passes declare them."""
+    prefixes = [name + "." for name, _ in blocks] or [""]
     by_block = [[tuple(dense_weight(m).shape) for n, m in targets.items() if n.startswith(p)] for p in prefixes]
-    return max((_statistics_bytes(b, output_side) for b in by_block if b),
-               default=_statistics_bytes(shapes, output_side))
-
-
-def _statistics_bytes(shapes: list[tuple[int, int]], output_side: bool) -> int:
-    on_output = [s for s in shapes if output_side and whitening.output_side(s)]
-    grams = sum(8 * n * n for n in {i for o, i in shapes if (o, i) not in on_output})
-    grams += sum(8 * o * o for o, _ in on_output)
-    fisher = sum(4 * o * o if o <= FULL_FISHER_MAX else 8 * o for o, _ in shapes)
-    return grams + 2 * fisher  # + the float64 copy while it is shrunk
+    return max((max(statistics_bytes(shapes, passes.gradient_pass, peak=True),
+                    statistics_bytes(shapes, passes.fit_pass, peak=True)) for shapes in by_block if shapes), default=0)
 
 
 def _factoring(targets: dict[str, nn.Module]) -> int:
@@ -183,14 +177,14 @@ def choose_path(found: MemoryEstimate, stream: bool, limit: int | None) -> bool:
     """Whether to stream: as asked if that fits, streamed when only that fits; ``limit`` caps the memory.
 
     Raises:
-        LoraCompressError: no path fits, before any compute.
+        OptionError: no path fits, before any compute.
     """
     budget = limit if limit is not None else available_bytes()
-    source = f"--memory-limit {gib(budget)}" if limit is not None else f"{gib(budget)} available"
+    source = f"{{memory_limit}} {gib(budget)}" if limit is not None else f"{gib(budget)} available"
     if not stream and found.in_memory <= budget:
         return False
     if found.streamed <= budget:
         return True
-    raise LoraCompressError(f"compressing needs about {gib(found.streamed if stream else found.in_memory)} "
-                            f"({found.describe()}) but {source}; pass fewer --calib-samples or a shorter "
-                            f"--calib-len, --stream, or run on a machine with more memory")
+    raise OptionError(f"compressing needs about {gib(found.streamed if stream else found.in_memory)} "
+                      f"({found.describe()}) but {source}; pass fewer {{calib_samples}} or a shorter {{calib_len}}, "
+                      f"{{stream}}, or run on a machine with more memory")

@@ -7,7 +7,9 @@ share one scale (an estimate of the loss increase), so they can be traded across
 We minimise Σ cost subject to Σ params ≤ budget by Lagrangian relaxation (each layer picks
 argmin cost + λ·params; λ found by bisection), then spend what is left greedily on the
 step with the best cost drop per parameter that still fits. A layer may stay dense or be
-cut hard.
+cut hard. The one allocator: ``compress --budget`` spends it on factors that replace the layers,
+``extract --budget`` on adapters that add to them (rank 0 allowed, no dense option); the budget means
+the same in both, a fraction of the targeted layers' dense parameters.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoraCompressError
+from ..errors import OptionError
 from ..core.svd import max_factored_rank
 
 
@@ -38,8 +40,11 @@ class LayerCost:
     def dense_params(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def max_rank(self, max_keep: float = 1.0) -> int:
-        """Largest rank worth factoring (see svd.max_factored_rank); above it the layer stays dense."""
+    def max_rank(self, max_keep: float = 1.0, dense: bool = True) -> int:
+        """Largest rank worth factoring (see svd.max_factored_rank; above it the layer stays dense), or,
+        without a ``dense`` option, every rank the spectrum has."""
+        if not dense:
+            return len(self.tail) - 1
         return max(1, min(max_factored_rank(*self.shape, max_keep), len(self.tail) - 1))
 
     def params(self, rank: int | None) -> int:
@@ -55,45 +60,50 @@ def smallest_budget(costs: dict[str, LayerCost]) -> float:
     return sum(c.params(1) for c in costs.values()) / dense
 
 
-def allocate(costs: dict[str, LayerCost], budget: float, max_keep: float = 1.0) -> dict[str, int | None]:
+def allocate(costs: dict[str, LayerCost], budget: float, max_keep: float = 1.0,
+             adapters: bool = False) -> dict[str, int | None]:
     """Ranks (None = dense) whose weights total at most ``budget`` × the dense weights.
 
     Args:
         costs: per layer, the cost of each rank on a common scale.
         budget: fraction of the layers' dense weight parameters to keep, in (0, 1].
         max_keep: a layer is either dense or factored at a rank holding at most this fraction of
-            its parameters (factored layers above it are slower than dense ones; see compress.py).
+            its parameters (factored layers above it are slower than dense ones; methods/config.py).
+        adapters: the ranks of adapters added to the layers (``extract``): rank 0 (no adapter) is an
+            option, staying dense is not, and any rank up to the full spectrum may be chosen.
 
     Returns:
         name → rank, or None for layers left dense.
 
     Raises:
-        LoraCompressError: the budget is too small for rank 1 everywhere.
+        OptionError: the budget is too small for rank 1 everywhere.
 
     Example:
         >>> ranks = allocate({"a": LayerCost.from_spectrum((8, 8), s2)}, 0.5)
     """
     limit = math.floor(budget * sum(c.dense_params for c in costs.values()))
-    if sum(c.params(1) for c in costs.values()) > limit:
+    lowest = 0 if adapters else 1
+    if sum(c.params(lowest) for c in costs.values()) > limit:
         smallest = math.ceil(smallest_budget(costs) * 1000) / 1000
-        raise LoraCompressError(f"--budget {budget} would leave some layer at rank 0; the smallest feasible "
-                                f"budget is {smallest}; pass --budget {smallest} or more")
-    top = {name: cost.max_rank(max_keep) for name, cost in costs.items()}
-    ranks = _relaxed(costs, limit, top)
-    return _fill(costs, ranks, limit, top)
+        raise OptionError(f"{{budget}} {budget} would leave some layer at rank 0; the smallest feasible "
+                          f"budget is {smallest}; pass {{budget}} {smallest} or more")
+    top = {name: cost.max_rank(max_keep, dense=not adapters) for name, cost in costs.items()}
+    ranks = _relaxed(costs, limit, top, lowest, not adapters)
+    return _fill(costs, ranks, limit, top, not adapters)
 
 
-def _choose(cost: LayerCost, lam: float, top: int) -> int | None:
-    ranks = torch.arange(1, top + 1)
-    totals = cost.tail[1: top + 1] + lam * ranks.double() * sum(cost.shape)
-    best = int(torch.argmin(totals)) + 1
-    return None if lam * cost.dense_params <= float(totals[best - 1]) else best
+def _choose(cost: LayerCost, lam: float, top: int, lowest: int, dense: bool) -> int | None:
+    ranks = torch.arange(lowest, top + 1)
+    totals = cost.tail[lowest: top + 1] + lam * ranks.double() * sum(cost.shape)
+    best = int(torch.argmin(totals)) + lowest
+    return None if dense and lam * cost.dense_params <= float(totals[best - lowest]) else best
 
 
-def _relaxed(costs: dict[str, LayerCost], limit: int, top: dict[str, int]) -> dict[str, int | None]:
+def _relaxed(costs: dict[str, LayerCost], limit: int, top: dict[str, int], lowest: int,
+             dense: bool) -> dict[str, int | None]:
     """The Lagrangian choice for the smallest λ (bisection in log space) that fits ``limit``."""
     def pick(lam):
-        return {name: _choose(cost, lam, top[name]) for name, cost in costs.items()}
+        return {name: _choose(cost, lam, top[name], lowest, dense) for name, cost in costs.items()}
 
     def total(ranks):
         return sum(costs[n].params(r) for n, r in ranks.items())
@@ -107,7 +117,7 @@ def _relaxed(costs: dict[str, LayerCost], limit: int, top: dict[str, int]) -> di
 
 
 def _fill(costs: dict[str, LayerCost], ranks: dict[str, int | None], limit: int,
-          top: dict[str, int]) -> dict[str, int | None]:
+          top: dict[str, int], dense: bool) -> dict[str, int | None]:
     """Spend the parameters left over: best cost drop per parameter first, while a step fits."""
     ranks = dict(ranks)
     spare = limit - sum(costs[n].params(r) for n, r in ranks.items())
@@ -118,7 +128,8 @@ def _fill(costs: dict[str, LayerCost], ranks: dict[str, int | None], limit: int,
                 continue
             cost = costs[name]
             steps = [(rank + 1, cost.params(rank + 1))] if rank < top[name] else []
-            steps.append((None, cost.dense_params))
+            if dense:
+                steps.append((None, cost.dense_params))
             for new_rank, new_params in steps:
                 extra = new_params - cost.params(rank)
                 if 0 < extra <= spare:

@@ -1,4 +1,7 @@
-"""What to compress and how: one frozen config for every method, validated on creation.
+"""Two configs: what a method is (:class:`CompressConfig`, the recipe a folder records and a later run
+repeats) and how one run goes (:class:`RunConfig`: calibration, device, workers, streaming, dtype,
+memory). Each is frozen and checks its own fields on creation; :func:`resolve` checks the two together
+once and names the method ``auto`` stands for.
 
 Rank options (exactly one): ``rank`` (same r everywhere), ``ratio`` (keep fraction p of each
 layer's parameters, r = floor(p·m·n/(m+n))), ``energy`` (smallest r keeping fraction E of Σσ²),
@@ -9,117 +12,81 @@ Speed rule (``max_keep``, default 0.9): a factored layer does r·(m+n) multiply-
 against m·n, and runs faster in proportion (measured at 1 and 2,048 tokens, benchmarks/speed.md)
 until it keeps about 90% of the weights, where it breaks even. So a layer is factored only at
 ranks keeping at most ``max_keep`` of its weights; above that it stays dense.
+
+Errors name fields as ``{field}`` (errors.OptionError): ``budget`` in Python, ``--budget`` on the
+command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ..core import svd as svdmath
-from ..errors import LoraCompressError, LoraCompressWarning
+from ..errors import OptionError, OptionWarning
 from .registry import Method, MethodConfig, get_method, method_of
 
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
 CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is given and none is named
-MAX_KEEP = 0.9  # default --max-keep: the speed rule (above)
-EXPERT_MIN_TOKENS = 16  # default --expert-min-tokens (calibrate/experts.py; BENCHMARKS.md: whitening on fewer tokens)
+MAX_KEEP = 0.9  # default max_keep: the speed rule (above)
+EXPERT_MIN_TOKENS = 16  # default expert_min_tokens (calibrate/experts.py; BENCHMARKS.md: whitening on fewer tokens)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """What to compress and how; validated on creation.
+    """What to compress and how: the method, its knobs, the rank rule and the targets.
 
     Example:
-        >>> CompressConfig(budget=0.8, calib="asyoulik.txt")                      # the default method
-        >>> CompressConfig(budget=0.8, calib="asyoulik.txt", method=SequentialConfig(fisher_damping=0.05))
+        >>> CompressConfig(budget=0.8)                                            # the default method
+        >>> CompressConfig(budget=0.8, method=SequentialConfig(fisher_damping=0.05))
     """
 
     rank: int | None = None  # one rank for every targeted layer
     ratio: float | None = None  # keep this fraction of each layer's parameters
     energy: float | None = None  # keep this fraction of each layer's Σσ²
     budget: float | None = None  # keep this fraction of all targeted parameters, ranks per layer
-    method: str | MethodConfig = "auto"  # a registered name or a method's config; auto = sequential with calib, else svd
+    method: str | MethodConfig = "auto"  # a registered name or a method's config; auto = sequential with calibration
     options: MethodConfig | None = None  # the method's knobs (None: its defaults); set from ``method`` when a config is given
     include: tuple[str, ...] = ()  # regexes on module names; empty = all linear layers
     exclude: tuple[str, ...] = ()  # regexes on module names to leave dense
-    svd: str = "auto"  # SVD solver: auto | full | randomized | gram
-    seed: int = 0  # seed of the randomized SVD
+    svd: str = "auto"  # SVD solver of the data-free methods: auto | full | randomized | gram
+    seed: int = 0  # every random step: the randomized SVD, the calibration labels drawn, the text the model writes
     factor_all: bool = False  # factor even layers whose rank saves no parameters (or breaks max_keep)
     max_keep: float = MAX_KEEP  # speed rule: a layer is factored only at ranks keeping ≤ this share of its weights
-    calib: str | None = None  # calibration text (file, or a datasets name), recorded in the manifest
-    calib_samples: int = 32  # calibration sequences
-    calib_len: int = 256  # tokens per calibration sequence
-    calib_generated: float = 0.0  # share of the calibration sequences the model writes from its BOS (1: data-free)
-    device: str = "cpu"  # where the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
-    workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
     expert_min_tokens: int = EXPERT_MIN_TOKENS  # calibrated: an expert routed fewer tokens is factored from its weights
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
         if len(chosen) != 1:
-            given = ", ".join(f"--{n}" for n in chosen) or "none"
-            raise LoraCompressError(f"give exactly one of --rank, --ratio, --energy, --budget (got {given})")
+            given = ", ".join("{" + n + "}" for n in chosen) or "none"
+            raise OptionError(f"give exactly one of {{rank}}, {{ratio}}, {{energy}}, {{budget}} (got {given})")
         if self.rank is not None and self.rank <= 0:
-            raise LoraCompressError(f"--rank {self.rank} must be a positive integer")
-        if self.workers < 0:
-            raise LoraCompressError(f"--workers {self.workers} is negative; pass 0 (auto) or a count of layers")
+            raise OptionError(f"{{rank}} {self.rank} must be a positive integer")
         if self.expert_min_tokens < 0:
-            raise LoraCompressError(f"--expert-min-tokens {self.expert_min_tokens} is negative; pass 0 or more")
+            raise OptionError(f"{{expert_min_tokens}} {self.expert_min_tokens} is negative; pass 0 or more")
         for name in ("ratio", "energy", "budget", "max_keep"):
             value = getattr(self, name)
             if value is not None and not (0 < value <= 1):
-                flag = "--" + name.replace("_", "-")
-                raise LoraCompressError(f"{flag} {value} is outside (0, 1]; pass a fraction such as 0.5")
+                raise OptionError(f"{{{name}}} {value} is outside (0, 1]; pass a fraction such as 0.5")
         if self.svd not in svdmath.SVD_METHODS:
-            raise LoraCompressError(f"--svd {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
-        self._resolve_method()
-        self._check_calibration()
-        check_device(self.device)
-
-    def _resolve_method(self) -> None:
-        """``method`` becomes the registered name and ``options`` that method's config."""
+            raise OptionError(f"{{svd}} {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         method, options = self.method, self.options
         if isinstance(method, MethodConfig):
             method, options = method_of(method).name, method
-        elif method == "auto":
-            method = CALIBRATED_DEFAULT if self.calib or self.data_free else "svd"
-        object.__setattr__(self, "method", method)
-        object.__setattr__(self, "options", get_method(method).options(options))
-
-    def _check_calibration(self) -> None:
-        if not 0 <= self.calib_generated <= 1:
-            raise LoraCompressError(f"--calib-generated {self.calib_generated} is outside [0, 1]; pass a share of "
-                                    f"the calibration sequences such as 0.25")
-        if 0 < self.calib_generated < 1 and not self.calib:
-            raise LoraCompressError(f"--calib-generated {self.calib_generated:g} mixes written sequences into the "
-                                    f"--calib text; pass --calib FILE, or --calib-generated 1 for no text at all")
-        if self.calib_generated and not self.record.calibration:
-            raise LoraCompressError(f"--calib-generated writes calibration text, which --method {self.method} does "
-                                    f"not use; pass a calibrated method (sequential) or drop --calib-generated")
-        if self.calib_samples < 1 or self.calib_len < 2:
-            raise LoraCompressError(f"--calib-samples {self.calib_samples} / --calib-len {self.calib_len} are too "
-                                    f"small; pass at least 1 sample of at least 2 tokens")
-        if self.budget is not None and not self.record.calibration:
-            raise LoraCompressError("--budget needs calibration text and an activation-aware method; "
-                                    "pass --calib FILE or --calib-generated 1, and --method whiten or sequential "
-                                    "(not svd)")
-        if self.calib and self.data_free:
-            warnings.warn("--calib is unused with --calib-generated 1 (the model writes every calibration sequence)",
-                          LoraCompressWarning, stacklevel=3)
-        if self.calib and not self.record.calibration:
-            warnings.warn(f"--calib is unused by --method {self.method} (plain SVD needs no calibration text)",
-                          LoraCompressWarning, stacklevel=3)
-
-    @property
-    def data_free(self) -> bool:
-        """True when the model writes every calibration sequence itself (``calib_generated == 1``)."""
-        return self.calib_generated == 1
+            object.__setattr__(self, "method", method)
+        if method != "auto":
+            object.__setattr__(self, "options", get_method(method).options(options))
 
     @property
     def record(self) -> Method:
-        """The registered method: its handler and what it needs."""
+        """The registered method: its handler and the statistics it declares (after :func:`resolve`)."""
+        if self.method == "auto":
+            raise RuntimeError("CompressConfig.record before resolve(): 'auto' names no method yet")
         return get_method(self.method)
 
     @property
@@ -127,10 +94,6 @@ class CompressConfig:
         """True when the method or the budget uses the output-gradient moments (a backward pass):
         the budget allocation's cost is the Fisher-weighted truncation loss (methods/ranks.py)."""
         return self.record.gradients or self.budget is not None
-
-    def settings(self) -> dict:
-        """The config as plain JSON-able data."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @property
     def allocation_max_keep(self) -> float:
@@ -146,13 +109,136 @@ class CompressConfig:
         if rank > svdmath.break_even_rank(*shape):
             return f"rank {rank} would not save parameters (break-even {svdmath.break_even_rank(*shape)}); left dense"
         return (f"rank {rank} keeps {rank * sum(shape) / (shape[0] * shape[1]):.0%} of the weights, over "
-                f"--max-keep {self.max_keep} (slower than dense there); left dense")
+                f"max_keep {self.max_keep} (slower than dense there); left dense")
+
+    def to_dict(self) -> dict:
+        """The recipe as plain JSON-able data (the method's knobs under ``options``)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        data["options"] = self.options.settings() if self.options is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        """The config :meth:`to_dict` wrote (unknown keys, such as a run's settings in an older manifest, are
+        ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        options = values.pop("options", None)
+        if options is not None and values.get("method", "auto") != "auto":
+            values["options"] = get_method(values["method"]).config_class(**options)
+        for key in ("include", "exclude"):
+            values[key] = tuple(values.get(key) or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How one run goes: the calibration text and its size, where and how wide it computes, how it holds
+    the model (in memory or streamed), the stored dtype and the memory it may take.
+
+    Example:
+        >>> RunConfig(calib="asyoulik.txt")                        # 32 sequences of 256 tokens
+        >>> RunConfig(calib="asyoulik.txt", stream=True, memory_limit="20G")
+    """
+
+    calib: str | None = None  # calibration text (a file, or a datasets name), recorded in the manifest
+    calib_samples: int = 32  # calibration sequences
+    calib_len: int = 256  # tokens per calibration sequence
+    calib_generated: float = 0.0  # share of the calibration sequences the model writes from its BOS (1: data-free)
+    device: str = "cpu"  # where the passes and the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
+    workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
+    stream: bool = False  # one tensor (data-free) or one block (calibrated) in memory at a time
+    dtype: str | None = None  # the output's dtype: float32 | float16 | bfloat16 (None: the checkpoint's)
+    memory_limit: int | str | None = None  # bytes (or "20G") this run may take; None: what the machine has
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise OptionError(f"{{workers}} {self.workers} is negative; pass 0 (auto) or a count of layers")
+        if not 0 <= self.calib_generated <= 1:
+            raise OptionError(f"{{calib_generated}} {self.calib_generated} is outside [0, 1]; pass a share of the "
+                              f"calibration sequences such as 0.25")
+        if self.calib_samples < 1 or self.calib_len < 2:
+            raise OptionError(f"{{calib_samples}} {self.calib_samples} / {{calib_len}} {self.calib_len} are too "
+                              f"small; pass at least 1 sample of at least 2 tokens")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise OptionError(f"{{dtype}} {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        check_device(self.device)
+
+    @property
+    def data_free(self) -> bool:
+        """True when the model writes every calibration sequence itself (``calib_generated == 1``)."""
+        return self.calib_generated == 1
+
+    @property
+    def calibrated(self) -> bool:
+        """True when this run has calibration text (given, or written by the model)."""
+        return bool(self.calib) or self.data_free
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """The config :meth:`to_dict` wrote (unknown keys ignored: an older manifest's single settings)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def resolve(config: CompressConfig, run: RunConfig, tokens_given: bool = False) -> CompressConfig:
+    """Check ``config`` and ``run`` together, once; returns ``config`` with ``auto`` replaced by the method
+    it stands for (``sequential`` with calibration text, else ``svd``). ``tokens_given``: the caller hands
+    calibration tokens over itself (the in-place API).
+
+    Raises:
+        OptionError: settings that contradict each other, naming the fields and the fix.
+    """
+    calibrated = run.calibrated or tokens_given
+    if config.method == "auto":
+        config = dataclasses.replace(config, method=CALIBRATED_DEFAULT if calibrated else "svd")
+    method = config.record
+    if 0 < run.calib_generated < 1 and not run.calib:
+        raise OptionError(f"{{calib_generated}} {run.calib_generated:g} mixes written sequences into the {{calib}} "
+                          f"text; pass {{calib}} FILE, or {{calib_generated}} 1 for no text at all")
+    if run.calib_generated and not method.calibration:
+        raise OptionError(f"{{calib_generated}} writes calibration text, which {{method}} {method.name} does not "
+                          f"use; pass a calibrated method (sequential) or drop {{calib_generated}}")
+    if config.budget is not None and not method.calibration:
+        raise OptionError("{budget} needs calibration text and an activation-aware method; pass {calib} FILE or "
+                          "{calib_generated} 1, and {method} whiten or sequential (not svd)")
+    if method.calibration and not calibrated:
+        raise OptionError(f"{{method}} {method.name} needs calibration text; pass {{calib}} FILE (or "
+                          f"{{calib_generated}} 1: the model writes its own)")
+    if run.calib and run.data_free:
+        warnings.warn(OptionWarning("{calib} is unused with {calib_generated} 1 (the model writes every "
+                                    "calibration sequence)"), stacklevel=3)
+    if run.calib and not method.calibration:
+        warnings.warn(OptionWarning(f"{{calib}} is unused by {{method}} {method.name} (plain SVD needs no "
+                                    f"calibration text)"), stacklevel=3)
+    if method.calibration and config.svd != "auto":
+        warnings.warn(OptionWarning(f"{{svd}} {config.svd} is unused by {{method}} {method.name}: a calibrated "
+                                    f"method decomposes each whitened matrix exactly (eigh); the solver serves the "
+                                    f"data-free methods"), stacklevel=3)
+    return config
 
 
 def check_device(device: str) -> None:
     """Reject a device that is unknown or absent on this machine, naming the fix."""
     if device != "cpu" and not device.startswith("cuda"):
-        raise LoraCompressError(f"--device {device!r} is unknown; choose cpu or cuda (cuda:N for one GPU)")
+        raise OptionError(f"{{device}} {device!r} is unknown; choose cpu or cuda (cuda:N for one GPU)")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraCompressError(f"--device {device} was asked but CUDA is not available here "
-                                f"(torch {torch.__version__}); pass --device cpu or install a CUDA build of torch")
+        raise OptionError(f"{{device}} {device} was asked but CUDA is not available here "
+                          f"(torch {torch.__version__}); pass cpu or install a CUDA build of torch")
+
+
+def recipe_configs(manifest: dict) -> tuple[dict, dict]:
+    """The settings of the two configs a manifest records, as plain data: ``settings`` (the method's config)
+    and ``run`` (a folder written before the split recorded both under ``settings``)."""
+    settings = dict(manifest.get("settings") or {})
+    run = dict(manifest.get("run") or settings)
+    return ({key: value for key, value in settings.items() if key in CompressConfig.__dataclass_fields__},
+            {key: value for key, value in run.items() if key in RunConfig.__dataclass_fields__})

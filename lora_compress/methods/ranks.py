@@ -1,27 +1,29 @@
-"""A rank per targeted layer (None = left dense): the budget allocation, or the config's per-layer rule.
+"""A rank per targeted layer (None = left dense): the budget's costs, or the config's per-layer rule.
 
 With ``budget``, ranks come from :func:`lora_compress.methods.allocate.allocate` on a common-scale
 cost: the Fisher-weighted whitened truncation loss Σ_{i>r} σ_i²(Rᵀ·W·L) (SENSITIVITY), an estimate
-of the loss increase of cutting that layer to rank r.
+of the loss increase of cutting that layer to rank r. The costs need the statistics COST_STATISTICS,
+gathered in the gradient pass whatever the method (a budget always runs it).
 """
 from __future__ import annotations
 
 import math
-from contextlib import closing
 
 import torch
 from torch import nn
 
-from ..calibrate.statistics import FULL_FISHER_MAX, Statistics
+from ..calibrate.collectors import FULL_FISHER_MAX, GradientCovariance, InputDiagonal, InputGram, LayerStatistics, \
+    OutputGram
 from ..core import svd as svdmath
 from ..core.layers import dense_weight
-from ..core.whitening import needs_cholesky, shrunk_gram, weighted_spectrum
-from ..core.workers import ordered_map
-from ..errors import LoraCompressError
-from .allocate import LayerCost, allocate
+from ..core.whitening import Whitening, channel_weights, input_cholesky
+from ..errors import OptionError
+from .allocate import LayerCost
 from .config import CompressConfig
 
 COST_DAMPING = 0.1  # the allocation's F damping: R·Rᵀ = F + this·mean(diag F)·I, as sequential's default
+COST_STATISTICS = (InputGram(), OutputGram(), InputDiagonal(), GradientCovariance())
+RULE_STATISTICS = (InputGram(), OutputGram(), InputDiagonal())  # the energy rule reads the whitened spectrum
 SENSITIVITY = ("fisher-weighted whitened truncation loss: sum over dropped i of sigma_i^2 of R^T·W·L, "
                f"R R^T = F + {COST_DAMPING:g}·mean(diag F)·I with F the mean output-gradient covariance of the "
                "calibration loss (causal LMs: labels drawn from the model's own prediction), shrunk towards its "
@@ -37,8 +39,8 @@ def check_fixed_rank(targets: dict[str, nn.Module], rank: int | None) -> None:
     for name, module in targets.items():
         out_features, in_features = dense_weight(module).shape
         if rank > min(out_features, in_features):
-            raise LoraCompressError(f"--rank {rank} is larger than {name} ({out_features}×{in_features}) allows "
-                                    f"({min(out_features, in_features)}); choose a lower rank or --exclude it")
+            raise OptionError(f"{{rank}} {rank} is larger than {name} ({out_features}×{in_features}) allows "
+                              f"({min(out_features, in_features)}); choose a lower rank or {{exclude}} it")
 
 
 def layer_rank(config: CompressConfig, shape: tuple[int, int], singular_values=None) -> int:
@@ -49,56 +51,39 @@ def layer_rank(config: CompressConfig, shape: tuple[int, int], singular_values=N
         rank = svdmath.rank_for_ratio(*shape, config.ratio)
         if rank < 1:
             smallest = math.ceil(sum(shape) / (shape[0] * shape[1]) * 1000) / 1000
-            raise LoraCompressError(f"--ratio {config.ratio} leaves rank 0 for a {shape[0]}×{shape[1]} layer; "
-                                    f"use --ratio {smallest} or more")
+            raise OptionError(f"{{ratio}} {config.ratio} leaves rank 0 for a {shape[0]}×{shape[1]} layer; "
+                              f"use {{ratio}} {smallest} or more")
         return rank
     return svdmath.rank_for_energy(singular_values, config.energy)
 
 
-def layer_costs(targets: dict[str, nn.Module], stats: Statistics, workers: int = 1,
-                shrinkage: float = 0.0) -> dict[str, LayerCost]:
-    """The common-scale cost curve of every target (see SENSITIVITY), ``workers`` layers at once, with each
-    input Gram shrunk towards its diagonal by ``shrinkage`` as the method's fit shrinks it."""
-    choleskies = {}  # owner → L, for the tall layers (out > in) on their input side only: the others need none
-    for name, module in targets.items():
-        owner = stats.owner[name]
-        if owner not in choleskies and name not in stats.outputs and needs_cholesky(tuple(dense_weight(module).shape)):
-            choleskies[owner] = svdmath.cholesky_factor(shrunk_gram(stats.grams[owner], shrinkage))[0]
-
-    def cost(name: str) -> LayerCost:
-        weight, fisher = dense_weight(targets[name]), stats.fisher.get(name)
-        weights = None if fisher is None else fisher.double() / stats.tokens
-        power = weighted_spectrum(weight, stats.input_gram(name), weights, cholesky=choleskies.get(stats.owner[name]),
-                                  damping=COST_DAMPING, output_gram=stats.outputs.get(name), input_shrinkage=shrinkage,
-                                  input_diagonal=stats.input_diagonal(name))
-        return LayerCost.from_spectrum(tuple(weight.shape), power)
-
-    with closing(ordered_map(cost, list(targets), workers)) as found:
-        return dict(zip(targets, found))
+def layer_whitening(weight: torch.Tensor, stats: LayerStatistics, shrinkage: float,
+                    fisher: bool = True) -> Whitening:
+    """The whitened weight a layer's cost (``fisher``) or energy rule reads: its input (or output) Gram shrunk
+    as the method's fit shrinks it, its outputs weighted by F damped by COST_DAMPING."""
+    fisher_weights = stats.get("fisher") if fisher else None
+    weights = None if fisher_weights is None else fisher_weights.double() / stats.tokens
+    cholesky = (lambda: stats.shared(f"cholesky-{shrinkage}", lambda: input_cholesky(stats["gram"], shrinkage))) \
+        if "gram" in stats else None
+    return Whitening(weight, stats.get("gram"), stats.get("output_gram"), stats.get("input_diagonal"), weights,
+                     COST_DAMPING if fisher_weights is not None else 0.0, shrinkage, cholesky=cholesky)
 
 
-def rule_rank(config: CompressConfig, weight: torch.Tensor, gram: torch.Tensor | None,
-              output_gram: torch.Tensor | None = None, diagonal: torch.Tensor | None = None) -> int | None:
+def layer_cost(weight: torch.Tensor, stats: LayerStatistics, shrinkage: float) -> LayerCost:
+    """The common-scale cost curve of one layer (see SENSITIVITY)."""
+    return LayerCost.from_spectrum(tuple(weight.shape), layer_whitening(weight, stats, shrinkage).spectrum())
+
+
+def rule_rank(config: CompressConfig, weight: torch.Tensor, stats: LayerStatistics | None) -> int | None:
     """A layer's rank by the config's per-layer rule (None = dense); ``energy`` reads the whitened
-    spectrum of its input Gram (or of its output Gram), shrunk as the method shrinks it."""
+    spectrum of its statistics (unweighted by F), shrunk as the method shrinks it."""
     shape = tuple(weight.shape)
-    spectrum = weighted_spectrum(weight, gram, output_gram=output_gram, input_shrinkage=config.options.gram_shrinkage,
-                                 input_diagonal=diagonal).sqrt() if config.energy else None
+    spectrum = None
+    if config.energy is not None:
+        spectrum = layer_whitening(weight, stats, config.options.gram_shrinkage, fisher=False).spectrum().sqrt()
     rank = layer_rank(config, shape, spectrum)
     return rank if rank <= config.rank_limit(shape) else None
 
 
-def rule_ranks(config: CompressConfig, targets: dict[str, nn.Module],
-               stats: Statistics | None) -> dict[str, int | None]:
-    """Rank per layer by the config's per-layer rule (None = dense); ``energy`` needs the layers' Grams."""
-    return {name: rule_rank(config, dense_weight(module), stats.input_gram(name) if config.energy else None,
-                            stats.outputs.get(name) if config.energy else None, stats.input_diagonal(name))
-            for name, module in targets.items()}
-
-
-def choose_ranks(config: CompressConfig, targets: dict[str, nn.Module], stats: Statistics | None) -> dict[str, int | None]:
-    """Rank per layer (None = dense): the budget allocation, or the config's per-layer rule."""
-    if config.budget is not None:
-        return allocate(layer_costs(targets, stats, shrinkage=config.options.gram_shrinkage), config.budget,
-                        config.allocation_max_keep)
-    return rule_ranks(config, targets, stats)
+__all__ = ["COST_DAMPING", "COST_STATISTICS", "RULE_STATISTICS", "SENSITIVITY", "channel_weights",
+           "check_fixed_rank", "layer_cost", "layer_rank", "layer_whitening", "rule_rank"]

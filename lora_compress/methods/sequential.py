@@ -5,7 +5,7 @@ Block by block, each layer is fitted on the inputs X_c that the already compress
 calibration loss: the SVD of Rᵀ·W·L with R·Rᵀ = F + damping, B = R⁻ᵀ·U_r Σ_r, A = V_rᵀ·L⁻¹. Together C
 and F are a Kronecker-factored estimate of the loss's curvature in the layer, so the kept directions
 are those the loss is sensitive to. F is the full out×out covariance, shrunk towards its diagonal
-(calibrate/statistics.py), for layers with up to FULL_FISHER_MAX outputs, and its diagonal g
+(calibrate/collectors.py), for layers with up to FULL_FISHER_MAX outputs, and its diagonal g
 (R = diag √g, floored) for wider ones (benchmarks/quality.md: the full F beats the diagonal at every
 cut on SmolLM2 and MiniLM). C is shrunk towards its diagonal, (1 − s)·C + s·diag(C): each input
 channel keeps its own scale (the outlier channels that make whitening beat plain SVD), while the
@@ -18,10 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibrate.collectors import GradientCovariance, InputDiagonal, InputGram, OutputGram
 from ..core.svd import Factors
-from ..core.whitening import aware_factors, channel_weights
+from ..core.whitening import Whitening, channel_weights
 from ..errors import LoraCompressError
-from .registry import LayerInputs, MethodConfig, register_method
+from .registry import LayerStatistics, MethodConfig, register_method
+from .whiten import shared_cholesky
+
+STATISTICS = (InputGram(), OutputGram(), InputDiagonal(), GradientCovariance())
 
 
 @dataclass(frozen=True)
@@ -45,17 +49,24 @@ class SequentialConfig(MethodConfig):
         return self.input_shrinkage
 
 
-def output_weights(inputs: LayerInputs, config: SequentialConfig) -> torch.Tensor | None:
+def output_weights(stats: LayerStatistics, config: SequentialConfig) -> torch.Tensor | None:
     """The layer's output weighting on a common scale (None without gradient moments)."""
-    return None if inputs.fisher is None else channel_weights(inputs.fisher, config.fisher_floor)
+    fisher = stats.get("fisher")
+    return None if fisher is None else channel_weights(fisher, config.fisher_floor)
 
 
-@register_method("sequential", SequentialConfig, calibration=True, gradients=True, closed_loop=True,
+def sequential_whitening(weight: torch.Tensor, stats: LayerStatistics, config: SequentialConfig,
+                         **refit) -> Whitening:
+    """The two-sided whitening of one layer (``refit``: the dense stream's cross-Gram and a ridge)."""
+    return Whitening(weight, stats.get("gram"), stats.get("output_gram"), stats.get("input_diagonal"),
+                     output_weights(stats, config), config.fisher_damping, config.input_shrinkage,
+                     cholesky=shared_cholesky(stats, config.input_shrinkage), **refit)
+
+
+@register_method("sequential", SequentialConfig, statistics=STATISTICS, closed_loop=True,
                  summary="closed loop, block by block: SVD of Rᵀ·W·L, whitened by the compressed model's own "
                          "inputs (L·Lᵀ = XᵀX) and weighted by the loss gradient's covariance (R·Rᵀ = F)")
-def factor_sequential(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: SequentialConfig,
+def factor_sequential(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SequentialConfig,
                       **solver) -> Factors:
     """The rank-``rank`` minimiser of ‖Rᵀ·(W − B·A)·X_cᵀ‖_F."""
-    return aware_factors(weight, rank, inputs.gram, weights=output_weights(inputs, config),
-                         cholesky=inputs.cholesky, damping=config.fisher_damping, output_gram=inputs.output_gram,
-                         input_shrinkage=config.input_shrinkage, input_diagonal=inputs.input_diagonal)
+    return sequential_whitening(weight, stats, config).factors(rank)

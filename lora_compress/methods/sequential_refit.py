@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibrate.collectors import CrossGram, GradientCovariance, InputGram
 from ..core.svd import Factors
-from ..core.whitening import aware_factors
 from ..errors import LoraCompressError
-from .registry import LayerInputs, register_method
-from .sequential import SequentialConfig, output_weights
+from .registry import LayerStatistics, register_method
+from .sequential import SequentialConfig, sequential_whitening
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,11 @@ class SequentialRefitConfig(SequentialConfig):
             raise LoraCompressError(f"ridge {self.ridge} is negative; pass 0 (the exact refit) or more")
 
 
-@register_method("sequential-refit", SequentialRefitConfig, calibration=True, gradients=True, closed_loop=True,
-                 dense_stream=True,
+@register_method("sequential-refit", SequentialRefitConfig, closed_loop=True,
+                 statistics=(InputGram(every_layer=True), CrossGram(), GradientCovariance()),
                  summary="sequential, refitted to the dense model's outputs (W* = W·X_dᵀX_c·(X_cᵀX_c)⁻¹, with a "
                          "ridge)")
-def factor_refit(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: SequentialRefitConfig,
+def factor_refit(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SequentialRefitConfig,
                  **solver) -> Factors:
     """The rank-``rank`` minimiser of ‖Rᵀ·(B·A·X_cᵀ − W·X_dᵀ)‖_F, shrunk towards W."""
-    return aware_factors(weight, rank, inputs.gram, cross=inputs.cross, weights=output_weights(inputs, config),
-                         cholesky=inputs.cholesky, damping=config.fisher_damping, ridge=config.ridge,
-                         output_gram=inputs.output_gram, input_shrinkage=config.input_shrinkage,
-                         input_diagonal=inputs.input_diagonal)
+    return sequential_whitening(weight, stats, config, cross=stats["cross"], ridge=config.ridge).factors(rank)

@@ -18,7 +18,7 @@ import torch
 from ..core import svd as svdmath
 from ..core.shared_basis import SIDES, equal_params_rank, shared_factors, shared_spectrum
 from ..errors import LoraCompressError
-from .registry import LayerInputs, MethodConfig, register_method
+from .registry import LayerStatistics, MethodConfig, register_method
 
 CHOICES = ("auto", *SIDES, "per-expert")
 
@@ -63,7 +63,7 @@ def factor_shared_experts(weights: torch.Tensor, rank: int, config: SharedBasisC
 @register_method("shared-basis", SharedBasisConfig, experts=factor_shared_experts,
                  summary="a layer's experts on one shared A or B (per-expert SVD where that keeps more), at the "
                          "parameters of the rank rule; other layers by truncated SVD")
-def factor_shared_basis(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: SharedBasisConfig, *,
+def factor_shared_basis(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SharedBasisConfig, *,
                         svd: str = "auto", seed: int = 0) -> svdmath.Factors:
     """A layer outside the experts: the top-``rank`` SVD of ``weight``."""
     return svdmath.factorize(weight, rank, svd=svd, seed=seed)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import svd as svdmath
-from .registry import LayerInputs, MethodConfig, register_method
+from .registry import LayerStatistics, MethodConfig, register_method
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class SvdConfig(MethodConfig):
 
 
 @register_method("svd", SvdConfig, summary="truncated SVD of each targeted weight")
-def factor_svd(weight: torch.Tensor, rank: int, inputs: LayerInputs, config: SvdConfig, *, svd: str = "auto",
+def factor_svd(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SvdConfig, *, svd: str = "auto",
                seed: int = 0) -> svdmath.Factors:
     """Top-``rank`` SVD of ``weight`` (out, in) by the ``svd`` solver (seeded when randomized)."""
     return svdmath.factorize(weight, rank, svd=svd, seed=seed)

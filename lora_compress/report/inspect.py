@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..calibrate.statistics import collect_statistics
+from ..calibrate.collectors import forward_statistics
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
 from ..core.counting import total_params
 from ..core.experts import experts_by_matrix, unfuse_experts_
@@ -12,6 +12,9 @@ from ..core.layers import dense_weight
 from ..core.left_out import unsupported_experts
 from ..core.svd import break_even_rank
 from ..core.targets import find_targets, left_out_reasons
+from ..methods.config import CALIBRATED_DEFAULT
+from ..methods.ranks import RULE_STATISTICS
+from ..methods.registry import get_method
 from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from .plots import spectrum_plots
 from .spectra import layer_spectra, spectrum_table
@@ -58,11 +61,11 @@ def _grouped(model, modules: dict, why):
                 why(name) or module
 
 
-def calibration_grams(model, tokenizer, targets: dict, calib: str, samples: int, length: int, progress: bool = True):
-    """A ``grams(name)`` callable from calibration text, for whitened spectra."""
+def calibration_statistics(model, tokenizer, targets: dict, calib: str, samples: int, length: int,
+                           progress: bool = True) -> dict:
+    """Each target's calibration statistics for its whitened spectrum, from calibration text."""
     tokens = calibration_tokens(tokenizer, read_calibration_text(calib), samples, length)  # (samples, length)
-    stats = collect_statistics(model, tokens, targets, fisher=False, progress=progress)
-    return stats.gram
+    return forward_statistics(model, tokens, targets, RULE_STATISTICS, progress)
 
 
 def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclude=(), plot=None,
@@ -81,14 +84,16 @@ def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclud
     unfuse_experts_(dense)  # each expert's matrices have spectra of their own
     targets = find_targets(dense, include, exclude)
     name = f"{Path(os.path.normpath(source.name)).name} ({len(targets)} layers)"
-    grams = calibration_grams(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,
-                              progress) if calib else None  # first: a bad --calib fails before the slow part
+    stats = calibration_statistics(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,
+                                   progress) if calib else None  # first: a bad --calib fails before the slow part
     results = {"plain": layer_spectra(targets, progress=progress)}
-    if grams is not None:
-        results["whitened"] = layer_spectra(targets, grams, progress)
+    shrinkage = get_method(CALIBRATED_DEFAULT).config_class().gram_shrinkage
+    if stats is not None:
+        results["whitened"] = layer_spectra(targets, stats, shrinkage, progress)
     lines = []
     for kind, spectra in results.items():
-        what = "σ of W" if kind == "plain" else f"σ of W·L, L Lᵀ = XᵀX of inputs from {calib}"
+        what = "σ of W" if kind == "plain" else (f"σ of W·L, L Lᵀ = (1 − {shrinkage:g})·XᵀX + {shrinkage:g}·diag(XᵀX) "
+                                                 f"of inputs from {calib}, as {CALIBRATED_DEFAULT} whitens")
         lines += [f"{kind} spectra ({what}):", spectrum_table(spectra), ""]
         if plot:
             paths = spectrum_plots(spectra, name, Path(plot), whitened=kind == "whitened")

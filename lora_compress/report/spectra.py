@@ -1,7 +1,9 @@
 """Singular-value spectra of a model's targeted layers: where the energy sits, per layer type.
 
     spectrum of W           plain: what truncated SVD keeps
-    spectrum of W·L         whitened (L Lᵀ = XᵀX of calibration inputs): what SVD-LLM keeps
+    spectrum of W·L         whitened (L Lᵀ = XᵀX of calibration inputs, shrunk as the default method
+                            shrinks it): what the calibrated methods keep, the one whitened spectrum of
+                            methods/ranks.layer_whitening that the budget and the energy rule read too
 
 A layer's name splits into its block index and its type (calibrate/blocks.py: ``model.layers.3.self_attn.q_proj``
 → ``(3, "self_attn.q_proj")``), so layers of one type can be read side by side across depth.
@@ -17,7 +19,8 @@ from tqdm.auto import tqdm
 from ..calibrate.blocks import split_name
 from ..core.experts import fused_name
 from ..core.layers import dense_weight
-from ..core.svd import break_even_rank, cholesky_factor, rank_for_energy
+from ..core.svd import break_even_rank, rank_for_energy
+from ..methods.ranks import layer_whitening
 from .tables import render
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)  # columns of the spectrum table
@@ -50,21 +53,26 @@ class Spectrum:
 
 
 @torch.no_grad()
-def layer_spectra(targets: dict, grams=None, progress: bool = True) -> list[Spectrum]:
-    """Spectra of the targeted layers, plain, or whitened when ``grams(name)`` gives XᵀX.
+def layer_spectra(targets: dict, stats: dict | None = None, shrinkage: float = 0.0,
+                  progress: bool = True) -> list[Spectrum]:
+    """Spectra of the targeted layers, plain, or whitened on ``stats`` (each layer's calibration statistics:
+    methods/ranks.RULE_STATISTICS) with the input Gram shrunk by ``shrinkage``.
 
     Args:
         targets: module name → module (from :func:`lora_compress.core.targets.find_targets`).
-        grams: optional callable name → (in, in) Gram of the layer's calibration inputs.
+        stats: optional name → LayerStatistics of the layer's calibration inputs.
+        shrinkage: how far the whitening shrinks the input Gram towards its diagonal.
         progress: show a progress bar over layers.
     """
     spectra = []
-    desc = "whitened spectra" if grams is not None else "spectra"
+    desc = "whitened spectra" if stats is not None else "spectra"
     for name, module in tqdm(targets.items(), desc=desc, unit="layer", disable=not progress):
-        weight = dense_weight(module).float()  # (out, in)
-        if grams is not None:  # whitening squares the condition number: float64 there
-            weight = weight.double() @ cholesky_factor(grams(name))[0]  # (out, in)
-        spectra.append(Spectrum(name, tuple(weight.shape), torch.linalg.svdvals(weight).double()))
+        weight = dense_weight(module)  # (out, in)
+        if stats is None:
+            singular = torch.linalg.svdvals(weight.float()).double()
+        else:
+            singular = layer_whitening(weight, stats[name], shrinkage, fisher=False).spectrum().sqrt()
+        spectra.append(Spectrum(name, tuple(weight.shape), singular))
     return spectra
 
 

@@ -88,3 +88,18 @@ def refuse_compressed(folder: Path, name: str) -> None:
         base = ""
     raise LoraCompressError(f"{name} is a compressed folder, not a dense checkpoint; pass the dense model it was "
                             f"compressed from{base}, or `lora-compress export {name} --dense --out DIR` first")
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The manifest a recipe names: a compressed folder, or its ``lora_compress.json`` itself.
+
+    Raises:
+        LoraCompressError: neither, or a damaged manifest.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == MANIFEST:
+        path = path.parent
+    if not is_compressed(path):
+        raise LoraCompressError(f"--recipe {path} is not a compressed folder or its {MANIFEST}; pass the folder a "
+                                f"compress run wrote")
+    return read_manifest(path)

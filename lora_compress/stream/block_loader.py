@@ -4,7 +4,7 @@
         embeddings, final norm, rotary, head, pooler         (read once at start, checkpoint dtype)
     blocks[i] ── loaded(i) ──▶ real (read from the shards, compute dtype) ── on exit ──▶ meta again
 
-The calibrated pass (methods/calibrated.py) drives it as it drives a model in memory
+The calibrated pipeline (pipelines/calibrated.py) drives it as it drives a model in memory
 (calibrate/block_source.py): the blocks' calls come from the model's own loop, and the head from the
 model run with every block replaced by a given last-block output.
 """
@@ -46,7 +46,7 @@ class BlockLoader(BlockSource):
     def _load_outside(self) -> None:
         read: dict[str, torch.Tensor] = {}  # checkpoint name → tensor: tied aliases share one
         for name, stored in self.sources.items():
-            if not name.startswith(self.prefix):
+            if not name.startswith(self.prefixes):
                 if stored not in read:
                     read[stored] = self._read(name, self.storage_dtype, self.home)
                 _assign(self.model, name, read[stored])
@@ -79,7 +79,7 @@ class BlockLoader(BlockSource):
         Names are those the in-memory path saves: factored layers give ``lora_A`` and ``lora_B``
         in place of ``weight``; of tied tensors only the checkpoint's output name.
         """
-        prefix = self.blocks[index][0] + "." if index is not None else self.prefix
+        prefix = self.blocks[index][0] + "." if index is not None else self.prefixes
         for key in self.checkpoint.keys:
             if key.startswith(prefix) == (index is not None):
                 module_name, _, leaf = key.rpartition(".")

@@ -20,15 +20,16 @@ from ..core.experts import experts_by_matrix
 from ..core.layers import is_conv1d
 from ..core.workers import ordered_map
 from ..errors import LoraCompressError
-from ..methods.config import CompressConfig
-from ..methods.plain import factor_experts, factor_weight, factoring_workers
+from ..methods.config import CompressConfig, RunConfig
+from .datafree import factor_experts, factor_weight, factoring_workers
 from ..methods.results import CompressionReport, new_layer_result
 from ..storage.shards import ShardWriter
 from .distributed import Group, check_split
-from .lazy import LazyCheckpoint, read_tensor
+from ..stream.lazy import LazyCheckpoint, read_tensor
 
 
-def factored_layers(checkpoint: LazyCheckpoint, config: CompressConfig, group: Group = Group(), progress: bool = True):
+def factored_layers(checkpoint: LazyCheckpoint, config: CompressConfig, run: RunConfig, group: Group = Group(),
+                    progress: bool = True):
     """Yield ``(LayerResult, Factors | None)`` for every target, in model order, on every process.
 
     Process p computes targets p, p+K, …; each round's results are shared with all processes.
@@ -36,7 +37,7 @@ def factored_layers(checkpoint: LazyCheckpoint, config: CompressConfig, group: G
     names = list(checkpoint.targets)
     check_split(group, len(names))
     bar = tqdm(total=len(names), desc="factoring", unit="layer", disable=not (progress and group.is_writer))
-    for outcome in _outcomes(checkpoint, config, group, names):
+    for outcome in _outcomes(checkpoint, config, run, group, names):
         if isinstance(outcome, str):
             raise LoraCompressError(outcome)
         bar.update()
@@ -44,24 +45,24 @@ def factored_layers(checkpoint: LazyCheckpoint, config: CompressConfig, group: G
     bar.close()
 
 
-def _outcomes(checkpoint: LazyCheckpoint, config: CompressConfig, group: Group, names: list[str]):
+def _outcomes(checkpoint: LazyCheckpoint, config: CompressConfig, run: RunConfig, group: Group, names: list[str]):
     """Each target's :func:`_factor_one` outcome, in order: one process factors several layers at
     once on its threads (workers.py); K processes factor one layer each per round. A method with an
     experts handler gets the experts of each fused tensor together (one process only)."""
     groups = experts_by_matrix(checkpoint.model, names) if config.record.experts else {}
     if group.world == 1:
-        workers = factoring_workers(config, checkpoint.targets)
-        for outcomes in ordered_map(lambda item: _factor_item(checkpoint, config, *item), _items(names, groups),
+        workers = factoring_workers(run, checkpoint.targets)
+        for outcomes in ordered_map(lambda item: _factor_item(checkpoint, config, run, *item), _items(names, groups),
                                     workers):
             yield from outcomes
         return
     if groups:
-        yield (f"--method {config.method} factors the experts of a layer together; run it in one process "
+        yield (f"method {config.method} factors the experts of a layer together; run it in one process "
                f"(drop torchrun)")
         return
     for start in range(0, len(names), group.world):
         index = start + group.rank
-        mine = _factor_one(checkpoint, config, names[index]) if index < len(names) else None
+        mine = _factor_one(checkpoint, config, run, names[index]) if index < len(names) else None
         yield from group.share(mine)[:len(names) - start]
 
 
@@ -74,14 +75,15 @@ def _items(names: list[str], groups: dict[str, list[str]]) -> list[tuple[list[st
             if name in first or name not in grouped]
 
 
-def _factor_item(checkpoint: LazyCheckpoint, config: CompressConfig, names: list[str], together: bool) -> list:
+def _factor_item(checkpoint: LazyCheckpoint, config: CompressConfig, run: RunConfig, names: list[str],
+                 together: bool) -> list:
     """The outcomes of one work item (see :func:`_items`)."""
     if not together:
-        return [_factor_one(checkpoint, config, names[0])]
+        return [_factor_one(checkpoint, config, run, names[0])]
     modules = [checkpoint.model.get_submodule(name) for name in names]
     try:
         weights = torch.stack([read_tensor(checkpoint, f"{name}.weight").to(checkpoint.dtype) for name in names])
-        return [(result, _on_cpu(factors)) for result, factors in factor_experts(names, modules, weights, config)]
+        return [(result, _on_cpu(factors)) for result, factors in factor_experts(names, modules, weights, config, run)]
     except LoraCompressError as error:
         return [str(error)]
 
@@ -93,20 +95,21 @@ def _on_cpu(factors):
     return type(factors)(factors.B.cpu(), factors.A.cpu(), factors.singular_values.cpu(), factors.energy_kept)
 
 
-def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, name: str):
+def _factor_one(checkpoint: LazyCheckpoint, config: CompressConfig, run: RunConfig, name: str):
     """(result, CPU factors) for one layer, or the error message to share with the other processes."""
     module = checkpoint.model.get_submodule(name)
     result = new_layer_result(name, module)
     try:
         weight = read_tensor(checkpoint, f"{name}.weight").to(checkpoint.dtype)
-        factors = factor_weight(result, weight.T if is_conv1d(module) else weight, config)
+        factors = factor_weight(result, weight.T if is_conv1d(module) else weight, config, run)
     except LoraCompressError as error:
         return str(error)
     return result, _on_cpu(factors)
 
 
-def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, folder: Path | None, group: Group = Group(),
-                       progress: bool = True, max_shard_bytes: int | None = None) -> CompressionReport:
+def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, run: RunConfig, folder: Path | None,
+                        group: Group = Group(), progress: bool = True,
+                        max_shard_bytes: int | None = None) -> CompressionReport:
     """Factor every target and write the weights into ``folder`` (rank 0; others pass None).
 
     Returns:
@@ -114,7 +117,7 @@ def compress_tensorwise(checkpoint: LazyCheckpoint, config: CompressConfig, fold
     """
     report = CompressionReport(config)
     writer = ShardWriter(folder, max_shard_bytes) if folder is not None else None
-    with closing(factored_layers(checkpoint, config, group, progress)) as layers:  # closing gives the threads back
+    with closing(factored_layers(checkpoint, config, run, group, progress)) as layers:  # closing gives the threads back
         for key, stored in checkpoint.keys.items():
             module_name, factors = key.rpartition(".")[0], None
             if module_name in checkpoint.targets and key.endswith(".weight"):
