@@ -50,7 +50,7 @@ from ..core.precision import bf16_is_fast
 from ..errors import LoraCompressError, LoraCompressWarning
 from ..storage.checkpoint import Source, copy_side_files, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import factored_modules, load, read_manifest, write_compressed
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 from .kl import linear_kl
 from .teacher_text import teacher_sequences
 
@@ -189,6 +189,7 @@ class _Data:
         return torch.stack([self.cache[i] for i in index.tolist()])
 
 
+@holds_outputs()
 def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealConfig, *,
          base: str | None = None, gguf_file: str | None = None, force: bool = False, command: str | None = None,
          progress: bool = True, teacher: str | None = None) -> HealReport:

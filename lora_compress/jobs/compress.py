@@ -26,7 +26,7 @@ from ..report.folder import report_images, write_report
 from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import copy_side_files, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import FORMAT_VERSION, finish_compressed, save_weights
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 from ..stream.block_loader import BlockLoader
 from ..stream.blockwise import compress_blockwise
 from ..stream.distributed import join, launched, leave
@@ -58,6 +58,7 @@ def build_manifest(source, model, config: CompressConfig, report: CompressionRep
     }
 
 
+@holds_outputs()
 def compress(model: str, out: str | Path, config: CompressConfig, *, gguf_file: str | None = None,
              force: bool = False, command: str | None = None, progress: bool = True,
              stream: bool = False, dtype: str | None = None, memory_limit: int | str | None = None,
