@@ -193,4 +193,4 @@ def choose_path(found: MemoryEstimate, stream: bool, limit: int | None) -> bool:
         return True
     raise LoraCompressError(f"compressing needs about {gib(found.streamed if stream else found.in_memory)} "
                             f"({found.describe()}) but {source}; pass fewer --calib-samples or a shorter "
-                            f"--calib-len, --stream, or run on a machine with more memory")
+                            f"--calib-len, or run on a machine with more memory")  # streaming was tried above
