@@ -512,6 +512,9 @@ CATALOGUE: list[Fault] = [
               lambda m: m["layers"]["model.layers.0.self_attn.q_proj"].update(rank="two")), api_load),
     Fault("evaluate", DAMAGED_FOLDER, "manifest-layers-a-list", EVALUATE, r"has layers \[\], of the wrong type",
           json_change("folder/lora_compress.json", lambda m: m.update(layers=[]))),
+    Fault("evaluate", DAMAGED_FOLDER, "manifest-model-class-unknown", EVALUATE, r"lora_compress.json names "
+          r"model_class 'float16', which is no model class of transformers", json_change(
+              "folder/lora_compress.json", lambda m: m.update(model_class="float16")), api_load),
     Fault("evaluate", DAMAGED_FOLDER, "manifest-no-dtype", EVALUATE, r"lora_compress.json lacks dtype; the manifest "
           r"is damaged", json_change("folder/lora_compress.json", lambda m: m.pop("dtype"))),
     Fault("evaluate", DAMAGED_FOLDER, "manifest-missing", EVALUATE, r"has no lora_compress.json; pass a folder "

@@ -29,7 +29,7 @@ from ..core.experts import expert_of, tie_shared_factors_, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError, LoraCompressWarning
-from .checkpoint import WEIGHTS, check_weight_files, model_class, read_config, weight_files
+from .checkpoint import WEIGHTS, check_weight_files, read_config, weight_files
 from .manifest import ADAPTERS, FORMAT_VERSION, MANIFEST, METADATA, read_manifest, write_manifest
 from .remote_code import base_config, is_remote_config, remote_entries, write_remote_code
 from .shards import output_files, write_adapters
@@ -110,7 +110,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     manifest = read_manifest(folder)
     config = folder_config(folder, manifest)
     dtype = getattr(torch, manifest["dtype"])
-    model = model_class(config)._from_config(config, dtype=dtype)
+    model = _manifest_class(folder, manifest)._from_config(config, dtype=dtype)
     _split_experts(model, manifest.get("experts", {}), folder)
     _install_factored(model, manifest["layers"], dtype)
     tie_shared_factors_(model, manifest["layers"])
@@ -119,6 +119,18 @@ def load(folder: str | os.PathLike) -> nn.Module:
     _load_weights(model, files)
     _check_finite(model, folder)
     return model.eval()
+
+
+def _manifest_class(folder: Path, manifest: dict) -> type:
+    """The transformers class the manifest names (the class the model was compressed as)."""
+    import transformers
+
+    found = getattr(transformers, manifest["model_class"], None)
+    if not isinstance(found, type) or not hasattr(found, "_from_config"):
+        raise LoraCompressError(f"{folder / MANIFEST} names model_class {manifest['model_class']!r}, which is no model "
+                                f"class of transformers {transformers.__version__}; upgrade transformers, or compress "
+                                f"the model again if the manifest is damaged")
+    return found
 
 
 def folder_config(folder: Path, manifest: dict):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LoraCompressError
-from .space import NO_SPACE, no_space
+from .space import place_error
 
 _held: dict[Path, tuple[int, Path, Path]] = {}  # OUT (resolved) → (lock fd, lock file, OUT's first existing parent)
 _scopes: list[list[Path]] = []  # per open holds_outputs(): the outputs claimed inside it
@@ -70,10 +70,7 @@ def claim(out: Path, fix: str | None = None, wait: bool = False) -> None:
         _held[key] = (*_lock(key, out, wait), existing)
     except OSError as error:
         _remove_created_parents(key.parent, existing)
-        if error.errno in NO_SPACE:
-            raise no_space(existing, 0, fix or "choose another --out", failed=True) from None
-        raise LoraCompressError(f"cannot write to {Path(out).parent} ({error.strerror}); "
-                                f"{fix or 'choose a writable --out'}") from None
+        raise place_error(error, Path(out).parent, fix) from None
     except LoraCompressError:
         _remove_created_parents(key.parent, existing)
         raise

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 
 from ..errors import LoraCompressError, LoraCompressWarning
 from .lock import claim, holds_outputs
-from .space import bytes_in, write_error
+from .space import bytes_in, place_error, write_error
 
 MARKER = ".lora_compress_writing"  # inside a temporary folder: {"pid", "host"} of the run writing it
 
@@ -124,12 +124,14 @@ def atomic_folder(out: Path, force: bool = False, inputs=(), fix: str | None = N
     out = Path(out)
     with holds_outputs():
         check_output_folder(out, force, inputs, fix, wait)
+        tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
             (tmp / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         except OSError as error:
-            raise LoraCompressError(f"cannot write to {out.parent} ({error.strerror}); "
-                                    f"{fix or 'choose a writable --out'}") from None
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise place_error(error, out.parent, fix) from None
         try:
             yield tmp
             (tmp / MARKER).unlink()

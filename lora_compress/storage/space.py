@@ -34,6 +34,13 @@ def write_error(error: Exception, target: Path, written: int, fix: str) -> LoraC
     return LoraCompressError(f"writing {target} failed ({reason}); {fix}")
 
 
+def place_error(error: OSError, folder: Path, fix: str | None = None) -> LoraCompressError:
+    """The one line for a folder in which nothing can be created: a full device, or the system's reason."""
+    if error.errno in NO_SPACE:
+        return no_space(folder, 0, fix or "choose another --out", failed=True)
+    return LoraCompressError(f"cannot write to {folder} ({error.strerror}); {fix or 'choose a writable --out'}")
+
+
 def _no_space(error: Exception) -> bool:
     if isinstance(error, OSError):
         return error.errno in NO_SPACE
