@@ -212,12 +212,13 @@ def evaluate(base, compressed, text_file, tasks, limit, include_path, json_path,
     report and model card."""
     from .evaluation.lm_eval_tasks import TaskConfig
     from .evaluation.metrics import EvalConfig
-    from .jobs.evaluate import evaluate_folder, record_evaluation, write_json
+    from .jobs.evaluate import check_evaluation_outputs, evaluate_folder, record_evaluation, write_json
     from .report.tables import evaluation_table
 
     task_config = TaskConfig.parse(tasks, limit=limit, include_path=include_path) if tasks else None
     if task_config is None and (limit or include_path):
         raise LoraCompressError("--limit and --include-path go with --tasks; add --tasks T[,T...]")
+    check_evaluation_outputs(compressed, json_path, report=not no_report)
     figures = evaluate_folder(base, compressed, text_file, gguf_file=gguf_file, tasks=task_config,
                               config=EvalConfig(max_tokens=max_tokens), progress=not quiet)
     click.echo(evaluation_table(figures))
@@ -288,12 +289,16 @@ def export(folder, dense, upgrade, out, base, force, gguf_file):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--plot", type=click.Path(), help="Draw quality (perplexity or cosine) vs parameters to this PNG.")
+@click.option("--plot", type=click.Path(), help="Draw quality (perplexity or cosine) vs parameters into this "
+              ".png file.")
 @user_errors
 def compare(runs, plot):
     """One table across compressed folders RUNS of one base model (e.g. a rank sweep)."""
-    from .report.compare import compare_runs, comparison_plot, comparison_table
+    from .report.compare import PLOT_SUFFIX, compare_runs, comparison_plot, comparison_table
+    from .storage.output import check_file_output
 
+    if plot:
+        check_file_output(plot, "--plot", PLOT_SUFFIX)
     loaded = compare_runs(list(runs))
     click.echo(comparison_table(loaded))
     if plot:

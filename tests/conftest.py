@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fault_catalogue import CATALOGUE_PROPERTY, table
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -208,3 +210,19 @@ def smollm2_dir() -> Path:
 def real_text_dir() -> Path:
     from prepare_examples import TEXT
     return _real(TEXT)
+
+
+_faults: list[tuple[str, str, bool]] = []  # (command, class, clean) of the fault catalogue's cases run
+
+
+def pytest_runtest_logreport(report):
+    """Gather the outcome of each fault catalogue case (tests/test_faults.py)."""
+    if report.when == "call":
+        _faults.extend((*where, report.passed) for key, where in report.user_properties if key == CATALOGUE_PROPERTY)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault catalogue's table: cases per command and class, and how many ended clean."""
+    if _faults:
+        terminalreporter.write_sep("-", "fault catalogue")
+        terminalreporter.write_line(table(_faults))

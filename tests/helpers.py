@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -86,3 +87,32 @@ def load_with_plain_transformers(folder, auto, inputs, tmp_path) -> tuple[dict, 
                             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / "seen.json").read_text()), load_file(tmp_path / "seen.safetensors")["outputs"]
+
+
+# Holds each output folder named on its command line open in atomic_folder (a file written in each) until its
+# stdin closes: another run writing one of them, mid-run.
+HOLD = textwrap.dedent("""
+    import sys
+    from contextlib import ExitStack
+    from pathlib import Path
+    from lora_compress.storage.output import atomic_folder
+    with ExitStack() as stack:
+        for out in sys.argv[1:]:
+            tmp = stack.enter_context(atomic_folder(Path(out)))
+            (tmp / "first-run.bin").write_bytes(b"x" * 1000)
+            print(tmp, flush=True)
+        sys.stdin.read()
+""")
+
+
+def hold_outputs(outs, tmp_path) -> tuple[subprocess.Popen, list[Path]]:
+    """A process writing ``outs`` (each held in its temporary folder until its stdin closes); returns
+    (process, their temporary folders)."""
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen([sys.executable, str(script), *map(str, outs)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=env)
+    folders = [Path(process.stdout.readline().strip()) for _ in outs]
+    assert all(folder.name for folder in folders), "the writer never started"
+    return process, folders

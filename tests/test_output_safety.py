@@ -1,21 +1,18 @@
 """Nothing lost, nothing left behind: outputs never replace inputs, fail before compute, and clean up."""
+import errno
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from click.testing import CliRunner
+from safetensors import SafetensorError
 
 import lora_compress as lc
+from helpers import hold_outputs
 from lora_compress.cli import main
 from lora_compress.pipelines import plan as pipeline_plan
 from lora_compress.storage.compressed import MANIFEST, read_manifest
-from lora_compress.storage.output import MARKER, atomic_folder, check_output_folder, clean_stale
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lora_compress.storage.output import MARKER, atomic_folder, check_output_folder, clean_stale, holds_outputs
 
 
 def run(*args):
@@ -68,33 +65,17 @@ def test_the_writability_check_leaves_no_folder_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-HOLD = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from lora_compress.storage.output import atomic_folder
-    with atomic_folder(Path(sys.argv[1])) as tmp:
-        (tmp / "partial.bin").write_bytes(b"x" * 1000)
-        print(tmp, flush=True)
-        time.sleep(120)
-""")
-
-
 def _writer_process(tmp_path, out):
     """A process holding ``out``'s temporary folder open; returns (process, temporary folder)."""
-    script = tmp_path / "hold.py"
-    script.write_text(HOLD)
-    env = {**os.environ, "PYTHONPATH": REPO}
-    process = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env)
-    tmp = process.stdout.readline().strip()
-    assert tmp, "the writer never started"
-    return process, __import__("pathlib").Path(tmp)
+    process, (tmp,) = hold_outputs([out], tmp_path)
+    return process, tmp
 
 
 @pytest.mark.slow
 def test_sigterm_removes_the_temporary_folder(tmp_path):
     out = tmp_path / "out"
     process, tmp = _writer_process(tmp_path, out)
-    assert (tmp / "partial.bin").exists() and (tmp / MARKER).exists()
+    assert (tmp / "first-run.bin").exists() and (tmp / MARKER).exists()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert not tmp.exists() and not out.exists()
@@ -140,3 +121,30 @@ def test_format_version_must_be_a_known_positive_integer(tiny_models, tmp_path, 
         lc.load(out)
     result = run("export", out, "--dense", "--out", tmp_path / "plain")
     assert result.exit_code == 2 and result.output.count("\n") == 1
+
+
+def test_a_job_holds_its_output_lock_until_it_ends_and_only_torchrun_rank_0_takes_it(tmp_path, monkeypatch):
+    with holds_outputs():
+        check_output_folder(tmp_path / "out")
+        assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]
+        with atomic_folder(tmp_path / "out") as tmp:  # the same run: the lock is already its own
+            (tmp / "weights").write_text("x")
+        assert (tmp_path / ".out.lock").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with holds_outputs():
+        check_output_folder(tmp_path / "other")
+        assert [p.name for p in tmp_path.iterdir()] == ["out"], "only rank 0 writes, so only it locks"
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                   "(os error 28)")], ids=["python", "safetensors"])
+def test_a_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path, error):
+    with pytest.raises(lc.LoraCompressError, match=r"^no space left on /\S*( \(\S+\))?: more than \S+ [kMG]?B needed, "
+                                                   r"\S+ [kMG]?B free; free space or choose another --out$"):
+        with atomic_folder(tmp_path / "out") as tmp:
+            (tmp / "half").write_bytes(b"x" * 1000)
+            raise error
+    assert list(tmp_path.iterdir()) == []

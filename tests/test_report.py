@@ -188,9 +188,9 @@ def test_inspect_calib_too_short_is_one_clear_line(tiny_models, text_file):
 
 def _fake_manifest(blocks: int = 4) -> dict:
     layers = {f"model.layers.{b}.{kind}": {"shape": [64, 32], "rank": None if kind == "mlp.up_proj" and b == 0
-                                           else 8, "energy_kept": 0.9, "note": ""}
+                                           else 8, "bias": False, "energy_kept": 0.9, "note": ""}
               for b in range(blocks) for kind in ("self_attn.q_proj", "mlp.up_proj")}
-    manifest = {"base_model": "models/tiny", "model_class": "LlamaForCausalLM", "method": "svd",
+    manifest = {"base_model": "models/tiny", "model_class": "LlamaForCausalLM", "method": "svd", "dtype": "float32",
                 "settings": {"ratio": 0.5, "method": "svd"}, "command": "lora-compress compress ...",
                 "targeted_params": {"dense": 16384, "compressed": 7000}, "layers": layers,
                 "healing": {"history": [{"step": s, "minutes": s / 60, "loss": 2.0 / s} for s in range(1, 30)],
@@ -253,7 +253,8 @@ def test_compare_prints_one_table_and_draws_quality_vs_parameters(evaluated, tin
     assert lines[0].split()[:3] == ["run", "cut", "targeted"] and "ppl compressed" in lines[0]
     assert any(line.startswith("llama-80") and "ratio 0.8, svd" in line for line in lines)
     assert "not evaluated yet" in result.output
-    assert is_png(tmp_path / "sweep.png")
+    assert is_png(tmp_path / "sweep.png") and f"wrote {tmp_path / 'sweep.png'}" in result.output
+    assert not list(tmp_path.glob(".sweep.png*")), "the temporary file is renamed to exactly --plot"
 
 
 def test_compare_rejects_runs_of_different_base_models(evaluated, tiny_models, tmp_path):

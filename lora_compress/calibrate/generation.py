@@ -30,8 +30,12 @@ def generation_problem(model: nn.Module) -> str | None:
     if getattr(config, "is_encoder_decoder", False) or not callable(getattr(model, "get_output_embeddings", None)) \
             or model.get_output_embeddings() is None:
         return f"{type(model).__name__} has no language-model head to write text with"
-    if start_token(model) is None:
+    start, vocabulary = start_token(model), model.get_output_embeddings().weight.shape[0]
+    if start is None:
         return f"{type(model).__name__}'s config names no bos_token_id or eos_token_id to start writing from"
+    if not 0 <= start < vocabulary:
+        return f"{type(model).__name__}'s start token {start} (its config's BOS, else EOS) lies outside its " \
+               f"vocabulary of {vocabulary} tokens"
     return None
 
 

@@ -12,8 +12,9 @@ from torch import nn
 
 from ..storage.card import Card, manifest_settings, write_card
 from ..storage.checkpoint import Source, copy_side_files, load_dense, load_tokenizer, resolve_source
-from ..storage.compressed import MANIFEST, factored_modules, load, read_manifest
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.compressed import MANIFEST, factored_modules, load, read_manifest, tensor_bytes
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
+from ..storage.space import reserve
 from ..core.experts import fuse_experts_
 from ..storage.remote_code import auto_class
 from ..core.patch import replace_module
@@ -21,6 +22,7 @@ from ..errors import LoraCompressError
 from .peft_format import ADAPTER_CONFIG, merge_adapter_, read_adapter_config
 
 
+@holds_outputs()
 def export_dense(folder: str | Path, out: str | Path, *, base: str | None = None, gguf_file: str | None = None,
                  force: bool = False,
                  command: str | None = None) -> Path:
@@ -35,7 +37,8 @@ def export_dense(folder: str | Path, out: str | Path, *, base: str | None = None
         >>> AutoModelForCausalLM.from_pretrained("out/smollm2-50-plain")
 
     Raises:
-        LoraCompressError: ``folder`` is neither kind, its base lacks the adapter's modules, ``out`` exists.
+        LoraCompressError: ``folder`` is neither kind or is damaged, its base lacks the adapter's modules,
+            ``out`` exists or is being written by another run, the disk has too little space.
     """
     folder = Path(folder)
     check_output_folder(Path(out), force, inputs=(folder, base))
@@ -47,6 +50,7 @@ def export_dense(folder: str | Path, out: str | Path, *, base: str | None = None
         raise LoraCompressError(f"{folder} holds neither {MANIFEST} nor {ADAPTER_CONFIG}; pass a folder written by "
                                 f"`lora-compress compress` or a PEFT LoRA adapter folder")
     with atomic_folder(Path(out), force, inputs=(folder, base)) as tmp:
+        reserve(tmp, tensor_bytes(model))
         model.save_pretrained(tmp)
         copy_side_files(source, model, load_tokenizer(source), tmp)
         write_card(tmp, replace(card, auto_class=auto_class(type(model).__name__)), load_path=str(out))

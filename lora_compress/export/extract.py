@@ -35,7 +35,7 @@ from ..errors import LoraCompressError
 from ..methods.allocate import LayerCost, allocate
 from ..storage.card import Card, write_card
 from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 from ..storage.remote_code import auto_class
 from ..version import versions
 from .peft_format import Deltas, merge_, module_names, task_type, write_adapter
@@ -250,6 +250,7 @@ def _check_inputs(tokenizer, text: str | None, config: ExtractConfig, vocab: int
         f"{tokens[fit:].numel()} held-out tokens of the --calib text ({tokens[:fit].numel()} fitted the factors)"
 
 
+@holds_outputs()
 def extract(base: str, tuned: str, out: str | Path, config: ExtractConfig, *, calib: str | Path | None = None,
             gguf_file: str | None = None, tuned_gguf_file: str | None = None, force: bool = False,
             command: str | None = None, progress: bool = True) -> ExtractionReport:

@@ -15,11 +15,12 @@ from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import Source, copy_side_files, load_tokenizer
 from ..storage.compressed import ADAPTERS, load, read_manifest, write_compressed
 from ..storage.manifest import read_json
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 
 REPORT_DIR = "report"  # report/folder.py's, copied as it is
 
 
+@holds_outputs()
 def upgrade_folder(folder: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write ``folder`` again into ``out`` in today's format: weights, manifest, tokenizer, report, card.
 

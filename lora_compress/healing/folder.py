@@ -10,11 +10,12 @@ from ..calibrate.tokens import read_calibration_text
 from ..errors import LoraCompressError, LoraCompressWarning, OptionError
 from ..storage.checkpoint import Source, copy_side_files, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import factored_modules, load, read_manifest, write_compressed
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 from .config import HealConfig, HealReport
 from .loop import heal_
 
 
+@holds_outputs()
 def heal(folder: str | Path, calib: str | Path, out: str | Path, config: HealConfig, *,
          base: str | None = None, gguf_file: str | None = None, force: bool = False, command: str | None = None,
          progress: bool = True, teacher: str | None = None) -> HealReport:

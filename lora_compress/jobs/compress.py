@@ -30,7 +30,7 @@ from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import copy_side_files, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import FORMAT_VERSION, finish_compressed, save_weights
 from ..storage.manifest import read_recipe
-from ..storage.output import atomic_folder, check_output_folder
+from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 from ..storage.shards import ShardWriter
 from ..stream.block_loader import BlockLoader
 from ..stream.lazy import open_lazily
@@ -80,6 +80,7 @@ def build_manifest(source, model, plan: Plan, report: CompressionReport, command
     }
 
 
+@holds_outputs()
 def compress(model: str, out: str | Path, config: CompressConfig, run: RunConfig = RunConfig(), *,
              gguf_file: str | None = None, force: bool = False, command: str | None = None, progress: bool = True,
              adapters: bool = False) -> CompressionReport:

@@ -19,10 +19,11 @@ from ..evaluation.drift import DRIFT_TOKENS, block_drift, drift_batches
 from ..evaluation.lm_eval_tasks import TaskConfig, task_accuracy
 from ..evaluation.metrics import EvalConfig, count_summary, evaluate, fit_context
 from ..methods.registry import get_method
-from ..report.folder import report_images, write_report
+from ..report.folder import check_report_place, report_fix, report_images, write_report
 from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import Source, is_causal_lm, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import load, read_manifest, weight_bytes
+from ..storage.output import atomic_file, check_file_output
 from ..storage.text import read_text
 
 
@@ -49,9 +50,9 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path | None
     text = read_text(text_file) if text_file is not None else None
     manifest = read_manifest(Path(folder))
     source = resolve_source(model, gguf_file or manifest.get("gguf_file"))
-    warn_other_base(source, manifest, folder)
     dense, compressed = load_dense(source), load(folder)
     check_same_architecture(dense, compressed, manifest, source.name)
+    warn_other_base(source, manifest, folder)
     tokenizer, targets = load_tokenizer(source), list(manifest["layers"])
     figures = {"kind": "causal-lm" if is_causal_lm(dense) else "encoder"}
     if text is not None:
@@ -123,6 +124,20 @@ def disk_figures(dense_folder: Path, folder: Path) -> dict:
     return {"dense_bytes": dense_bytes, "compressed_bytes": compressed_bytes, "ratio": compressed_bytes / dense_bytes}
 
 
+def check_evaluation_outputs(folder: str | Path, json_path: str | Path | None = None, report: bool = True) -> None:
+    """Before any compute: the folder is a compressed one, ``json_path`` can be written, and (with
+    ``report``) so can the folder's report.
+
+    Raises:
+        LoraCompressError: naming the output and the fix.
+    """
+    read_manifest(Path(folder))
+    if json_path is not None:
+        check_file_output(json_path, "--json")
+    if report:
+        check_report_place(folder)
+
+
 def record_evaluation(folder: str | Path, figures: dict, command: str | None = None) -> Path:
     """Write the figures into ``folder``: the report (report.md/json and plots) and the model card.
 
@@ -131,7 +146,7 @@ def record_evaluation(folder: str | Path, figures: dict, command: str | None = N
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    report = write_report(folder, evaluation=figures, evaluate_command=command)
+    report = write_report(folder, evaluation=figures, evaluate_command=command, fix=report_fix(folder))
     card = compressed_card(manifest, _summary(manifest["method"]), figures, report_images(folder))
     if command:
         card = replace(card, notes=(*card.notes, f"Figures measured with `{command}`."))
@@ -148,6 +163,11 @@ def _summary(method: str) -> str | None:
 
 
 def write_json(figures: dict, path: str | Path) -> None:
-    """Write figures as indented JSON."""
-    Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+    """Write figures as indented JSON (whole or not at all).
+
+    Raises:
+        LoraCompressError: ``path`` is a folder, lies in a missing one, or cannot be written.
+    """
+    with atomic_file(path, "--json") as tmp:
+        tmp.write_text(json.dumps(figures, indent=2) + "\n")
 

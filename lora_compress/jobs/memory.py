@@ -187,4 +187,4 @@ def choose_path(found: MemoryEstimate, stream: bool, limit: int | None) -> bool:
         return True
     raise OptionError(f"compressing needs about {gib(found.streamed if stream else found.in_memory)} "
                       f"({found.describe()}) but {source}; pass fewer {{calib_samples}} or a shorter {{calib_len}}, "
-                      f"{{stream}}, or run on a machine with more memory")
+                      f"or run on a machine with more memory")  # streaming was tried above

@@ -6,28 +6,53 @@ from pathlib import Path
 
 from ..errors import LoraCompressError
 from ..storage.compressed import read_manifest
+from ..storage.output import atomic_file, check_file_output
 from . import plots
 from .folder import REPORT_DIR, REPORT_JSON, build_report, number, read_existing
 from .tables import render
 
+PLOT_SUFFIX = ".png"  # --plot names the file written, which is a PNG
+
 
 def load_run(path: str | Path) -> dict:
-    """One run for ``compare``: a compressed folder (its report, else its manifest) or a report.json.
+    """One run for ``compare``: a compressed folder (its manifest, checked, and its report when it has
+    one) or a report.json.
 
     Raises:
-        LoraCompressError: the path is neither.
+        LoraCompressError: the path is neither, or its manifest or report is damaged.
     """
     path = Path(path)
     if path.is_file():
         report = read_existing(path)
-        if "base_model" not in report:
-            raise LoraCompressError(f"{path} is not a lora-compress report.json; pass a compressed folder or its "
-                                    f"{REPORT_DIR}/{REPORT_JSON}")
+        fix = f"pass a compressed folder or its {REPORT_DIR}/{REPORT_JSON}"
         label = path.parent.parent.name if path.parent.name == REPORT_DIR else path.stem
     else:
-        report = read_existing(path / REPORT_DIR / REPORT_JSON) or build_report(read_manifest(path))
+        manifest = read_manifest(path)
+        report = read_existing(path / REPORT_DIR / REPORT_JSON) or build_report(manifest)
+        fix = f"remove {path / REPORT_DIR} and run `lora-compress evaluate` on {path} again"
         label = path.name
+    problem = _report_problem(report)
+    if problem:
+        raise LoraCompressError(f"{path} is not a lora-compress report ({problem}); {fix}")
     return {**report, "run": label}
+
+
+def _report_problem(report) -> str | None:
+    """What a report lacks that the table and plot read (None when nothing)."""
+    if not isinstance(report, dict) or not isinstance(report.get("base_model"), str):
+        return "no base_model"
+    counts = report.get("targeted_params")
+    if not isinstance(report.get("cut"), str) or not isinstance(counts, dict) \
+            or not all(isinstance(counts.get(key), int) for key in ("dense", "compressed")) or not counts["dense"]:
+        return "no cut or targeted parameter counts"
+    evaluation = report.get("evaluation")
+    if evaluation is None:
+        return None
+    try:
+        float(evaluation["disk"]["ratio"]), int(evaluation["params"]["compressed_total"])
+    except (TypeError, KeyError, ValueError):
+        return "evaluation figures without params and disk"
+    return None
 
 
 def compare_runs(paths: list[str | Path]) -> list[dict]:
@@ -86,11 +111,13 @@ def _quality_figures(evaluation: dict) -> dict:
 
 
 def comparison_plot(runs: list[dict], path: str | Path) -> Path:
-    """Perplexity (causal LMs) or embedding cosine (encoders) against whole-model parameters.
+    """Perplexity (causal LMs) or embedding cosine (encoders) against whole-model parameters, into the
+    PNG file ``path`` (which ends in .png), written whole or not at all.
 
     Raises:
-        LoraCompressError: no run has evaluation figures.
+        LoraCompressError: ``path`` is no .png file in an existing folder, or no run has evaluation figures.
     """
+    check_file_output(path, "--plot", PLOT_SUFFIX)
     evaluated = [run for run in runs if "drift" in (run["evaluation"] or {})]
     if not evaluated:
         raise LoraCompressError("no run has figures measured on text to plot; run `lora-compress evaluate ... --text "
@@ -103,4 +130,6 @@ def comparison_plot(runs: list[dict], path: str | Path) -> Path:
     model = Path(os.path.normpath(runs[0]["base_model"])).name
     text = Path(evaluated[0]["evaluation"]["text"]).name
     what = f"perplexity on {text}" if causal else f"embedding cosine to dense on {text}"
-    return plots.quality_vs_params(points, metric, f"{model}: {what} vs parameters ({len(points)} runs)", Path(path))
+    with atomic_file(path, "--plot") as tmp:
+        plots.quality_vs_params(points, metric, f"{model}: {what} vs parameters ({len(points)} runs)", tmp)
+    return Path(path)

@@ -20,10 +20,9 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import LoraCompressError
 from ..evaluation.drift import describe
 from ..storage.compressed import read_manifest
-from ..storage.output import atomic_folder
+from ..storage.output import atomic_folder, check_output_folder
 from . import plots
 from .tables import TASK_HEADER, task_rows
 
@@ -68,10 +67,12 @@ def title(report: dict) -> str:
 
 
 def write_report(folder: str | Path, manifest: dict | None = None, evaluation: dict | None = None,
-                 evaluate_command: str | None = None) -> Path:
+                 evaluate_command: str | None = None, fix: str | None = None) -> Path:
     """(Re)write ``folder/report/`` from the manifest and, when given, evaluation figures.
 
-    An earlier evaluation in the folder's report is kept when ``evaluation`` is None.
+    An earlier evaluation in the folder's report is kept when ``evaluation`` is None. Two runs
+    writing one report take turns (the last one's stays). ``fix``: what to do when the folder
+    cannot be written (the end of that message; see :func:`report_fix`).
 
     Example:
         >>> write_report("out/smol-99", evaluation=evaluate_folder("smol", "out/smol-99", "alice.txt"))
@@ -85,13 +86,25 @@ def write_report(folder: str | Path, manifest: dict | None = None, evaluation: d
         previous = read_existing(folder / REPORT_DIR / REPORT_JSON)
         evaluation, evaluate_command = previous.get("evaluation"), previous.get("evaluate_command")
     report = build_report(manifest, evaluation, evaluate_command)
-    if not os.access(folder, os.W_OK):
-        raise LoraCompressError(f"cannot write the report into {folder}; make it writable or pass --no-report")
-    with atomic_folder(folder / REPORT_DIR, force=True) as tmp:
+    with atomic_folder(folder / REPORT_DIR, force=True, fix=fix, wait=True) as tmp:
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         images, note = draw_plots(report, tmp)
         (tmp / REPORT_MD).write_text(render_markdown(report, images, note))
     return folder / REPORT_DIR
+
+
+def report_fix(folder: str | Path) -> str:
+    """What to do when a compressed folder's report cannot be rewritten in place (``evaluate``)."""
+    return f"make {folder} writable or pass --no-report"
+
+
+def check_report_place(folder: str | Path) -> None:
+    """Before any compute: ``folder``'s report can be rewritten (``evaluate`` without --no-report).
+
+    Raises:
+        LoraCompressError: the folder is not writable.
+    """
+    check_output_folder(Path(folder) / REPORT_DIR, force=True, fix=report_fix(folder), wait=True)
 
 
 def report_images(folder: str | Path) -> tuple[tuple[str, str], ...]:

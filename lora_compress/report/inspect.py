@@ -15,6 +15,7 @@ from ..core.targets import find_targets, left_out_reasons
 from ..methods.config import CALIBRATED_DEFAULT
 from ..methods.ranks import RULE_STATISTICS
 from ..methods.registry import get_method
+from ..errors import LoraCompressError
 from ..storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from .plots import spectrum_plots
 from .spectra import layer_spectra, spectrum_table
@@ -61,6 +62,14 @@ def _grouped(model, modules: dict, why):
                 why(name) or module
 
 
+def _check_plot_folder(folder: Path) -> None:
+    """Before any compute: --plot names a folder (made if missing), not a file nor a place under one."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise LoraCompressError(f"--plot {folder}: {existing} is a file, and --plot names a folder to write the "
+                                f"spectrum PNGs into; choose a folder")
+
+
 def calibration_statistics(model, tokenizer, targets: dict, calib: str, samples: int, length: int,
                            progress: bool = True) -> dict:
     """Each target's calibration statistics for its whitened spectrum, from calibration text."""
@@ -77,8 +86,11 @@ def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclud
     (``calib_samples`` sequences of ``calib_len`` tokens, as ``compress --calib`` uses).
 
     Raises:
-        LoraCompressError: bad model, patterns or calibration text; matplotlib missing for ``plot``.
+        LoraCompressError: bad model, patterns or calibration text; ``plot`` is a file or lies under one;
+            matplotlib missing for ``plot``.
     """
+    if plot:
+        _check_plot_folder(Path(plot))
     source = resolve_source(model, gguf_file)
     dense = load_dense(source)
     unfuse_experts_(dense)  # each expert's matrices have spectra of their own

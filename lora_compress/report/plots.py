@@ -34,9 +34,10 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: Path) -> Path:
+    """The figure as a PNG at exactly ``path`` (matplotlib would add .png to a name without it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    figure.savefig(path, format="png")
     return path
 
 

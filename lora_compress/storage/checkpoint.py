@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from torch import nn
 
 from ..errors import LoraCompressError
 from .manifest import read_json, refuse_compressed
+from .remote_code import MODEL_TYPE
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
               "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
               "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2", "BOOL")
 
 
@@ -42,6 +45,8 @@ def resolve_source(model: str, gguf_file: str | None = None) -> Source:
     path = Path(model).expanduser()
     if path.is_dir():
         refuse_compressed(path, model)
+        if not gguf_file and (path / "config.json").is_file():
+            read_config(path)
         return Source(path.resolve(), model, gguf_file)
     if path.exists():
         raise LoraCompressError(f"{model} is a file, not a checkpoint folder; pass the folder that holds config.json")
@@ -59,6 +64,28 @@ def _fetch_from_hub(repo_id: str, gguf_file: str | None) -> Path:
     except Exception as error:  # the hub raises many types; all mean "not available here"
         raise LoraCompressError(f"model folder {repo_id} does not exist and the Hub could not provide it "
                                 f"({type(error).__name__}); pass a local checkpoint folder") from None
+
+
+def read_config(folder: Path) -> dict:
+    """A checkpoint folder's config.json: a JSON object naming a model type transformers knows (for a
+    compressed folder's, its ``base_model_type``).
+
+    Raises:
+        LoraCompressError: the file is not JSON, not an object, names no model type or an unknown one.
+    """
+    from transformers import CONFIG_MAPPING, __version__
+
+    path = folder / "config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise LoraCompressError(f"{path} is not a JSON object; restore it from the checkpoint's source")
+    key = "base_model_type" if config.get("model_type") == MODEL_TYPE else "model_type"
+    if key not in config:
+        raise LoraCompressError(f"{path} names no {key}; restore it from the checkpoint's source")
+    if not isinstance(config[key], str) or config[key] not in CONFIG_MAPPING:
+        raise LoraCompressError(f"{path} has {key} {config[key]!r}, which transformers {__version__} does not "
+                                f"know; upgrade transformers, or restore the file from the checkpoint's source")
+    return config
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -99,6 +126,9 @@ def check_weight_files(files: list[Path]) -> None:
                             f"dequantise the checkpoint to float16/bfloat16/float32 first")
         except LoraCompressError:
             raise
+        except MemoryError as error:  # mmap refused: an address-space limit, not a damaged file
+            raise LoraCompressError(f"{file} cannot be mapped into memory ({error}); raise the address-space "
+                                    f"limit (ulimit -v) or free memory") from None
         except Exception as error:
             raise LoraCompressError(f"{file} is not a readable safetensors file ({error}); "
                                     f"download or copy it again") from None
@@ -125,21 +155,40 @@ def load_dense(source: Source, dtype: torch.dtype | str = "auto") -> nn.Module:
     if source.gguf_file:
         return _load_gguf(source)
     check_weight_files(weight_files(source.folder))
-    config = AutoConfig.from_pretrained(source.folder)
     try:
-        model = model_class(config).from_pretrained(source.folder, dtype=dtype, use_safetensors=True)
+        config = AutoConfig.from_pretrained(source.folder)
+        model, loaded = model_class(config).from_pretrained(source.folder, dtype=dtype, use_safetensors=True,
+                                                            output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
-        raise LoraCompressError(f"transformers could not load {source.folder} ({error}); "
+        raise LoraCompressError(f"transformers could not load {source.folder} ({_first_line(error)}); "
                                 f"check the checkpoint matches its config.json") from None
+    if loaded["missing_keys"]:  # transformers would fill them with random weights
+        missing = sorted(loaded["missing_keys"])
+        more = f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""
+        raise LoraCompressError(f"{source.folder} lacks {missing[0]}{more}; the checkpoint is incomplete or renamed: "
+                                f"copy it again from its source")
     return model.eval()
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _load_gguf(source: Source) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if not (source.folder / source.gguf_file).is_file():
+    path = source.folder / source.gguf_file
+    if not path.is_file():
         raise LoraCompressError(f"{source.gguf_file} is not in {source.folder}; pass --gguf-file with a file there")
-    model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise LoraCompressError(f"{path} is not a GGUF file (it does not start with the bytes GGUF); pass a "
+                                    f".gguf file, or download it again")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as error:  # parsing foreign bytes
+        raise LoraCompressError(f"transformers could not read {path} ({_first_line(error)}); check it is a complete "
+                                f"GGUF file of an architecture transformers reads, or download it again") from None
     model.hf_quantizer = None  # GGUF weights arrive dequantised to float32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -147,13 +196,21 @@ def _load_gguf(source: Source) -> nn.Module:
 
 
 def load_tokenizer(source: Source):
-    """The checkpoint's tokenizer, or None when the folder has none."""
+    """The checkpoint's tokenizer, or None when the folder has none.
+
+    Raises:
+        LoraCompressError: the folder has tokenizer files, but they cannot be read.
+    """
     from transformers import AutoTokenizer
 
     try:  # never run a folder's code: a compressed folder's config.json names its modeling file
         return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=False)
-    except (OSError, ValueError, TypeError):
-        return None
+    except Exception as error:  # the tokenizers library raises plain Exception on a damaged tokenizer.json
+        files = [name for name in TOKENIZER_FILES if (source.folder / name).is_file()]
+        if not files:
+            return None
+        raise LoraCompressError(f"the tokenizer files of {source.folder} ({', '.join(files)}) cannot be read "
+                                f"({_first_line(error)}); copy them again from the checkpoint's source") from None
 
 
 def copy_side_files(source: Source, model: nn.Module, tokenizer, folder: Path) -> None:

@@ -29,10 +29,11 @@ from ..core.experts import expert_of, tie_shared_factors_, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError, LoraCompressWarning
-from .checkpoint import WEIGHTS, check_weight_files, model_class, read_json, weight_files
+from .checkpoint import WEIGHTS, check_weight_files, read_config, weight_files
 from .manifest import ADAPTERS, FORMAT_VERSION, MANIFEST, METADATA, read_manifest, write_manifest
-from .remote_code import base_config, is_remote_config, write_remote_code
+from .remote_code import base_config, is_remote_config, remote_entries, write_remote_code
 from .shards import output_files, write_adapters
+from .space import reserve
 
 __all__ = ["ADAPTERS", "FORMAT_VERSION", "MANIFEST", "METADATA", "adapter_tensors", "apply_adapters",
            "factored_modules", "finish_compressed", "load", "read_manifest", "save_weights", "weight_bytes",
@@ -67,8 +68,19 @@ def write_compressed(folder: Path, model: nn.Module, manifest: dict, *, adapters
 
 
 def save_weights(folder: Path, model: nn.Module) -> None:
-    """``model.safetensors``: every tensor of the model once (tied ones under one name), in its dtype."""
+    """``model.safetensors``: every tensor of the model once (tied ones under one name), in its dtype.
+
+    Raises:
+        LoraCompressError: the device has too little space for them; nothing is written then.
+    """
+    reserve(folder, tensor_bytes(model))
     save_model(model, str(folder / WEIGHTS), metadata=METADATA)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and persistent buffers, each tied tensor once: about its weights file."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def finish_compressed(folder: Path, config, manifest: dict, *, adapters: bool = False) -> None:
@@ -98,27 +110,65 @@ def load(folder: str | os.PathLike) -> nn.Module:
     manifest = read_manifest(folder)
     config = folder_config(folder, manifest)
     dtype = getattr(torch, manifest["dtype"])
-    model = model_class(config)._from_config(config, dtype=dtype)
+    model = _manifest_class(folder, manifest)._from_config(config, dtype=dtype)
     _split_experts(model, manifest.get("experts", {}), folder)
     _install_factored(model, manifest["layers"], dtype)
     tie_shared_factors_(model, manifest["layers"])
     files = weight_files(folder)
     check_weight_files(files)
     _load_weights(model, files)
+    _check_finite(model, folder)
     return model.eval()
 
 
+def _manifest_class(folder: Path, manifest: dict) -> type:
+    """The transformers class the manifest names (the class the model was compressed as)."""
+    import transformers
+
+    found = getattr(transformers, manifest["model_class"], None)
+    if not isinstance(found, type) or not hasattr(found, "_from_config"):
+        raise LoraCompressError(f"{folder / MANIFEST} names model_class {manifest['model_class']!r}, which is no model "
+                                f"class of transformers {transformers.__version__}; upgrade transformers, or compress "
+                                f"the model again if the manifest is damaged")
+    return found
+
+
 def folder_config(folder: Path, manifest: dict):
-    """The base model's transformers config, from config.json in either format (see manifest.py)."""
+    """The base model's transformers config, from config.json in either format (see manifest.py).
+
+    Raises:
+        LoraCompressError: config.json is damaged, or lists other factored layers than the manifest.
+    """
     from transformers import AutoConfig
 
-    config = read_json(folder / "config.json")
+    config = read_config(folder)
     if is_remote_config(config):
+        _check_remote_entries(folder, config, manifest)
         return base_config(config, manifest["model_class"])
     warnings.warn(f"{folder} is in format 1, which transformers alone loads with random factored layers; "
                   f"`lora-compress export {folder} --upgrade --out NEW` rewrites it in format {FORMAT_VERSION}",
                   LoraCompressWarning, stacklevel=3)
     return AutoConfig.from_pretrained(folder)
+
+
+def _check_remote_entries(folder: Path, config: dict, manifest: dict) -> None:
+    """config.json's factored layers (what transformers alone builds) are the manifest's."""
+    for key, expected in remote_entries(manifest["layers"], manifest.get("experts")).items():
+        found = config.get(key) or {}
+        if found != expected:
+            names = sorted({*found, *expected}) if isinstance(found, dict) else []
+            differs = next((n for n in names if found.get(n) != expected.get(n)), key)
+            raise LoraCompressError(f"config.json in {folder} lists other {key} than {MANIFEST} (at {differs}); the "
+                                    f"folder is damaged: compress the model again")
+
+
+def _check_finite(model: nn.Module, folder: Path) -> None:
+    """Every stored factor is finite: a NaN there would make every figure and export NaN, silently."""
+    for name, module in factored_modules(model).items():
+        for factor in ("lora_A", "lora_B"):
+            if not bool(torch.isfinite(getattr(module, factor)).all()):
+                raise LoraCompressError(f"{name}.{factor} in {folder} holds NaN or inf; the folder is damaged: "
+                                        f"compress the model again")
 
 
 def _load_weights(model: nn.Module, paths: list[Path]) -> None:

@@ -18,7 +18,11 @@ MANIFEST = "lora_compress.json"
 ADAPTERS = "adapters.safetensors"
 FORMAT_VERSION = 2
 METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}  # of every weights file
-REQUIRED = ("base_model", "layers", "model_class", "method", "settings", "targeted_params")  # what every reader uses
+FIELDS = {"base_model": str, "dtype": str, "layers": dict, "model_class": str, "method": str, "settings": dict,
+          "targeted_params": dict}  # what every reader uses, and its type
+OPTIONAL = {"base_model_folder": (str, type(None)), "gguf_file": (str, type(None)), "experts": dict,
+            "calibration": (dict, type(None)), "healing": dict}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def read_json(path: Path) -> dict:
@@ -51,11 +55,49 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise LoraCompressError(f"{folder / MANIFEST} is not a JSON object; compress the model again")
     check_format_version(folder, manifest.get("format_version"))
-    missing = [key for key in REQUIRED if key not in manifest]
-    if missing:
-        raise LoraCompressError(f"{folder / MANIFEST} lacks {', '.join(missing)}; the manifest is damaged: "
-                                f"compress the model again")
+    problem = _fields_problem(manifest)
+    if problem:
+        raise LoraCompressError(f"{folder / MANIFEST} {problem}; the manifest is damaged: compress the model again")
     return manifest
+
+
+def _fields_problem(manifest: dict) -> str | None:
+    """What is missing from the manifest or of the wrong type (None when nothing is)."""
+    missing = [key for key in FIELDS if key not in manifest]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [key for key, kind in {**FIELDS, **OPTIONAL}.items()
+             if key in manifest and not isinstance(manifest[key], kind)]
+    if wrong:
+        return f"has {wrong[0]} {manifest[wrong[0]]!r}, of the wrong type"
+    if manifest["dtype"] not in DTYPES:
+        return f"has dtype {manifest['dtype']!r}, none of {', '.join(DTYPES)}"
+    counts = manifest["targeted_params"]
+    if not (_count(counts.get("dense")) and counts["dense"] > 0 and _count(counts.get("compressed"))):
+        return f"has targeted_params {counts!r}, not two parameter counts"
+    return next((f"has layer {name!r} {problem}" for name, problem in
+                 ((name, _layer_problem(layer)) for name, layer in manifest["layers"].items()) if problem), None)
+
+
+def _layer_problem(layer) -> str | None:
+    """What is wrong with one entry of the manifest's layers (None when nothing is)."""
+    if not isinstance(layer, dict):
+        return "that is not a JSON object"
+    shape, rank, shared = layer.get("shape"), layer.get("rank"), layer.get("shared")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_count(n) and n > 0 for n in shape)):
+        return f"of shape {shape!r}, not [out, in]"
+    if rank is not None and not (_count(rank) and rank > 0):
+        return f"of rank {rank!r}, neither a positive integer nor null (dense)"
+    if not isinstance(layer.get("bias"), bool) or not isinstance(layer.get("conv1d", False), bool):
+        return "without true/false bias and conv1d"
+    if shared is not None and not (isinstance(shared, dict) and shared.get("factor") in ("lora_A", "lora_B")
+                                   and isinstance(shared.get("with"), str)):
+        return f"sharing {shared!r}, not a factor of another layer"
+    return None
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_format_version(folder: Path, version) -> None:

@@ -76,9 +76,7 @@ def write_remote_code(folder: Path, base: dict, model_class: str, layers: dict, 
     module = MODELING.removesuffix(".py")
     config = {**base, "model_type": MODEL_TYPE, "base_model_type": base["model_type"], "architectures": [class_name],
               "auto_map": {"AutoConfig": f"{module}.LoraCompressedConfig", task: f"{module}.{class_name}"},
-              "lora_layers": factored_layers(layers), "lora_experts": experts or {},
-              "lora_shared": {name: [layer["shared"]["factor"], layer["shared"]["with"]]
-                              for name, layer in layers.items() if layer.get("shared") and layer.get("rank")}}
+              **remote_entries(layers, experts)}
     (folder / "config.json").write_text(_dump(config))
     (folder / MODELING).write_text(Template(TEMPLATE.read_text()).substitute(
         version=__version__, base_model=model_class, base_config=config_class, auto_class=task,
@@ -91,6 +89,13 @@ def _dump(config: dict) -> str:
     text = json.dumps({**config, "lora_layers": placeholder[1:-1]}, indent=2, sort_keys=True)
     rows = ",\n".join(f"    {json.dumps(name)}: {json.dumps(row)}" for name, row in config["lora_layers"].items())
     return text.replace(placeholder, "{\n" + rows + "\n  }" if rows else "{}") + "\n"
+
+
+def remote_entries(layers: dict, experts: dict | None = None) -> dict:
+    """config.json's ``lora_layers``, ``lora_experts`` and ``lora_shared`` from the manifest's layers and experts."""
+    return {"lora_layers": factored_layers(layers), "lora_experts": experts or {},
+            "lora_shared": {name: [layer["shared"]["factor"], layer["shared"]["with"]]
+                            for name, layer in layers.items() if layer.get("shared") and layer.get("rank")}}
 
 
 def factored_layers(layers: dict) -> dict:

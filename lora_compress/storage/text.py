@@ -13,9 +13,13 @@ def read_text(path: str | Path, flag: str = "--text") -> str:
     Windows line endings become ``\\n``.
 
     Raises:
-        LoraCompressError: the file is missing, empty, not UTF-8, or a .jsonl without text fields.
+        LoraCompressError: a folder, or a file missing, unreadable, empty, not UTF-8, or a .jsonl without
+            text fields.
     """
     path = Path(path)
+    if path.is_dir():
+        raise LoraCompressError(f"{flag} {path} is a folder; pass a UTF-8 text file (.txt, or .jsonl with a "
+                                f"text field)")
     if not path.is_file():
         raise LoraCompressError(f"{flag} file {path} does not exist; pass a UTF-8 text file")
     try:
@@ -23,6 +27,8 @@ def read_text(path: str | Path, flag: str = "--text") -> str:
     except UnicodeDecodeError as error:
         raise LoraCompressError(f"{flag} file {path} is not UTF-8 (byte {error.start}); "
                                 f"convert it, e.g. iconv -t utf-8") from None
+    except OSError as error:
+        raise LoraCompressError(f"{flag} file {path} cannot be read ({error.strerror}); make it readable") from None
     text = _jsonl_text(raw, path, flag) if path.suffix == ".jsonl" else raw.replace("\r\n", "\n")
     if not text.strip():
         raise LoraCompressError(f"{flag} file {path} is empty; pass a file with text in it")

@@ -145,10 +145,12 @@ def _output_keys(model: nn.Module, layout: CheckpointLayout) -> dict[str, str]:
     for names in aliases.values():
         names = sorted(n for n in names if n in order)
         stored = [n for n in names if n in stored_as]
+        if names and not stored and names[0] in layout.refused:
+            raise LoraCompressError(f"{names[0]} is not in the checkpoint under that name "
+                                    f"({layout.refused[names[0]]}); compress this model without --stream")
         if names and not stored:
-            why = layout.refused.get(names[0], "transformers would create it")
-            raise LoraCompressError(f"{names[0]} is not in the checkpoint under that name ({why}); "
-                                    f"compress this model without --stream")
+            raise LoraCompressError(f"{names[0]} is not in the checkpoint (transformers would fill it with random "
+                                    f"weights); the checkpoint is incomplete or renamed: copy it again from its source")
         if names:
             keys[names[0]] = stored_as[stored[0]]
     return dict(sorted(keys.items(), key=lambda item: order[item[0]]))
