@@ -150,8 +150,8 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               "sampling; causal LMs only, in memory only). 1 = data-free: no --calib needed. [default: 0]")
 @include_option
 @exclude_option
-@click.option("--svd", help="SVD solver of the data-free methods: auto, full, randomized or gram (eigh of the "
-              "smaller Gram matrix). [default: auto]")
+@click.option("--solver", "--svd", "solver", help="SVD solver of the data-free methods: auto, full, randomized or "
+              "gram (eigh of the smaller Gram matrix); --svd is its former name. [default: auto]")
 @click.option("--seed", type=int, help="Seed of every random step: the randomized SVD, the calibration labels "
               "drawn from the model's predictions, the text the model writes. [default: 0]")
 @click.option("--max-keep", type=float,
@@ -239,7 +239,8 @@ def evaluate(base, compressed, text_file, tasks, limit, include_path, json_path,
                      "(3/4 of the sequences fit, 1/4 check).")
 @include_option
 @click.option("--exclude", multiple=True, help="Regex on module names never factored; saved whole if changed.")
-@click.option("--svd", default="auto", show_default=True, help="SVD solver for --rank: auto, full, randomized or gram.")
+@click.option("--solver", "--svd", "solver", default="auto", show_default=True,
+              help="SVD solver for --rank: auto, full, randomized or gram (--svd: its former name).")
 @click.option("--seed", default=0, show_default=True,
               help="Seed of extract's random steps: the randomized SVD, and the random token ids the output check "
               "runs on without --calib.")
@@ -248,14 +249,14 @@ def evaluate(base, compressed, text_file, tasks, limit, include_path, json_path,
 @gguf_option
 @click.option("--tuned-gguf-file", help="Name of a GGUF file inside the --tuned folder.")
 @user_errors
-def extract(base, tuned, out, rank, energy, budget, calib, calib_samples, calib_len, include, exclude, svd, seed,
+def extract(base, tuned, out, rank, energy, budget, calib, calib_samples, calib_len, include, exclude, solver, seed,
             force, quiet, gguf_file, tuned_gguf_file):
     """Write the fine-tune TUNED − BASE as a PEFT LoRA adapter folder OUT."""
     from .export.extract import ExtractConfig, extract as extract_adapter
     from .report.tables import extraction_table
 
     config = ExtractConfig(rank=rank, energy=energy, budget=budget, include=tuple(include),
-                           exclude=tuple(exclude), svd=svd, seed=seed, calib_samples=calib_samples,
+                           exclude=tuple(exclude), solver=solver, seed=seed, calib_samples=calib_samples,
                            calib_len=calib_len)
     report = extract_adapter(base, tuned, out, config, calib=calib, gguf_file=gguf_file,
                              tuned_gguf_file=tuned_gguf_file, force=force, command=command_line(), progress=not quiet)

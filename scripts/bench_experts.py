@@ -101,7 +101,7 @@ def fallback_table() -> None:
             scale = basis * torch.arange(1, n + 1, dtype=torch.float64).pow(-decay / 2)  # x = z·scaleᵀ
             test = torch.randn(20000, n, dtype=torch.float64) @ scale.T
             reference = (test @ weight.T).norm()
-            plain = factorize(weight, n // 4, svd="full")
+            plain = factorize(weight, n // 4, solver="full")
             cells = [f"{float((test @ (weight - plain.B @ plain.A).T).norm() / reference):.3f}"]
             for tokens in (1, 4, 16, n // 4, n, 2 * n):
                 errors = []

@@ -67,7 +67,7 @@ def _timed(fn):
 
 def _ours(W, svd):
     """Time our factorisation alone; the error is measured after the clock stops."""
-    took, f = _timed(lambda: svdmath.factorize(W, RANK, svd=svd))
+    took, f = _timed(lambda: svdmath.factorize(W, RANK, solver=svd))
     return took, _rel_error(W, f.B @ f.A)
 
 
@@ -81,8 +81,8 @@ def _peft(layer, W, init):
 def svd_stage() -> str:
     weights, layers = _weights(), _peft_layers()
     solvers = {"torch.linalg.svd (full)": lambda name, W: _ours(W, "full"),
-               "lora-compress --svd auto": lambda name, W: _ours(W, "auto"),
-               "lora-compress --svd randomized": lambda name, W: _ours(W, "randomized"),
+               "lora-compress --solver auto": lambda name, W: _ours(W, "auto"),
+               "lora-compress --solver randomized": lambda name, W: _ours(W, "randomized"),
                "PEFT PiSSA (full SVD)": lambda name, W: _peft(layers[name], W, "pissa"),
                "PEFT PiSSA pissa_niter_4": lambda name, W: _peft(layers[name], W, "pissa_niter_4")}
     seconds, errors = {s: 0.0 for s in solvers}, {s: [] for s in solvers}
@@ -123,13 +123,13 @@ def _stage_seconds(weights: dict, layers: dict, solver: str) -> float:
         return _timed(lambda: [layer.pissa_init("default", "pissa") for layer, _ in pairs])[0]
     svd = "full" if solver.startswith("torch") else "auto"  # full: what the interleaved loop's first row times
     workers = STAGE_WORKERS if "workers" in solver else 1
-    return _timed(lambda: list(ordered_map(lambda W: svdmath.factorize(W, RANK, svd=svd), weights.values(),
+    return _timed(lambda: list(ordered_map(lambda W: svdmath.factorize(W, RANK, solver=svd), weights.values(),
                                            workers)))[0]
 
 
 def stage_rounds(weights: dict, layers: dict, rounds: int) -> str:
     """The whole stage per solver, ``rounds`` times with the solver order rotated; median round."""
-    solvers = ["PEFT PiSSA (full SVD)", "lora-compress --svd auto", f"lora-compress --svd auto, {STAGE_WORKERS} workers",
+    solvers = ["PEFT PiSSA (full SVD)", "lora-compress --solver auto", f"lora-compress --solver auto, {STAGE_WORKERS} workers",
                f"torch.linalg.svd (full), {STAGE_WORKERS} workers"]
     seconds = {solver: [] for solver in solvers}
     for turn in range(rounds):
@@ -146,10 +146,10 @@ def stage_rounds(weights: dict, layers: dict, rounds: int) -> str:
 
 
 def _by_shape_table(by_shape: dict, weights: dict) -> str:
-    """Seconds of PEFT's full-SVD path and of ``--svd auto`` per layer shape: where the speed-up is won."""
+    """Seconds of PEFT's full-SVD path and of ``--solver auto`` per layer shape: where the speed-up is won."""
     counts, rows = Counter(tuple(W.shape) for W in weights.values()), []
     for shape, took in by_shape.items():
-        peft, auto = took["PEFT PiSSA (full SVD)"], took["lora-compress --svd auto"]
+        peft, auto = took["PEFT PiSSA (full SVD)"], took["lora-compress --solver auto"]
         rows.append([f"{shape[0]}×{shape[1]}", counts[shape], f"{peft:.2f}", f"{auto:.2f}",
                      f"{svdmath.choose_svd(shape, RANK)}", f"{peft / auto:.2f}×"])
     return render(rows, ["shape", "layers", "PEFT full s", "auto s", "auto picks", "speed-up"])

@@ -12,7 +12,7 @@ from lora_compress.cli import main
 from lora_compress.methods.config import RunConfig
 from lora_compress.storage.compressed import MANIFEST
 
-from lora_compress.calibrate.generation import generation_problem, with_written, written_sequences
+from lora_compress.calibrate.generation import generation_problem, with_generated, generated_sequences
 from lora_compress.errors import LoraCompressError
 from lora_compress.pipelines.plan import compress_
 from lora_compress.methods.config import CompressConfig
@@ -25,29 +25,29 @@ def dense(folder):
 
 def test_written_sequences_start_at_bos_run_to_full_length_and_repeat_with_the_seed(tiny_models):
     model = dense(tiny_models["llama"])
-    written = written_sequences(model, 3, 12, seed=0)
+    written = generated_sequences(model, 3, 12, seed=0)
     assert written.shape == (3, 12)
     assert (written[:, 0] == model.config.bos_token_id).all()
     assert not (written[:, 1:] == model.config.eos_token_id).any()  # never ended early
-    assert torch.equal(written, written_sequences(model, 3, 12, seed=0))
-    assert not torch.equal(written, written_sequences(model, 3, 12, seed=1))
+    assert torch.equal(written, generated_sequences(model, 3, 12, seed=0))
+    assert not torch.equal(written, generated_sequences(model, 3, 12, seed=1))
 
 
 def test_a_share_of_the_rows_is_written_and_the_users_rows_kept_are_spread_evenly(tiny_models):
     model = dense(tiny_models["llama"])
     tokens = torch.arange(8 * 6).reshape(8, 6) % model.config.vocab_size  # (8, 6): row i starts at 6·i
-    mixed = with_written(model, tokens, 0.25)
+    mixed = with_generated(model, tokens, 0.25)
     assert mixed.shape == tokens.shape
     assert torch.equal(mixed[:6], tokens[[0, 1, 3, 4, 6, 7]])  # 6 of 8 rows, first and last among them
     assert (mixed[6:, 0] == model.config.bos_token_id).all()
-    assert with_written(model, tokens, 0.0) is tokens
+    assert with_generated(model, tokens, 0.0) is tokens
 
 
 def test_an_encoder_cannot_write_calibration_text_and_says_so_in_one_line(tiny_models):
     model = dense(tiny_models["bert"])
     assert "no language-model head" in generation_problem(model)
     with pytest.raises(LoraCompressError, match="^calib_generated: BertModel has no language-model head") as err:
-        written_sequences(model, 2, 8)
+        generated_sequences(model, 2, 8)
     assert "\n" not in str(err.value)
 
 

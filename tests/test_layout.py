@@ -46,12 +46,21 @@ def test_cli_method_choices_and_help_come_from_the_registry():
 
 
 def test_a_method_config_sets_the_method_and_its_knobs():
-    config = CompressConfig(budget=0.8, method=SequentialConfig(fisher_damping=0.05))
-    assert config.method == "sequential" and config.options.fisher_damping == 0.05
-    assert config.to_dict()["options"] == {"fisher_damping": 0.05, "fisher_floor": 0.01, "input_shrinkage": 0.3}
+    config = CompressConfig(budget=0.8, method=SequentialConfig(output_damping=0.05))
+    assert config.method == "sequential" and config.options.output_damping == 0.05
+    assert config.to_dict()["options"] == {"output_damping": 0.05, "output_floor": 0.01, "input_shrinkage": 0.3}
     assert resolve(CompressConfig(budget=0.8), RunConfig(calib="text.txt")).options == SequentialConfig()
     assert get_method("sequential").gradients and get_method("sequential").closed_loop
     assert not get_method("whiten").gradients and not get_method("svd").calibration
+
+
+def test_a_manifest_written_under_the_former_names_still_reads():
+    former = {"budget": 0.8, "method": "sequential", "svd": "randomized",
+              "options": {"fisher_damping": 0.05, "fisher_floor": 0.02, "input_shrinkage": 0.3}}
+    config = CompressConfig.from_dict(former)
+    assert config.solver == "randomized"
+    assert config.options == SequentialConfig(output_damping=0.05, output_floor=0.02)
+    assert CompressConfig.from_dict(config.to_dict()) == config
 
 
 def test_auto_names_sequential_with_calibration_text_and_svd_without():
@@ -87,8 +96,8 @@ def test_library_errors_name_fields_and_the_cli_names_flags(tiny_models, tmp_pat
 def test_unused_options_warn_from_the_library():
     with pytest.warns(LoraCompressWarning, match="^calib is unused by method svd"):
         resolve(CompressConfig(ratio=0.5, method="svd"), RunConfig(calib="text.txt"))
-    with pytest.warns(LoraCompressWarning, match="^svd full is unused by method sequential"):
-        resolve(CompressConfig(ratio=0.5, svd="full"), RunConfig(calib="text.txt"))
+    with pytest.warns(LoraCompressWarning, match="^solver full is unused by method sequential"):
+        resolve(CompressConfig(ratio=0.5, solver="full"), RunConfig(calib="text.txt"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve(CompressConfig(ratio=0.5), RunConfig())  # nothing unused: no warning
@@ -101,8 +110,8 @@ class HalfConfig(MethodConfig):
     scale: float = 0.5
 
 
-def factor_scaled(weight, rank, inputs, config, *, svd="auto", seed=0):
-    factors = factorize(weight, rank, svd=svd, seed=seed)
+def factor_scaled(weight, rank, inputs, config, *, solver="auto", seed=0):
+    factors = factorize(weight, rank, solver=solver, seed=seed)
     return type(factors)(factors.B * config.scale, factors.A, factors.singular_values, factors.energy_kept)
 
 
@@ -135,9 +144,9 @@ class AsvdConfig(MethodConfig):
     alpha: float = 0.5
 
 
-def factor_asvd(weight, rank, stats, config, *, svd="auto", seed=0):
+def factor_asvd(weight, rank, stats, config, *, solver="auto", seed=0):
     scale = (stats["abs_mean"] / stats.rows).clamp_min(1e-6).pow(config.alpha).to(weight.dtype)  # (in,)
-    factors = factorize(weight * scale, rank, svd="full")
+    factors = factorize(weight * scale, rank, solver="full")
     return type(factors)(factors.B, factors.A / scale, factors.singular_values, factors.energy_kept)
 
 

@@ -23,7 +23,7 @@ def test_error_falls_as_rank_rises_and_matches_eckart_young():
     W = torch.randn(48, 32)
     errors = []
     for rank in (1, 4, 8, 16, 32):
-        f = factorize(W, rank, svd="full")
+        f = factorize(W, rank, solver="full")
         error = torch.linalg.norm(W - f.B @ f.A) / torch.linalg.norm(W)
         assert float(error) == pytest.approx(math.sqrt(1 - f.energy_kept), abs=1e-4)
         errors.append(float(error))
@@ -69,7 +69,7 @@ def test_randomized_svd_stays_within_one_percent_on_a_flat_spectrum_with_outlier
     sigma = torch.arange(1, 385).float().pow(-0.3)
     sigma[:4] *= outlier_boost
     W = (U * sigma) @ V.T
-    full, fast = factorize(W, 96, svd="full"), factorize(W, 96, svd="randomized")
+    full, fast = factorize(W, 96, solver="full"), factorize(W, 96, solver="randomized")
     assert float(torch.linalg.norm(W - fast.B @ fast.A)) <= 1.01 * float(torch.linalg.norm(W - full.B @ full.A))
 
 
@@ -78,9 +78,9 @@ def test_randomized_svd_matches_full_truncation_error_on_a_decaying_spectrum():
     U, _ = torch.linalg.qr(torch.randn(200, 100))
     V, _ = torch.linalg.qr(torch.randn(150, 100))
     W = U @ torch.diag(torch.logspace(0, -3, 100)) @ V.T  # (200, 150)
-    full = factorize(W, 20, svd="full")
-    fast = factorize(W, 20, svd="randomized")
+    full = factorize(W, 20, solver="full")
+    fast = factorize(W, 20, solver="randomized")
     err_full = torch.linalg.norm(W - full.B @ full.A)
     err_fast = torch.linalg.norm(W - fast.B @ fast.A)
     assert float(err_fast) <= float(err_full) * 1.01
-    assert truncated_svd(W, 20, svd="randomized")[3].pow(2).sum() == pytest.approx(float(W.pow(2).sum()), rel=1e-4)
+    assert truncated_svd(W, 20, solver="randomized")[3].pow(2).sum() == pytest.approx(float(W.pow(2).sum()), rel=1e-4)

@@ -15,7 +15,7 @@ def _with_spectrum(m, n, singular_values, seed=0):
 
 
 def _error(matrix, rank, svd):
-    U, S, Vh, _ = svdmath.truncated_svd(matrix, rank, svd=svd)
+    U, S, Vh, _ = svdmath.truncated_svd(matrix, rank, solver=svd)
     return float(torch.linalg.norm(matrix - (U * S) @ Vh))
 
 
@@ -30,14 +30,14 @@ def test_randomized_truncation_error_is_within_tolerance_of_full(shape, decay):
 
 def test_randomized_energy_accounts_for_every_singular_value():
     matrix = torch.randn(100, 300, generator=torch.Generator().manual_seed(1))
-    *_, estimates = svdmath.truncated_svd(matrix, 20, svd="randomized")
+    *_, estimates = svdmath.truncated_svd(matrix, 20, solver="randomized")
     assert torch.isclose(estimates.pow(2).sum(), matrix.pow(2).sum(), rtol=1e-4)
 
 
 def test_randomized_svd_is_seeded():
     matrix = torch.randn(120, 300, generator=torch.Generator().manual_seed(2))
-    first, again = (svdmath.factorize(matrix, 16, svd="randomized", seed=5) for _ in range(2))
-    other = svdmath.factorize(matrix, 16, svd="randomized", seed=6)
+    first, again = (svdmath.factorize(matrix, 16, solver="randomized", seed=5) for _ in range(2))
+    other = svdmath.factorize(matrix, 16, solver="randomized", seed=6)
     assert torch.equal(first.B, again.B) and torch.equal(first.A, again.A)
     assert not torch.equal(first.A, other.A)
 
@@ -51,8 +51,8 @@ def test_auto_picks_randomized_only_well_below_the_smaller_dimension():
 @pytest.mark.parametrize("shape", [(120, 300), (300, 120)])
 def test_gram_solver_matches_the_full_svd(shape):
     matrix = _with_spectrum(*shape, 0.97 ** torch.arange(120, dtype=torch.float32))
-    U, S, Vh, S_all = svdmath.truncated_svd(matrix, 30, svd="gram")
-    full = svdmath.truncated_svd(matrix, 30, svd="full")
+    U, S, Vh, S_all = svdmath.truncated_svd(matrix, 30, solver="gram")
+    full = svdmath.truncated_svd(matrix, 30, solver="full")
     assert torch.allclose(S, full[1], rtol=1e-4)
     assert torch.allclose(U.T @ U, torch.eye(30), atol=1e-4)
     assert _error(matrix, 30, "gram") == pytest.approx(_error(matrix, 30, "full"), rel=1e-4)

@@ -49,7 +49,7 @@ def start_token(model: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def written_sequences(model: nn.Module, count: int, length: int, seed: int = 0) -> torch.Tensor:
+def generated_sequences(model: nn.Module, count: int, length: int, seed: int = 0) -> torch.Tensor:
     """``count`` sequences of ``length`` tokens sampled from ``model`` after its start token (no prompt:
     data-free), seeded; the end-of-sequence tokens are never drawn, so every row runs to full length.
 
@@ -60,7 +60,7 @@ def written_sequences(model: nn.Module, count: int, length: int, seed: int = 0) 
         LoraCompressError: the model cannot write (:func:`generation_problem`).
 
     Example:
-        >>> written_sequences(model, 8, 256).shape
+        >>> generated_sequences(model, 8, 256).shape
         torch.Size([8, 256])
     """
     problem = generation_problem(model)
@@ -132,9 +132,9 @@ def _cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def with_written(model: nn.Module, tokens: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+def with_generated(model: nn.Module, tokens: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     """``tokens`` (N, T) with round(fraction·N) of its rows replaced by sequences ``model`` writes
-    (:func:`written_sequences`); the user's rows kept are spread evenly over ``tokens``.
+    (:func:`generated_sequences`); the user's rows kept are spread evenly over ``tokens``.
 
     Returns:
         (N, T) token ids: the user's rows first, then the written ones.
@@ -144,5 +144,5 @@ def with_written(model: nn.Module, tokens: torch.Tensor, fraction: float, seed: 
         return tokens
     keep = len(tokens) - count
     picks = torch.linspace(0, len(tokens) - 1, keep).round().long()  # (keep,)
-    written = written_sequences(model, count, tokens.shape[1], seed).to(tokens.device, tokens.dtype)
+    written = generated_sequences(model, count, tokens.shape[1], seed).to(tokens.device, tokens.dtype)
     return torch.cat([tokens[picks], written])

@@ -254,17 +254,17 @@ def _range(matrix: torch.Tensor, k: int, power_iters: int, seed: int) -> torch.T
     return torch.linalg.qr(Y)[0]
 
 
-def choose_svd(shape: tuple[int, int], rank: int, svd: str = "auto") -> str:
+def choose_svd(shape: tuple[int, int], rank: int, solver: str = "auto") -> str:
     """``auto`` picks the randomized SVD when ``rank + OVERSAMPLE`` is below ``AUTO_FRACTION`` of the
     smaller dimension, else the Gram/eigh solver (measured cross-over, see benchmarks/speed.md)."""
-    if svd not in SVD_METHODS:
-        raise ValueError(f"unknown SVD method {svd!r}; choose one of {', '.join(SVD_METHODS)}")
-    if svd != "auto":
-        return svd
+    if solver not in SVD_METHODS:
+        raise ValueError(f"unknown SVD solver {solver!r}; choose one of {', '.join(SVD_METHODS)}")
+    if solver != "auto":
+        return solver
     return "randomized" if rank + OVERSAMPLE < AUTO_FRACTION * min(shape) else "gram"
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int, svd: str = "auto", seed: int = 0,
+def truncated_svd(matrix: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0,
                   oversample: int | None = None, power_iters: int | None = None):
     """Top-``rank`` SVD of ``matrix`` as ``(U_r, S_r, Vh_r, S_all)``.
 
@@ -278,7 +278,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, svd: str = "auto", seed: int 
     spectra with outlier singular values (tests/test_svd.py). The Gram solver is exact up to
     rounding and falls back to the full SVD where that rounding could matter.
     """
-    method = choose_svd(tuple(matrix.shape), rank, svd)
+    method = choose_svd(tuple(matrix.shape), rank, solver)
     total = torch.linalg.vector_norm(matrix).square()  # ‖M‖² without a temporary the size of M
     if method == "gram":
         found = _gram_eigh_svd(matrix, rank, total)
@@ -294,7 +294,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, svd: str = "auto", seed: int 
 
 
 @torch.no_grad()
-def factorize(weight: torch.Tensor, rank: int, *, svd: str = "auto", seed: int = 0,
+def factorize(weight: torch.Tensor, rank: int, *, solver: str = "auto", seed: int = 0,
               compute_dtype=torch.float32) -> Factors:
     """Best rank-``rank`` factors of ``weight`` (out×in) in Frobenius norm (activation-aware factors:
     core/whitening.Whitening).
@@ -302,7 +302,7 @@ def factorize(weight: torch.Tensor, rank: int, *, svd: str = "auto", seed: int =
     Args:
         weight: the dense matrix W, (out, in), any float dtype.
         rank: kept rank, 1 ≤ rank ≤ min(out, in).
-        svd: ``full``, ``randomized``, ``gram`` or ``auto``.
+        solver: ``full``, ``randomized``, ``gram`` or ``auto``.
         seed: seed of the randomized SVD.
         compute_dtype: float32 or float64; the factors come back in ``weight.dtype``.
 
@@ -319,7 +319,7 @@ def factorize(weight: torch.Tensor, rank: int, *, svd: str = "auto", seed: int =
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank {rank} is outside 1..{min(out_features, in_features)} for a "
                          f"{out_features}×{in_features} weight; choose a rank in that range")
-    U, S, Vh, S_all = truncated_svd(weight.to(compute_dtype), rank, svd=svd, seed=seed)
+    U, S, Vh, S_all = truncated_svd(weight.to(compute_dtype), rank, solver=solver, seed=seed)
     B = U * S  # (out, r)
     return Factors(B.to(weight.dtype), Vh.to(weight.dtype), S_all.float(), energy_kept(S_all, rank))
 

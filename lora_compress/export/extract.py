@@ -49,7 +49,7 @@ class ExtractConfig:
     budget: float | None = None  # adapter weights as a fraction of the changed layers' dense Σ m·n
     include: tuple[str, ...] = ()  # regexes on module names; empty = every linear layer
     exclude: tuple[str, ...] = ()  # regexes on module names never factored (saved whole if changed)
-    svd: str = "auto"  # auto | full | randomized | gram (energy and budget always use the full SVD)
+    solver: str = "auto"  # auto | full | randomized | gram (energy and budget always use the full SVD)
     seed: int = 0  # seed of the randomized SVD
     calib_samples: int = 16  # with calibration text: sequences; 3/4 fit the factors, 1/4 check them
     calib_len: int = 256  # tokens per calibration sequence
@@ -66,8 +66,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is not None and not (0 < value <= 1):
                 raise LoraCompressError(f"--{name} {value} is outside (0, 1]; pass a fraction such as 0.9")
-        if self.svd not in svdmath.SVD_METHODS:
-            raise LoraCompressError(f"--svd {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
+        if self.solver not in svdmath.SVD_METHODS:
+            raise LoraCompressError(f"--solver {self.solver!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
         if self.calib_samples < 2 or self.calib_len < 2 or self.check_tokens < 4:
             raise LoraCompressError("calibration needs at least 2 samples of 2 tokens and 4 check tokens; raise them")
 
@@ -194,7 +194,7 @@ def factor_deltas(weights: dict[str, torch.Tensor], config: ExtractConfig, gram=
         if gram is not None:  # the whitened SVD of the delta: the one Whitening the methods use
             full[name] = Whitening(delta, gram(name)).factors(rank)
         else:
-            full[name] = svdmath.factorize(delta, rank, svd="full" if config.rank is None else config.svd,
+            full[name] = svdmath.factorize(delta, rank, solver="full" if config.rank is None else config.solver,
                                            seed=config.seed)
     ranks = _choose_ranks(full, weights, config)
     notes = {name: f"--rank {config.rank} capped at the smaller dimension (full rank, exact)" for name, f in full.items()
@@ -354,7 +354,7 @@ def _extraction_card(report: ExtractionReport, base_name: str, tuned: str, comma
                "output error measured on": report.check_inputs, "seconds": round(report.seconds, 1)}
     config = report.config
     settings = {"tuned model": tuned, "rank": config.rank, "energy": config.energy, "budget": config.budget,
-                "include": config.include, "exclude": config.exclude, "svd": config.svd, "seed": config.seed,
+                "include": config.include, "exclude": config.exclude, "solver": config.solver, "seed": config.seed,
                 "versions": versions()}
     return Card("adapter", base_name, method, command or f"extract({base_name!r}, {tuned!r})", settings, figures,
                 tuple(report.notes))

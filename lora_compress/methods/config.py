@@ -35,13 +35,17 @@ EXPERT_MIN_TOKENS = 16  # default expert_min_tokens (calibrate/experts.py; BENCH
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+FORMER_NAMES = {"svd": "solver", "fisher_damping": "output_damping", "fisher_floor": "output_floor",
+                "gram_shrinkage": "input_shrinkage"}  # a manifest written before the names settled still reads
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """What to compress and how: the method, its knobs, the rank rule and the targets.
 
     Example:
         >>> CompressConfig(budget=0.8)                                            # the default method
-        >>> CompressConfig(budget=0.8, method=SequentialConfig(fisher_damping=0.05))
+        >>> CompressConfig(budget=0.8, method=SequentialConfig(output_damping=0.05))
     """
 
     rank: int | None = None  # one rank for every targeted layer
@@ -52,7 +56,7 @@ class CompressConfig:
     options: MethodConfig | None = None  # the method's knobs (None: its defaults); set from ``method`` when a config is given
     include: tuple[str, ...] = ()  # regexes on module names; empty = all linear layers
     exclude: tuple[str, ...] = ()  # regexes on module names to leave dense
-    svd: str = "auto"  # SVD solver of the data-free methods: auto | full | randomized | gram
+    solver: str = "auto"  # SVD solver of the data-free methods: auto | full | randomized | gram
     seed: int = 0  # every random step: the randomized SVD, the calibration labels drawn, the text the model writes
     factor_all: bool = False  # factor even layers whose rank saves no parameters (or breaks max_keep)
     max_keep: float = MAX_KEEP  # speed rule: a layer is factored only at ranks keeping ≤ this share of its weights
@@ -71,8 +75,8 @@ class CompressConfig:
             value = getattr(self, name)
             if value is not None and not (0 < value <= 1):
                 raise OptionError(f"{{{name}}} {value} is outside (0, 1]; pass a fraction such as 0.5")
-        if self.svd not in svdmath.SVD_METHODS:
-            raise OptionError(f"{{svd}} {self.svd!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
+        if self.solver not in svdmath.SVD_METHODS:
+            raise OptionError(f"{{solver}} {self.solver!r} is unknown; choose one of {', '.join(svdmath.SVD_METHODS)}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         method, options = self.method, self.options
@@ -123,9 +127,11 @@ class CompressConfig:
         """The config :meth:`to_dict` wrote (unknown keys, such as a run's settings in an older manifest, are
         ignored)."""
         known = {f.name for f in fields(cls)}
+        data = {FORMER_NAMES.get(key, key): value for key, value in data.items()}
         values = {key: value for key, value in data.items() if key in known}
         options = values.pop("options", None)
         if options is not None and values.get("method", "auto") != "auto":
+            options = {FORMER_NAMES.get(key, key): value for key, value in options.items()}
             values["options"] = get_method(values["method"]).config_class(**options)
         for key in ("include", "exclude"):
             values[key] = tuple(values.get(key) or ())
@@ -219,8 +225,8 @@ def resolve(config: CompressConfig, run: RunConfig, tokens_given: bool = False) 
     if run.calib and not method.calibration:
         warnings.warn(OptionWarning(f"{{calib}} is unused by {{method}} {method.name} (plain SVD needs no "
                                     f"calibration text)"), stacklevel=3)
-    if method.calibration and config.svd != "auto":
-        warnings.warn(OptionWarning(f"{{svd}} {config.svd} is unused by {{method}} {method.name}: a calibrated "
+    if method.calibration and config.solver != "auto":
+        warnings.warn(OptionWarning(f"{{solver}} {config.solver} is unused by {{method}} {method.name}: a calibrated "
                                     f"method decomposes each whitened matrix exactly (eigh); the solver serves the "
                                     f"data-free methods"), stacklevel=3)
     return config

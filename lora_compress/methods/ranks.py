@@ -80,7 +80,7 @@ def rule_rank(config: CompressConfig, weight: torch.Tensor, stats: LayerStatisti
     shape = tuple(weight.shape)
     spectrum = None
     if config.energy is not None:
-        spectrum = layer_whitening(weight, stats, config.options.gram_shrinkage, fisher=False).spectrum().sqrt()
+        spectrum = layer_whitening(weight, stats, config.options.input_shrinkage, fisher=False).spectrum().sqrt()
     rank = layer_rank(config, shape, spectrum)
     return rank if rank <= config.rank_limit(shape) else None
 

@@ -32,14 +32,14 @@ class MethodConfig:
         return asdict(self)
 
     @property
-    def gram_shrinkage(self) -> float:
+    def input_shrinkage(self) -> float:
         """How far the method shrinks each input Gram towards its diagonal before whitening, in the fit
         and in the budget's costs alike (0: not at all)."""
         return 0.0
 
 
-Handler = Callable[..., Factors]  # (weight, rank, LayerStatistics, config, *, svd, seed) → Factors
-ExpertsHandler = Callable[..., list]  # (weights (E, out, in), rank, config, *, svd, seed) → [Factors] per expert
+Handler = Callable[..., Factors]  # (weight, rank, LayerStatistics, config, *, solver, seed) → Factors
+ExpertsHandler = Callable[..., list]  # (weights (E, out, in), rank, config, *, solver, seed) → [Factors] per expert
 
 
 @dataclass(frozen=True)

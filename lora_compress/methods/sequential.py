@@ -32,34 +32,29 @@ STATISTICS = (InputGram(), OutputGram(), InputDiagonal(), GradientCovariance())
 class SequentialConfig(MethodConfig):
     """The output weighting's knobs."""
 
-    fisher_damping: float = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (SmolLM2 20%, F unshrunk: 0.001–0.1 beat the diagonal)
-    fisher_floor: float = 1e-2  # diagonal weights g/mean(g) are floored here so no output channel is ignored
+    output_damping: float = 0.1  # full F: R·Rᵀ = F + this·mean(diag F)·I (SmolLM2 20%, F unshrunk: 0.001–0.1 beat the diagonal)
+    output_floor: float = 1e-2  # diagonal weights g/mean(g) are floored here so no output channel is ignored
     input_shrinkage: float = 0.3  # C ← (1 − s)·C + s·diag(C) before whitening (issue 17: 0.3 beat 0 and 0.6 off the calibration text)
 
     def __post_init__(self):
-        for name in ("fisher_damping", "fisher_floor"):
+        for name in ("output_damping", "output_floor"):
             if getattr(self, name) < 0:
                 raise LoraCompressError(f"{name} {getattr(self, name)} is negative; pass 0 or more")
         if not 0 <= self.input_shrinkage <= 1:
             raise LoraCompressError(f"input_shrinkage {self.input_shrinkage} is outside [0, 1]; pass e.g. 0.3")
 
-    @property
-    def gram_shrinkage(self) -> float:
-        """The input Gram's shrinkage towards its diagonal (see the module docstring)."""
-        return self.input_shrinkage
-
 
 def output_weights(stats: LayerStatistics, config: SequentialConfig) -> torch.Tensor | None:
     """The layer's output weighting on a common scale (None without gradient moments)."""
     fisher = stats.get("fisher")
-    return None if fisher is None else channel_weights(fisher, config.fisher_floor)
+    return None if fisher is None else channel_weights(fisher, config.output_floor)
 
 
 def sequential_whitening(weight: torch.Tensor, stats: LayerStatistics, config: SequentialConfig,
                          **refit) -> Whitening:
     """The two-sided whitening of one layer (``refit``: the dense stream's cross-Gram and a ridge)."""
     return Whitening(weight, stats.get("gram"), stats.get("output_gram"), stats.get("input_diagonal"),
-                     output_weights(stats, config), config.fisher_damping, config.input_shrinkage,
+                     output_weights(stats, config), config.output_damping, config.input_shrinkage,
                      cholesky=shared_cholesky(stats, config.input_shrinkage), **refit)
 
 

@@ -49,14 +49,14 @@ def basis_errors(weights: torch.Tensor, rank: int, sides=CHOICES[1:]) -> dict[st
     return errors
 
 
-def factor_shared_experts(weights: torch.Tensor, rank: int, config: SharedBasisConfig, *, svd: str = "auto",
+def factor_shared_experts(weights: torch.Tensor, rank: int, config: SharedBasisConfig, *, solver: str = "auto",
                           seed: int = 0) -> list[svdmath.Factors]:
     """Factors of each expert ``weights[e]`` (E, out, in) within the parameters of per-expert rank ``rank``;
     on a shared basis the shared factor is one tensor object in every expert's Factors."""
     errors = basis_errors(weights, rank, CHOICES[1:] if config.side == "auto" else (config.side,))
     side = min(errors, key=lambda option: errors[option][0])
     if side == "per-expert":
-        return [svdmath.factorize(weight, rank, svd=svd, seed=seed) for weight in weights]
+        return [svdmath.factorize(weight, rank, solver=solver, seed=seed) for weight in weights]
     return shared_factors(weights, errors[side][1], side)
 
 
@@ -64,6 +64,6 @@ def factor_shared_experts(weights: torch.Tensor, rank: int, config: SharedBasisC
                  summary="a layer's experts on one shared A or B (per-expert SVD where that keeps more), at the "
                          "parameters of the rank rule; other layers by truncated SVD")
 def factor_shared_basis(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SharedBasisConfig, *,
-                        svd: str = "auto", seed: int = 0) -> svdmath.Factors:
+                        solver: str = "auto", seed: int = 0) -> svdmath.Factors:
     """A layer outside the experts: the top-``rank`` SVD of ``weight``."""
-    return svdmath.factorize(weight, rank, svd=svd, seed=seed)
+    return svdmath.factorize(weight, rank, solver=solver, seed=seed)

@@ -12,11 +12,11 @@ from .registry import LayerStatistics, MethodConfig, register_method
 
 @dataclass(frozen=True)
 class SvdConfig(MethodConfig):
-    """Plain SVD has no knobs of its own: the solver (``CompressConfig.svd``) and its seed serve every method."""
+    """Plain SVD has no knobs of its own: the solver (``CompressConfig.solver``) and its seed serve every method."""
 
 
 @register_method("svd", SvdConfig, summary="truncated SVD of each targeted weight")
-def factor_svd(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SvdConfig, *, svd: str = "auto",
+def factor_svd(weight: torch.Tensor, rank: int, stats: LayerStatistics, config: SvdConfig, *, solver: str = "auto",
                seed: int = 0) -> svdmath.Factors:
-    """Top-``rank`` SVD of ``weight`` (out, in) by the ``svd`` solver (seeded when randomized)."""
-    return svdmath.factorize(weight, rank, svd=svd, seed=seed)
+    """Top-``rank`` SVD of ``weight`` (out, in) by the ``solver`` (seeded when randomized)."""
+    return svdmath.factorize(weight, rank, solver=solver, seed=seed)

@@ -115,7 +115,7 @@ class CalibratedRun:
         if self.config.budget is not None:
             shapes = [tuple(dense_weight(m).shape) for m in modules.values()]
             workers = layer_workers(self.workers, shapes, str(self.source.device))
-            shrinkage = self.config.options.gram_shrinkage
+            shrinkage = self.config.options.input_shrinkage
             with closing(ordered_map(lambda name: layer_cost(dense_weight(modules[name]), stats[name], shrinkage),
                                      list(modules), workers)) as found:
                 self.costs.update(zip(modules, found))

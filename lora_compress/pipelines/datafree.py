@@ -73,7 +73,7 @@ def factor_experts(names: list[str], modules: list[nn.Module], weights: torch.Te
         return [(result, None) for result in results]
     for name, weight in zip(names, weights):
         check_finite_float(name, weight)
-    factors = config.record.experts(weights.to(run.device), rank, config.options, svd=config.svd, seed=config.seed)
+    factors = config.record.experts(weights.to(run.device), rank, config.options, solver=config.solver, seed=config.seed)
     for result, own in zip(results, factors):
         result.rank, result.energy_kept = own.rank, own.energy_kept
     for factor, field in (("lora_A", "A"), ("lora_B", "B")):
@@ -109,9 +109,9 @@ def factor_weight(result: LayerResult, weight: torch.Tensor, config: CompressCon
     if rank is not None and rank > limit:
         result.note = config.dense_note(rank, result.shape)
         return None
-    svd_kind = "full" if rank is None else config.svd  # energy: the whole spectrum, then truncated
+    solver = "full" if rank is None else config.solver  # energy: the whole spectrum, then truncated
     factors = config.record.factor(weight.to(run.device), rank or min(result.shape), LayerStatistics({}, 0),
-                                   config.options, svd=svd_kind, seed=config.seed)
+                                   config.options, solver=solver, seed=config.seed)
     if rank is None:
         rank = layer_rank(config, result.shape, factors.singular_values)
         factors = svdmath.truncate(factors, rank)

@@ -76,7 +76,7 @@ class GroupFactoring:
         rank = min(self.ranks[name], min(weight.shape))
         if name in self.sparse:  # isotropic statistics: every activation-aware method gives the SVD of W
             return Whitening(weight, gram=torch.eye(weight.shape[1], dtype=torch.float64)).factors(rank)
-        return self.config.record.factor(weight, rank, stats, self.config.options, svd=self.config.svd,
+        return self.config.record.factor(weight, rank, stats, self.config.options, solver=self.config.solver,
                                          seed=self.config.seed)
 
 

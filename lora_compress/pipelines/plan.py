@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..calibrate.block_source import ResidentBlocks
-from ..calibrate.generation import with_written, written_sequences
+from ..calibrate.generation import with_generated, generated_sequences
 from ..core.targets import expose_experts_, find_targets
 from ..errors import OptionError
 from ..methods.config import CompressConfig, RunConfig, resolve
@@ -125,5 +125,5 @@ def calibration_mix(model: nn.Module, tokens: torch.Tensor | None, run: RunConfi
     """The calibration tokens a run uses: ``tokens`` with a share ``run.calib_generated`` of its rows written by
     ``model`` (all of them when there are no tokens); and how many rows were written."""
     if tokens is None:  # data-free: every sequence written
-        return written_sequences(model, run.calib_samples, run.calib_len, seed), run.calib_samples
-    return with_written(model, tokens, run.calib_generated, seed), round(run.calib_generated * len(tokens))
+        return generated_sequences(model, run.calib_samples, run.calib_len, seed), run.calib_samples
+    return with_generated(model, tokens, run.calib_generated, seed), round(run.calib_generated * len(tokens))

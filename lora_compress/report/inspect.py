@@ -99,7 +99,7 @@ def inspect_spectra(model: str, gguf_file: str | None = None, include=(), exclud
     stats = calibration_statistics(dense, load_tokenizer(source), targets, calib, calib_samples, calib_len,
                                    progress) if calib else None  # first: a bad --calib fails before the slow part
     results = {"plain": layer_spectra(targets, progress=progress)}
-    shrinkage = get_method(CALIBRATED_DEFAULT).config_class().gram_shrinkage
+    shrinkage = get_method(CALIBRATED_DEFAULT).config_class().input_shrinkage
     if stats is not None:
         results["whitened"] = layer_spectra(targets, stats, shrinkage, progress)
     lines = []
