@@ -1,5 +1,6 @@
 """Fixtures: tiny random Llama, BERT, GPT-2, mixture-of-experts (Mixtral, Qwen2-MoE, Qwen3-MoE) and
-encoder-decoder (T5, BART) checkpoints saved with safetensors, and the real models."""
+encoder-decoder (T5, BART) checkpoints saved with safetensors, the same compressed (``compressed``), and the
+real models. Helpers shared by the test files (the CLI's ``run``, ...) are in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -161,6 +162,28 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         vocab = _tiny_tokenizer(folder)
         folders[name] = _save(build(folder, vocab=vocab), folder)
     return folders
+
+
+class _Compressed(dict):
+    """Tiny model name → its folder compressed to 30% of its targeted parameters (plain SVD), each made on first use."""
+
+    def __init__(self, models: dict[str, Path], root: Path):
+        super().__init__()
+        self.models, self.root = models, root
+
+    def __missing__(self, arch: str) -> Path:
+        import lora_compress as lc
+
+        self[arch] = self.root / arch
+        lc.compress(str(self.models[arch]), self[arch], lc.CompressConfig(ratio=0.3), progress=False)
+        return self[arch]
+
+
+@pytest.fixture(scope="session")
+def compressed(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """``compressed["llama"]``: each tiny model compressed at ratio 0.3, shared by the whole session; read them,
+    never change them (copy one first: ``shutil.copytree``)."""
+    return _Compressed(tiny_models, tmp_path_factory.mktemp("compressed"))
 
 
 @pytest.fixture(params=sorted(BUILDERS))

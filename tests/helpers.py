@@ -1,4 +1,4 @@
-"""Small shared test helpers: loading tiny models and comparing their outputs."""
+"""Small shared test helpers: running the CLI, loading tiny models and comparing their outputs."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,24 @@ import textwrap
 from pathlib import Path
 
 import torch
-
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from lora_compress.cli import main
+from lora_compress.methods.config import RunConfig
 from lora_compress.storage.checkpoint import load_dense, resolve_source
 from lora_compress.storage.shards import output_files
+
+
+def run(*args):
+    """The click CLI run in this process (CliRunner): ``run("compress", folder, "--rank", 2, ...)``; each argument
+    is turned into a string. Returns click's Result (exit_code, output, exception)."""
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def small_calibration(text_file, **extra) -> RunConfig:
+    """A calibrated run on ``text_file`` in two batches (4 + 2 sequences of 16 tokens)."""
+    return RunConfig(calib=str(text_file), calib_samples=6, calib_len=16, **extra)
 
 
 def dense(folder):

@@ -5,12 +5,10 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from conftest import build_bert, build_llama
 from lora_compress.calibrate.collectors import GradientCovariance, StatisticsHooks, collectors_for, shrunk_covariance
 from lora_compress.calibrate.tokens import calibration_tokens
-from lora_compress.cli import main
 from lora_compress.core.svd import cholesky_factor, factorize
 from lora_compress.core.whitening import Whitening
 from lora_compress.errors import LoraCompressError
@@ -18,6 +16,7 @@ from lora_compress.methods.allocate import LayerCost, allocate
 from lora_compress.methods.config import CompressConfig, RunConfig, resolve
 from lora_compress.pipelines.plan import compress_
 from lora_compress.storage.compressed import load
+from helpers import run
 
 
 def correlated_inputs(tokens=400, features=24, seed=0) -> torch.Tensor:
@@ -309,9 +308,9 @@ def calib_file(tmp_path_factory):
 
 def test_cli_budget_writes_ranks_and_calibration_and_reloads(tiny_models, calib_file, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--budget", "0.6", "--calib",
-                                       str(calib_file), "--calib-samples", "4", "--calib-len", "16",
-                                       "--out", str(out), "--quiet"])
+    result = run("compress", str(tiny_models["llama"]), "--budget", "0.6", "--calib",
+                 str(calib_file), "--calib-samples", "4", "--calib-len", "16",
+                 "--out", str(out), "--quiet")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "lora_compress.json").read_text())
     assert manifest["method"] == "sequential"
@@ -331,24 +330,24 @@ def test_cli_bad_calibration_file_exits_2_without_output(tiny_models, tmp_path, 
     if content is not None:
         path.write_bytes(content)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--budget", "0.6", "--calib",
-                                       str(path), "--out", str(out), "--quiet"])
+    result = run("compress", str(tiny_models["llama"]), "--budget", "0.6", "--calib",
+                 str(path), "--out", str(out), "--quiet")
     assert result.exit_code == 2
     assert message in result.output and "error:" in result.output
     assert not out.exists()
 
 
 def test_cli_calib_with_plain_svd_warns_it_is_unused(tiny_models, calib_file, tmp_path):
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--ratio", "0.5", "--method", "svd",
-                                       "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--quiet"])
+    result = run("compress", str(tiny_models["llama"]), "--ratio", "0.5", "--method", "svd",
+                 "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--quiet")
     assert result.exit_code == 0, result.output
     assert "warning: --calib is unused" in result.output
 
 
 def test_cli_budget_too_small_names_smallest_feasible(tiny_models, calib_file, tmp_path):
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--budget", "0.01", "--calib",
-                                       str(calib_file), "--calib-samples", "4", "--calib-len", "16",
-                                       "--out", str(tmp_path / "o"), "--quiet"])
+    result = run("compress", str(tiny_models["llama"]), "--budget", "0.01", "--calib",
+                 str(calib_file), "--calib-samples", "4", "--calib-len", "16",
+                 "--out", str(tmp_path / "o"), "--quiet")
     assert result.exit_code == 2
     assert "smallest feasible budget" in result.output
 

@@ -15,8 +15,9 @@ from helpers import dense, inputs_for, outputs, rel_error
 
 
 @pytest.fixture
-def compressed(tiny_model, tmp_path):
-    """(dense folder, compressed folder, the in-memory compressed model's outputs, inputs)."""
+def round_trip(tiny_model, tmp_path):
+    """(dense folder, compressed folder, the in-memory compressed model's outputs, inputs), made per
+    test; apart from the session's ``compressed`` (ratio 0.3): this one is compared with the in-memory model."""
     out = tmp_path / "out"
     model = dense(tiny_model)
     inputs = inputs_for(model)
@@ -25,13 +26,13 @@ def compressed(tiny_model, tmp_path):
     return tiny_model, out, outputs(model, inputs), inputs
 
 
-def test_reload_is_bit_identical_to_the_model_right_after_compression(compressed):
-    _, out, expected, inputs = compressed
+def test_reload_is_bit_identical_to_the_model_right_after_compression(round_trip):
+    _, out, expected, inputs = round_trip
     assert torch.equal(outputs(lc.load(out), inputs), expected)
 
 
-def test_output_folder_is_self_contained_and_stores_the_factors_once(compressed):
-    _, out, _, _ = compressed
+def test_output_folder_is_self_contained_and_stores_the_factors_once(round_trip):
+    _, out, _, _ = round_trip
     names = {p.name for p in out.iterdir()}
     assert {"config.json", MODELING, WEIGHTS, MANIFEST, "tokenizer.json"} <= names
     assert ADAPTERS not in names, "the factors are in model.safetensors; adapters.safetensors only with --adapters"
@@ -44,8 +45,8 @@ def test_output_folder_is_self_contained_and_stores_the_factors_once(compressed)
     assert any(k.endswith(".lora_A") for k in keys) and any(k.endswith(".lora_B") for k in keys)
 
 
-def test_the_folders_factors_applied_onto_the_base_give_the_same_outputs(compressed):
-    base, out, expected, inputs = compressed
+def test_the_folders_factors_applied_onto_the_base_give_the_same_outputs(round_trip):
+    base, out, expected, inputs = round_trip
     model = lc.apply_adapters(dense(base), out)
     assert rel_error(outputs(model, inputs), expected) < 1e-6
 

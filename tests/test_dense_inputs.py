@@ -2,21 +2,8 @@
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from lora_compress.cli import main
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def compressed(tiny_models, tmp_path_factory):
-    """The tiny Llama compressed at rank 4."""
-    out = tmp_path_factory.mktemp("dense-inputs") / "llama-r4"
-    assert run("compress", tiny_models["llama"], "--rank", "4", "--out", out, "--quiet").exit_code == 0
-    return out
+from helpers import run
 
 
 @pytest.mark.parametrize("command", [
@@ -32,21 +19,21 @@ def compressed(tiny_models, tmp_path_factory):
         "extract-tuned"])
 def test_commands_that_expect_a_dense_model_refuse_a_compressed_folder(compressed, tiny_models, text_file, tmp_path,
                                                                       command):
-    result = run(*command(compressed, tiny_models["llama"], text_file, tmp_path / "out"))
+    result = run(*command(compressed["llama"], tiny_models["llama"], text_file, tmp_path / "out"))
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and "is a compressed folder, not a dense checkpoint" in result.output
     assert f"(its base: {tiny_models['llama']})" in result.output and not (tmp_path / "out").exists()
 
 
 def test_evaluate_warns_in_one_line_when_base_is_not_the_manifests(compressed, tiny_models, tmp_path, text_file):
-    copy = tmp_path / "elsewhere"
+    folder, copy = compressed["llama"], tmp_path / "elsewhere"
     shutil.copytree(tiny_models["llama"], copy)
-    result = run("evaluate", copy, compressed, "--text", text_file, "--no-report", "--quiet")
+    result = run("evaluate", copy, folder, "--text", text_file, "--no-report", "--quiet")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: BASE {copy} is not the base model recorded in {compressed} "
+    assert warnings == [f"warning: BASE {copy} is not the base model recorded in {folder} "
                         f"({tiny_models['llama']}); the figures compare against {copy}"]
-    result = run("evaluate", tiny_models["llama"], compressed, "--text", text_file, "--no-report", "--quiet")
+    result = run("evaluate", tiny_models["llama"], folder, "--text", text_file, "--no-report", "--quiet")
     assert result.exit_code == 0 and "warning:" not in result.output
 
 
@@ -64,7 +51,7 @@ def test_evaluate_refuses_a_base_of_another_architecture_or_vocabulary(compresse
         build_llama(base, vocab=200).save_pretrained(base)
     else:
         base = tiny_models[other]
-    result = run("evaluate", base, compressed, "--text", text_file, "--quiet")
+    result = run("evaluate", base, compressed["llama"], "--text", text_file, "--quiet")
     lines = [line for line in result.output.splitlines() if not line.startswith("warning:")]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith(f"error: BASE {base} is not the model this folder was compressed from")

@@ -5,12 +5,10 @@ from dataclasses import replace
 import json
 
 import torch
-from click.testing import CliRunner
 
-from helpers import dense, inputs_for, outputs, rel_error, saved_tensors
+from helpers import dense, inputs_for, outputs, rel_error, run, saved_tensors
 from lora_compress import CompressConfig, LowRankLinear, apply_adapters, compress, compress_, export_dense, load
 from lora_compress.methods.config import RunConfig
-from lora_compress.cli import main
 from lora_compress.core.experts import FactoredExperts, fuse_experts_, unfuse_experts_
 from lora_compress.core.svd import factorize
 from lora_compress.core.targets import find_targets
@@ -160,7 +158,7 @@ def test_an_include_pattern_naming_a_router_whole_opts_it_in(tiny_models):
 
 
 def test_inspect_lists_experts_beside_linear_layers_and_says_what_is_left_dense(tiny_models):
-    result = CliRunner().invoke(main, ["inspect", str(tiny_models["qwen2_moe"])])
+    result = run("inspect", str(tiny_models["qwen2_moe"]))
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert any(line.split()[:3] == ["model.layers.0.mlp.experts.gate_up_proj", "experts", "4"] for line in lines)
@@ -199,10 +197,10 @@ def test_streamed_calibration_of_experts_gives_the_in_memory_factors(tiny_models
 
 
 def test_cli_expert_min_tokens_reaches_the_report(tiny_models, text_file, tmp_path):
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["qwen3_moe"]), "--out", str(tmp_path / "out"),
-                                       "--ratio", "0.6", "--method", "whiten", "--calib", str(text_file),
-                                       "--calib-samples", "4", "--calib-len", "16", "--expert-min-tokens", "1000",
-                                       "--quiet"])
+    result = run("compress", str(tiny_models["qwen3_moe"]), "--out", str(tmp_path / "out"),
+                 "--ratio", "0.6", "--method", "whiten", "--calib", str(text_file),
+                 "--calib-samples", "4", "--calib-len", "16", "--expert-min-tokens", "1000",
+                 "--quiet")
     assert result.exit_code == 0, result.output
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "experts routed fewer than 1000 calibration tokens, factored from their weight spectrum" in report

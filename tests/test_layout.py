@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import dense, saved_tensors
+from helpers import dense, run, saved_tensors
 from lora_compress import (Collector, CompressConfig, LoraCompressError, LoraCompressWarning, MethodConfig,
                            RunConfig, SequentialConfig, SvdConfig, compress, compress_, get_method, method_names,
                            register_method)
-from lora_compress.cli import main
 from lora_compress.calibrate.collectors import statistics_bytes
 from lora_compress.core.svd import factorize
 from lora_compress.errors import OptionError
@@ -37,7 +35,7 @@ def test_imports_keep_the_layers_contract_and_have_no_cycle():
 
 
 def test_cli_method_choices_and_help_come_from_the_registry():
-    result = CliRunner().invoke(main, ["compress", "--help"])
+    result = run("compress", "--help")
     assert result.exit_code == 0
     for method in registry.methods():
         assert method.name in result.output
@@ -87,8 +85,8 @@ def test_library_errors_name_fields_and_the_cli_names_flags(tiny_models, tmp_pat
     with pytest.raises(OptionError, match=r"^calib_samples 0 / calib_len 256 are too small") as caught:
         RunConfig(calib_samples=0)
     assert caught.value.fields == ("calib_samples", "calib_len")
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--out", str(tmp_path / "o"),
-                                       "--ratio", "0.5", "--calib-samples", "0"])
+    result = run("compress", str(tiny_models["llama"]), "--out", str(tmp_path / "o"),
+                 "--ratio", "0.5", "--calib-samples", "0")
     assert result.exit_code == 2
     assert "error: --calib-samples 0 / --calib-len 256 are too small" in result.output
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import torch
-from click.testing import CliRunner
 
-from helpers import dense
+from helpers import dense, run
 from lora_compress import CompressConfig, LowRankLinear, compress_
-from lora_compress.cli import main
 from lora_compress.core.targets import find_targets, left_out_reasons
 
 
@@ -42,7 +40,7 @@ def test_a_task_head_is_opted_in_by_a_pattern_naming_it_whole(tiny_models):
 
 
 def test_inspect_says_what_is_left_dense_and_why(tiny_models):
-    result = CliRunner().invoke(main, ["inspect", str(tiny_models["bert_classifier"]), "--exclude", "pooler"])
+    result = run("inspect", str(tiny_models["bert_classifier"]), "--exclude", "pooler")
     assert result.exit_code == 0, result.output
     left = result.output.split("left dense:")[1].splitlines()
     assert any(line.startswith("classifier ") and "task head, outside the base model `bert`" in line for line in left)
@@ -50,7 +48,7 @@ def test_inspect_says_what_is_left_dense_and_why(tiny_models):
 
 
 def test_only_a_head_left_is_one_line_that_names_it(tiny_models):
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["bert_classifier"]), "--out", "unused",
-                                       "--ratio", "0.5", "--include", "class"])
+    result = run("compress", str(tiny_models["bert_classifier"]), "--out", "unused",
+                 "--ratio", "0.5", "--include", "class")
     assert result.exit_code == 2
     assert "error: --include 'class' matches no linear module" in result.output

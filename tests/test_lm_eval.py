@@ -3,24 +3,19 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 import prepare_eval_tasks as tasks
-from lora_compress.cli import main
 from lora_compress.evaluation.lm_eval_tasks import TaskConfig, run_tasks, _task_manager
 from lora_compress.storage.checkpoint import load_tokenizer, resolve_source
 
 from conftest import TEXT
-from helpers import dense
+from helpers import dense, run
 
 pytest.importorskip("lm_eval")
 
 REVIEWS = [("1", "3.2", "A gorgeous, moving film."), ("2", "-2.5", "Dull and far too long."),
            ("3", "0.1", "It is a film."), ("4", "2.0", "Warm and funny."), ("5", "-3.1", "A tedious mess.")]
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,14 @@ import json
 import signal
 
 import pytest
-from click.testing import CliRunner
 from safetensors import SafetensorError
 
 import lora_compress as lc
-from helpers import hold_outputs
-from lora_compress.cli import main
+from helpers import hold_outputs, run, small_calibration
 from lora_compress.pipelines import plan as pipeline_plan
 from lora_compress.storage.compressed import MANIFEST, read_manifest
 from lora_compress.storage.output import MARKER, atomic_folder, check_output_folder, clean_stale, holds_outputs
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -98,7 +93,7 @@ def test_a_killed_runs_leftover_is_removed_by_the_next_run_into_the_same_place(t
 
 
 def test_a_failed_block_leaves_neither_output_nor_temporary_folder(tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^stop$"):  # the block's own error, not one from the cleanup
         with atomic_folder(tmp_path / "out") as tmp:
             (tmp / "half").write_text("x")
             raise RuntimeError("stop")
@@ -148,3 +143,22 @@ def test_a_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path, erro
             (tmp / "half").write_bytes(b"x" * 1000)
             raise error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupting_a_streamed_run_leaves_no_output(tiny_models, text_file, tmp_path, monkeypatch):
+    """Ctrl-C in the fit pass's first block (FitPass._closed, the method the streamed closed loop calls: patched
+    on the class, so every importer sees it) leaves neither the output nor its temporary folder."""
+    from lora_compress.pipelines.fit_pass import FitPass
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        raise KeyboardInterrupt("stopped in the fit pass")
+
+    monkeypatch.setattr(FitPass, "_closed", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="^stopped in the fit pass$"):
+        lc.compress(str(tiny_models["llama"]), tmp_path / "out", lc.CompressConfig(budget=0.8),
+                    small_calibration(text_file, stream=True), progress=False)
+    assert len(calls) == 1, "the interruption reached the fit pass's first block"
+    assert not list(tmp_path.iterdir())

@@ -4,15 +4,13 @@ import warnings
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import lora_compress as lc
-from lora_compress.cli import main
 from lora_compress.core.counting import total_params
 from lora_compress.storage.compressed import MANIFEST
 from lora_compress.storage.remote_code import MODEL_TYPE, MODELING, auto_class
 
-from helpers import dense, inputs_for, load_with_plain_transformers, outputs, rel_error
+from helpers import dense, inputs_for, load_with_plain_transformers, outputs, rel_error, run
 
 AUTO = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModel"}
 
@@ -89,7 +87,7 @@ def test_folders_of_format_1_still_load_and_say_how_to_upgrade(tiny_models, tmp_
     with pytest.warns(lc.LoraCompressWarning, match="format 1.*export .* --upgrade --out NEW"):
         old = lc.load(out)
     assert torch.equal(outputs(old, inputs), outputs(expected, inputs))
-    result = CliRunner().invoke(main, ["export", str(out), "--upgrade", "--out", str(new)])
+    result = run("export", str(out), "--upgrade", "--out", str(new))
     assert result.exit_code == 0, result.output
     assert json.loads((new / "config.json").read_text())["model_type"] == MODEL_TYPE
     assert json.loads((new / MANIFEST).read_text())["format_version"] == 2
@@ -101,7 +99,7 @@ def test_folders_of_format_1_still_load_and_say_how_to_upgrade(tiny_models, tmp_
 def test_export_takes_exactly_one_format(tiny_models, tmp_path):
     out = tmp_path / "out"
     lc.compress(str(tiny_models["llama"]), out, lc.CompressConfig(rank=4), progress=False)
-    result = CliRunner().invoke(main, ["export", str(out), "--out", str(tmp_path / "x")])
+    result = run("export", str(out), "--out", str(tmp_path / "x"))
     assert result.exit_code == 2 and "give exactly one of --dense or --upgrade" in result.output
 
 

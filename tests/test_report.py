@@ -7,11 +7,9 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import dense, inputs_for
+from helpers import dense, inputs_for, run
 from lora_compress.report import folder as report, plots
-from lora_compress.cli import main
 from lora_compress.calibrate.blocks import block_stack, split_name
 from lora_compress.core.targets import find_targets
 from lora_compress.errors import LoraCompressError
@@ -24,9 +22,6 @@ from lora_compress.report.spectra import layer_spectra, spectrum_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def is_png(path) -> bool:

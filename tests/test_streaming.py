@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import dense, inputs_for, outputs, rel_error, saved_tensors
+from helpers import dense, inputs_for, outputs, rel_error, run, saved_tensors
 from lora_compress import CompressConfig, LoraCompressError, load
 from lora_compress.methods.config import RunConfig, resolve
-from lora_compress.cli import main
 from lora_compress.jobs.compress import compress
 from lora_compress.storage import shards, tensorfile
 from lora_compress.storage.checkpoint import INDEX, WEIGHTS, load_dense, resolve_source
@@ -175,8 +173,8 @@ def test_streamed_calibration_leaves_every_block_on_the_meta_device(tiny_models,
 
 
 def _cli_compress(model, out, text_file, *extra):
-    return CliRunner().invoke(main, ["compress", str(model), "--out", str(out), "--method", "whiten", "--ratio", "0.5",
-                                     "--calib", str(text_file), "--stream", "--quiet", *extra])
+    return run("compress", str(model), "--out", str(out), "--method", "whiten", "--ratio", "0.5",
+               "--calib", str(text_file), "--stream", "--quiet", *extra)
 
 
 def test_streamed_calibration_of_a_gguf_source_is_one_clear_line(tiny_models, text_file, tmp_path):
