@@ -26,13 +26,11 @@ from typing import Callable
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import lora_compress as lc
 from fault_catalogue import CATALOGUE_PROPERTY
-from helpers import hold_outputs
-from lora_compress.cli import main
+from helpers import hold_outputs, run
 from lora_compress.jobs import compress as jobs_compress
 from lora_compress.pipelines.plan import compress_
 from lora_compress.report.compare import comparison_plot
@@ -118,12 +116,10 @@ class Place:
 
 
 @pytest.fixture(scope="session")
-def compressed_llama(tiny_models, tmp_path_factory, text_file) -> Path:
-    """The tiny Llama compressed at rank 2, evaluated on the test text (its report holds figures)."""
-    folder = tmp_path_factory.mktemp("faults") / "llama-r2"
-    lc.compress(str(tiny_models["llama"]), folder, lc.CompressConfig(rank=2), progress=False)
-    result = CliRunner().invoke(main, ["evaluate", str(tiny_models["llama"]), str(folder), "--text", str(text_file),
-                                       "--quiet"])
+def compressed_llama(tiny_models, compressed, tmp_path_factory, text_file) -> Path:
+    """A copy of the session's compressed tiny Llama, evaluated on the test text (its report holds figures)."""
+    folder = Path(shutil.copytree(compressed["llama"], tmp_path_factory.mktemp("faults") / "llama"))
+    result = run("evaluate", tiny_models["llama"], folder, "--text", text_file, "--quiet")
     assert result.exit_code == 0, result.output
     return folder
 
@@ -631,7 +627,7 @@ def test_fault_ends_in_one_line_and_leaves_the_place_as_it_was(fault, place, req
     if any("{busy}" in arg for arg in fault.args):
         names["busy"] = str(place.busy(fault.command))
     before = snapshot(place.root)
-    result = CliRunner().invoke(main, [fault.command, *(arg.format(**names) for arg in fault.args)])
+    result = run(fault.command, *(arg.format(**names) for arg in fault.args))
     assert result.exit_code == 2, shown(result)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
@@ -676,7 +672,9 @@ def test_a_second_compress_into_the_same_out_stops_before_any_compute(place, req
                                                   f"{os.getpid()} on {os.uname().nodename}); wait for it to finish "
                                                   f"or choose another --out"]
     assert "out" not in seen["place"], "the second run wrote something"
-    assert lc.load(place.out) is not None and read_manifest(place.out)["settings"]["rank"] == 2
+    assert read_manifest(place.out)["settings"]["rank"] == 2, "the first run's folder, not the second's (rank 3)"
+    ranks = {m.lora_A.shape[0] for m in lc.load(place.out).modules() if isinstance(m, lc.LowRankLinear)}
+    assert ranks == {2}, ranks
     assert sorted(p.name for p in place.root.iterdir()) == ["folder", "model", "out", "text.txt"]
 
 
@@ -728,7 +726,7 @@ def test_a_signal_mid_heal_leaves_nothing_behind_that_the_next_run_trips_on(plac
     if number != signal.SIGKILL:
         assert left == ["folder", "model", "text.txt"], left
     # the next run into the same place: nothing the signalled one left stops it
-    result = CliRunner().invoke(main, ["heal", *(arg.format(**place.names()) for arg in HEAL)])
+    result = run("heal", *(arg.format(**place.names()) for arg in HEAL))
     assert result.exit_code == 0, shown(result)
     assert sorted(p.name for p in place.root.iterdir()) == ["folder", "model", "out", "text.txt"]
 

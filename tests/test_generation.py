@@ -5,10 +5,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import lora_compress as lc
-from lora_compress.cli import main
 from lora_compress.methods.config import RunConfig
 from lora_compress.storage.compressed import MANIFEST
 
@@ -17,6 +15,7 @@ from lora_compress.errors import LoraCompressError
 from lora_compress.pipelines.plan import compress_
 from lora_compress.methods.config import CompressConfig
 from lora_compress.storage.checkpoint import load_dense, resolve_source
+from helpers import run
 
 
 def dense(folder):
@@ -71,13 +70,15 @@ def test_compress_writes_the_share_of_calibration_it_is_asked_and_records_it(tin
 
 def test_data_free_compress_needs_no_calib_text_and_records_what_it_wrote(tiny_models, tmp_path):
     out = tmp_path / "free"
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--out", str(out), "--budget", "0.7",
-                                       "--calib-generated", "1", "--calib-samples", "4", "--calib-len", "16", "--quiet"])
+    result = run("compress", str(tiny_models["llama"]), "--out", str(out), "--budget", "0.7",
+                 "--calib-generated", "1", "--calib-samples", "4", "--calib-len", "16", "--quiet")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["settings"]["method"] == "sequential" and manifest["run"]["calib"] is None
     assert manifest["calibration"]["generated"] == 4
-    assert lc.load(out) is not None
+    model, original = lc.load(out), dense(tiny_models["llama"])
+    assert any(isinstance(module, lc.LowRankLinear) for module in model.modules())
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in original.parameters())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -88,14 +89,14 @@ def test_data_free_compress_needs_no_calib_text_and_records_what_it_wrote(tiny_m
 def test_written_calibration_that_cannot_run_is_refused_in_one_line_and_writes_nothing(tiny_models, tmp_path, args,
                                                                                          message):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--out", str(out), "--quiet", *args])
+    result = run("compress", str(tiny_models["llama"]), "--out", str(out), "--quiet", *args)
     assert result.exit_code != 0 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_an_encoder_asked_to_write_its_calibration_is_refused_before_anything_is_written(tiny_models, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["bert"]), "--out", str(out), "--budget", "0.7",
-                                       "--calib-generated", "1", "--quiet"])
+    result = run("compress", str(tiny_models["bert"]), "--out", str(out), "--budget", "0.7",
+                 "--calib-generated", "1", "--quiet")
     assert result.exit_code != 0 and "no language-model head" in result.output, result.output
     assert not out.exists()

@@ -4,37 +4,25 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import lora_compress as lc
 from lora_compress.storage.checkpoint import Source, load_tokenizer
 from lora_compress.storage.compressed import MANIFEST, factored_modules
-from lora_compress.cli import main
 from lora_compress.errors import LoraCompressError
 from lora_compress.healing.config import HealConfig
 from lora_compress.healing.folder import heal
 from lora_compress.healing.loop import heal_
 from lora_compress.healing.teacher import BLOCK_TARGETS, block_indices
 from lora_compress.calibrate.generation import sample_top_k
-from helpers import dense
+from helpers import dense, run
 
 healing = importlib.import_module("lora_compress.healing.loop")  # the loop's module: its loss is replaced
 
 FAST = dict(calib_len=32, batch_size=2, lr=1e-2, warmup=2)
-
-
-@pytest.fixture(scope="module")
-def compressed(tiny_models, tmp_path_factory) -> dict:
-    """Each tiny model compressed to 30% of its targeted parameters (plain SVD)."""
-    root = tmp_path_factory.mktemp("compressed")
-    folders = {}
-    for arch, folder in tiny_models.items():
-        folders[arch] = root / arch
-        lc.compress(str(folder), folders[arch], lc.CompressConfig(ratio=0.3), progress=False)
-    return folders
 
 
 def _pair(compressed, tiny_models, arch="llama"):
@@ -196,8 +184,8 @@ def test_heal_with_an_extra_lora_records_the_grown_ranks(compressed, text_file, 
 
 def test_cli_heal_prints_the_losses_and_writes_the_folder(compressed, text_file, tmp_path):
     out = tmp_path / "healed"
-    result = CliRunner().invoke(main, ["heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
-                                       "--steps", "2", "--calib-len", "32", "--quiet"])
+    result = run("heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
+                 "--steps", "2", "--calib-len", "32", "--quiet")
     assert result.exit_code == 0, result.output
     assert "held-out loss" in result.output and "stopped by steps" in result.output
     settings = json.loads((out / MANIFEST).read_text())["healing"]["settings"]
@@ -206,9 +194,9 @@ def test_cli_heal_prints_the_losses_and_writes_the_folder(compressed, text_file,
 
 def test_cli_heal_old_spellings_still_work_with_a_one_line_notice(compressed, tiny_models, text_file, tmp_path):
     out = tmp_path / "healed"
-    result = CliRunner().invoke(main, ["heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
-                                       "--steps", "1", "--seq-len", "32", "--teacher", str(tiny_models["llama"]),
-                                       "--quiet"])
+    result = run("heal", str(compressed["llama"]), "--calib", str(text_file), "--out", str(out),
+                 "--steps", "1", "--seq-len", "32", "--teacher", str(tiny_models["llama"]),
+                 "--quiet")
     assert result.exit_code == 0, result.output
     notices = [line for line in result.output.splitlines() if "deprecated" in line]
     assert notices == ["warning: --teacher is deprecated; use --base", "warning: --seq-len is deprecated; use --calib-len"]
@@ -216,7 +204,7 @@ def test_cli_heal_old_spellings_still_work_with_a_one_line_notice(compressed, ti
 
 
 def test_cli_heal_help_lists_the_options():
-    result = CliRunner().invoke(main, ["heal", "--help"])
+    result = run("heal", "--help")
     assert result.exit_code == 0
     assert all(option in result.output for option in ("--calib", "--steps", "--minutes", "--train", "--teacher"))
 
@@ -234,7 +222,7 @@ def test_cli_heal_refuses_bad_input_with_one_line(args, message, compressed, tin
     out = tmp_path / "healed"
     (tmp_path / "short.txt").write_text(text_file.read_text()[:300])
     argv = args(compressed["llama"], tiny_models["llama"], text_file, out)
-    result = CliRunner().invoke(main, ["heal", *argv, "--steps", "1", "--quiet"])
+    result = run("heal", *argv, "--steps", "1", "--quiet")
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.startswith("error: ")
     assert len(result.output.strip().splitlines()) == 1
@@ -282,14 +270,16 @@ def test_teacher_written_sequences_join_the_training_set_reproducibly(compressed
     results = []
     for _ in range(2):
         model, teacher, tokenizer = _pair(compressed, tiny_models)
+        start = time.perf_counter()
         report = heal_(model, teacher, tokenizer, text_file.read_text(), HealConfig(steps=3, generate=4, **FAST),
                        progress=False)
-        results.append((report, model.state_dict()))
-    (report, first), (_, again) = results
+        results.append((report, model.state_dict(), (time.perf_counter() - start) / 60))
+    (report, first, minutes), (_, again, _) = results
     plain, *_ = _pair(compressed, tiny_models)
-    assert report.tokens["train"] > heal_(plain, teacher, tokenizer, text_file.read_text(),
-                                          HealConfig(steps=1, **FAST), progress=False).tokens["train"]
-    assert report.generation_minutes > 0
+    without = heal_(plain, teacher, tokenizer, text_file.read_text(), HealConfig(steps=1, **FAST), progress=False)
+    assert report.tokens["train"] > without.tokens["train"]
+    # the writing is timed: a share of the call's wall time, and nothing when the teacher writes nothing
+    assert 0 < report.generation_minutes < minutes and without.generation_minutes == 0
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 

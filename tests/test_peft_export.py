@@ -6,13 +6,11 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
-from helpers import dense, inputs_for, outputs, rel_error
+from helpers import dense, inputs_for, outputs, rel_error, run
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from lora_compress import CompressConfig, LoraCompressError, compress, load
-from lora_compress.cli import main
 from lora_compress.export.dense import export_dense
 from lora_compress.export.extract import ExtractConfig, extract
 from lora_compress.methods.allocate import LayerCost, allocate
@@ -183,9 +181,14 @@ def test_existing_output_folder_raises(tiny_models, tmp_path):
         extract(str(tiny_models["llama"]), str(tiny_models["llama"]), tmp_path / "adapter", ExtractConfig(rank=2))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rank": 2, "energy": 0.9}, {"rank": 0}, {"budget": 1.5}])
-def test_bad_rank_options_raise(kwargs):
-    with pytest.raises(LoraCompressError):
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, r"^give exactly one of (--)?rank, (--)?energy, (--)?budget \(got none\)"),
+    ({"rank": 2, "energy": 0.9}, r"^give exactly one of .*\(got (--)?rank, (--)?energy\)"),
+    ({"rank": 0}, r"^(--)?rank 0 must be a positive integer"),
+    ({"budget": 1.5}, r"^(--)?budget 1\.5 is outside \(0, 1\]"),
+])
+def test_bad_rank_options_raise(kwargs, message):
+    with pytest.raises(LoraCompressError, match=message):
         ExtractConfig(**kwargs)
 
 
@@ -250,20 +253,18 @@ def test_every_output_folder_gets_a_model_card(tiny_models, tmp_path):
 def test_cli_extract_and_export(tiny_models, tmp_path):
     base = tiny_models["llama"]
     tuned = make_tuned(base, tmp_path / "tuned")
-    runner = CliRunner()
-    result = runner.invoke(main, ["extract", "--base", str(base), "--tuned", str(tuned), "--out",
-                                  str(tmp_path / "adapter"), "--rank", "99", "--quiet"])
+    result = run("extract", "--base", base, "--tuned", tuned, "--out", tmp_path / "adapter", "--rank", "99", "--quiet")
     assert result.exit_code == 0, result.output
     assert "capped at the smaller dimension" in result.output and "base + adapter (svd)" in result.output
-    result = runner.invoke(main, ["export", str(tmp_path / "adapter"), "--dense", "--out", str(tmp_path / "plain")])
+    result = run("export", tmp_path / "adapter", "--dense", "--out", tmp_path / "plain")
     assert result.exit_code == 0, result.output
     assert tuned_vs(base, tuned, dense(tmp_path / "plain")) < 1e-4
 
 
 def test_cli_extract_of_identical_models_exits_2_with_one_line(tiny_models, tmp_path):
     base = str(tiny_models["bert"])
-    result = CliRunner().invoke(main, ["extract", "--base", base, "--tuned", base, "--out", str(tmp_path / "a"),
-                                       "--rank", "2"])
+    result = run("extract", "--base", base, "--tuned", base, "--out", str(tmp_path / "a"),
+                 "--rank", "2")
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "nothing to extract" in result.output
 

@@ -16,10 +16,16 @@ def test_minilm_at_ratio_half_reloads_bit_identical_and_evaluates(minilm_dir, re
                                  config=EvalConfig(max_paragraphs=64), progress=False)
     assert figures["kind"] == "encoder"
     assert 0.45 < figures["params"]["ratio_targeted"] <= 0.5 and figures["disk"]["ratio"] < 0.8
-    assert 0 < figures["drift"]["cosine_mean"] < 1
     again = lc.evaluate_folder(str(minilm_dir), out, real_text_dir / "alice29.txt",
                                config=EvalConfig(max_paragraphs=64), progress=False)
     assert again["drift"] == figures["drift"], "reloading must give the same outputs every time"
+    # plain SVD at ratio 0.5 moves MiniLM's hidden states a lot (measured: mean cosine 0.32, rel. error 1.03);
+    # the figure follows the cut: a milder one keeps them closer
+    lc.compress(str(minilm_dir), tmp_path / "minilm-80", lc.CompressConfig(ratio=0.8), progress=False)
+    milder = lc.evaluate_folder(str(minilm_dir), tmp_path / "minilm-80", real_text_dir / "alice29.txt",
+                                config=EvalConfig(max_paragraphs=64), progress=False)
+    assert figures["drift"]["cosine_mean"] < milder["drift"]["cosine_mean"] < 1
+    assert figures["drift"]["hidden_rel_error"] > milder["drift"]["hidden_rel_error"] > 0
 
 
 def test_smollm2_at_energy_099_stays_close_to_dense(smollm2_dir, real_text_dir, tmp_path):
@@ -75,4 +81,5 @@ def test_smollm2_folder_loads_in_plain_transformers_is_smaller_and_lm_eval_score
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads(next((tmp_path / "lm-eval").rglob("results_*.json")).read_text())
     accuracy = written["results"]["movie_sentiment"]["acc,none"]
-    assert 0 <= accuracy <= 1 and accuracy == pytest.approx(bridge["movie_sentiment"]["metrics"]["acc"][0], abs=1e-9)
+    assert round(accuracy * 24) == pytest.approx(accuracy * 24, abs=1e-9), "a share of the 24 examples scored"
+    assert accuracy == pytest.approx(bridge["movie_sentiment"]["metrics"]["acc"][0], abs=1e-9)

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import dense, rel_error, saved_tensors
+from helpers import dense, rel_error, run, saved_tensors
 from lora_compress import (CompressConfig, LoraCompressError, calibration_tokens, compress, compress_, evaluate_folder,
                            load)
 from lora_compress.methods.config import RunConfig
 from lora_compress.pipelines.factoring import GroupFactoring
 from lora_compress.calibrate.seq2seq import decoder_input_ids, model_inputs
-from lora_compress.cli import main
 from lora_compress.storage.checkpoint import load_tokenizer, resolve_source
 
 
@@ -98,8 +96,12 @@ def test_evaluate_scores_the_decoders_predictions(seq2seq_model, text_file, tmp_
     compress(str(seq2seq_model), tmp_path / "out", CompressConfig(ratio=0.5), progress=False)
     figures = evaluate_folder(str(seq2seq_model), tmp_path / "out", text_file, progress=False)
     assert figures["kind"] == "seq2seq"
-    assert figures["perplexity"]["compressed"] > 1 and figures["perplexity"]["dense"] > 1
-    assert 0 < figures["drift"]["top1_agreement"] <= 1
+    # the decoder's predictions of the compressed model against the dense one's: moved, not garbage (measured:
+    # KL per token 0.46 T5 / 8e-7 BART, top-1 agreement 0.66 / 1.0, perplexity 90 → 127 / 46.05 → 46.05)
+    perplexity, drift = figures["perplexity"], figures["drift"]
+    assert 0 < drift["kl_per_token"] < 2 and drift["top1_agreement"] > 0.5
+    assert 1 / 2 < perplexity["compressed"] / perplexity["dense"] < 2
+    assert perplexity["dense"] < 4 * dense(seq2seq_model).config.vocab_size, "an untrained model: near uniform"
     assert figures["blocks"]["stack"].endswith(("decoder.block", "decoder.layers"))
     assert 0.4 < figures["params"]["ratio_targeted"] <= 0.5
 
@@ -125,9 +127,9 @@ def test_streamed_plain_svd_of_an_encoder_decoder_is_the_in_memory_result(seq2se
 
 
 def test_streamed_calibration_of_an_encoder_decoder_is_one_clear_line(tiny_models, text_file, tmp_path):
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["bart"]), "--out", str(tmp_path / "out"),
-                                       "--ratio", "0.5", "--calib", str(text_file), "--calib-samples", "4",
-                                       "--calib-len", "16", "--stream", "--quiet"])
+    result = run("compress", str(tiny_models["bart"]), "--out", str(tmp_path / "out"),
+                 "--ratio", "0.5", "--calib", str(text_file), "--calib-samples", "4",
+                 "--calib-len", "16", "--stream", "--quiet")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: BartForConditionalGeneration is an encoder-decoder: calibrated methods stream decoder-only and "
