@@ -672,7 +672,7 @@ def test_a_second_compress_into_the_same_out_stops_before_any_compute(place, req
                                                   f"{os.getpid()} on {os.uname().nodename}); wait for it to finish "
                                                   f"or choose another --out"]
     assert "out" not in seen["place"], "the second run wrote something"
-    assert read_manifest(place.out)["settings"]["rank"] == 2, "the first run's folder, not the second's (rank 3)"
+    assert read_manifest(place.out).settings["rank"] == 2, "the first run's folder, not the second's (rank 3)"
     ranks = {m.lora_A.shape[0] for m in lc.load(place.out).modules() if isinstance(m, lc.LowRankLinear)}
     assert ranks == {2}, ranks
     assert sorted(p.name for p in place.root.iterdir()) == ["folder", "model", "out", "text.txt"]
