@@ -24,7 +24,8 @@ parser.add_argument("--rank", type=int, default=16)
 parser.add_argument("--out", default="out/examples/movies-adapter")
 parser.add_argument("--sentence", default="A gorgeous, moving film, and the best thing I have seen this year.")
 args = parser.parse_args()
-for path, command in ((args.base, "python scripts/prepare_examples.py"), (args.tuned, "python scripts/make_finetune.py")):
+prepared_by = {args.base: "python scripts/prepare_examples.py", args.tuned: "python scripts/make_finetune.py"}
+for path, command in prepared_by.items():
     if not Path(path).exists():
         print(f"{path} is missing; prepare it with: {command}")
         sys.exit(2)
