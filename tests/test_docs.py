@@ -126,3 +126,13 @@ def test_adding_a_method_in_the_docs_is_the_code_examples_06_runs():
     snippet = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1).strip()
     assert "register_method" in snippet and "Collector" in snippet
     assert snippet in (REPO / "examples" / "06_new_method.py").read_text()
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if p.name not in ("research-domains.md", "BENCHMARKS.md")],
+                         ids=ids([p for p in DOCS if p.name not in ("research-domains.md", "BENCHMARKS.md")]))
+def test_every_module_path_named_exists(path):
+    """A path such as pipelines/plan.py or tests/test_faults.py names a file of the repository or the package
+    (the research log and the benchmark record keep the names of their day)."""
+    named = set(re.findall(r"(?<![\w./-])((?:[a-z_]+/)+[a-z_0-9]+\.(?:py|md|sh))\b", path.read_text()))
+    missing = sorted(p for p in named if not (REPO / p).exists() and not (REPO / "lora_compress" / p).exists())
+    assert not missing, f"{path.name} names files that do not exist: {missing}"
