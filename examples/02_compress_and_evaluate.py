@@ -3,7 +3,7 @@
 Cuts 20% of SmolLM2-135M's linear weights (``budget=0.8``: the activation-aware default, calibrated on
 As You Like It), writes the folder, then compares it with the dense model on held-out text (Alice).
 Prints the parameters kept, the folder's bytes against the dense checkpoint's, and perplexity dense
-against compressed. About a minute on two CPU cores (8×128 calibration tokens here; the CLI default is 32×256).
+against compressed. It took 400 CPU-seconds here (8×128 calibration tokens; the CLI default is 32×256).
 
     python examples/02_compress_and_evaluate.py [--model FOLDER] [--out FOLDER]
 """
