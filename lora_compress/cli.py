@@ -174,7 +174,7 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--memory-limit", help="Cap on this run's memory, e.g. 20G (default: what the machine has "
               "available). The path is chosen to fit it before any compute: in memory, else streamed.")
 @click.option("--adapters", is_flag=True, help="Also write adapters.safetensors: the factors alone, for "
-              "lc.apply_adapters on the original checkpoint (model.safetensors holds them already).")
+              "lc.apply_adapters on the original checkpoint (the folder's weights file holds them already).")
 @force_option
 @quiet_option
 @gguf_option

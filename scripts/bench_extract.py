@@ -1,141 +1,159 @@
-"""Benchmark: extracting a real fine-tune as a LoRA, against PEFT's and mergekit's SVD paths.
+"""Benchmark: ``lora-compress extract`` against the real ``mergekit-extract-lora``, side by side.
 
 The fine-tune is SmolLM2-135M-Instruct trained with PEFT LoKr on movie reviews
-(``scripts/make_finetune.py``). At each rank, three ways to factor the same deltas:
+(``scripts/make_finetune.py``). At each rank both commands run as a user runs them, one after the
+other, each under ``/usr/bin/time -v``:
 
-- lora-compress: ``factor_deltas`` (randomized SVD below half the smaller dimension, else full),
-  and the activation-aware variant calibrated on asyoulik.txt (``--calib``)
-- PEFT: ``convert_to_lora`` on the LoKr PeftModel (get_delta_weight + full SVD per layer)
-- mergekit-extract-lora's algorithm: full ``torch.linalg.svd`` of each dense delta, truncated
+    mergekit-extract-lora --model TUNED --base-model BASE --out-path DIR --max-rank R
+    lora-compress extract --base BASE --tuned TUNED --out DIR --rank R --quiet
 
-Each adapter is merged into a copy of the base and compared with the tuned model on the first
-512 tokens of alice29.txt (text of another kind than the fine-tune's): relative Frobenius
-error of the logits, KL(tuned ‖ candidate) per token, and the share of the fine-tune's own
-logit change that the adapter recovers (1 − error / error of the base alone).
+and each adapter folder is then loaded with PEFT (``PeftModel.from_pretrained`` + ``merge_and_unload``)
+onto the base and compared with the tuned model:
 
-Usage: ``python scripts/bench_extract.py [--ranks 8 32]`` → benchmarks/extract.md
+- weight error: ‖W_merged − W_tuned‖ / ‖W_tuned − W_base‖ (Frobenius, summed over the changed linear layers):
+  the share of the fine-tune's change that the adapter misses (0 = exact, 1 = the base alone);
+- perplexity on the first 1,024 tokens of alice29.txt (held out: text of another kind) and of
+  movie_reviews.txt (the fine-tune's own domain).
+
+Needs mergekit (``pip install 'lora-compress[bench]'``). Usage:
+``python scripts/bench_extract.py [--ranks 8 32 128]`` → benchmarks/extract.md
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_finetune import FINETUNE, LOKR_ADAPTER  # noqa: E402
+from make_finetune import FINETUNE  # noqa: E402
 from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
-from lora_compress.calibrate.collectors import InputGram, forward_statistics  # noqa: E402
-from lora_compress.calibrate.tokens import calibration_tokens  # noqa: E402
-from lora_compress.storage.checkpoint import load_dense, resolve_source  # noqa: E402
-from lora_compress.export.extract import ExtractConfig, factor_deltas, model_deltas  # noqa: E402
-from lora_compress.export.peft_format import merge_  # noqa: E402
 from lora_compress.report.tables import render  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "extract.md"
-EVAL_TOKENS = 512
+PPL_TOKENS = 1024
+TEXTS = ("alice29.txt", "movie_reviews.txt")
+TIME_FIELDS = {"wall": r"Elapsed \(wall clock\) time.*: (.+)", "user": r"User time \(seconds\): (.+)",
+               "sys": r"System time \(seconds\): (.+)", "rss_kb": r"Maximum resident set size \(kbytes\): (.+)"}
 
 
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()[0]  # (T, V)
+def tool(name: str) -> str:
+    """The path of a console script, or exit with the command that installs it."""
+    found = shutil.which(name)
+    if found is None:
+        sys.exit(f"{name} is not installed; pip install 'lora-compress[bench]' (mergekit) and run again")
+    return found
 
 
-def drift(got: torch.Tensor, want: torch.Tensor, base_error: float | None = None) -> dict:
-    error = float((got - want).norm() / want.norm())
-    kl = float(torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
-                                          reduction="batchmean"))
-    recovered = None if base_error is None else 1 - error / base_error
-    return {"error": error, "kl": kl, "recovered": recovered}
+def _seconds(clock: str) -> float:
+    """``h:mm:ss`` or ``m:ss.cc`` as seconds."""
+    parts = [float(part) for part in clock.strip().split(":")]
+    return sum(value * 60 ** power for power, value in enumerate(reversed(parts)))
 
 
-def mergekit_factors(weights: dict, rank: int) -> dict:
-    """mergekit-extract-lora's core: full SVD of the dense delta, keep the top ``rank`` triplets."""
-    factors = {}
-    for name, delta in weights.items():
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank, len(S))
-        factors[name] = (U[:, :r] * S[:r], Vh[:r])  # (out, r), (r, in)
-    return factors
+def timed(command: list[str]) -> dict:
+    """Run ``command`` under ``/usr/bin/time -v``: wall and CPU seconds, peak resident memory (GiB)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # this checkout's lora_compress
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    found = {key: re.search(pattern, result.stderr) for key, pattern in TIME_FIELDS.items()}
+    return {"wall": _seconds(found["wall"][1]), "cpu": float(found["user"][1]) + float(found["sys"][1]),
+            "peak_gib": int(found["rss_kb"][1]) / 2**20}
 
 
-def peft_factors(rank: int) -> tuple[dict, float]:
-    """PEFT's convert_to_lora on the LoKr model; returns (factors, seconds of the conversion)."""
+def changed_layers(base, tuned) -> list[str]:
+    """Names of the linear layers whose weight the fine-tune changed."""
+    tuned_modules = dict(tuned.named_modules())
+    return [name for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)
+            and not torch.equal(module.weight, tuned_modules[name].weight)]
+
+
+def weight_error(merged, base, tuned, layers: list[str]) -> float:
+    """‖W_merged − W_tuned‖ / ‖W_tuned − W_base‖ over ``layers`` (Frobenius)."""
+    missed = change = 0.0
+    for name in layers:
+        want = tuned.get_submodule(name).weight.double()
+        missed += float((merged.get_submodule(name).weight.double() - want).square().sum())
+        change += float((want - base.get_submodule(name).weight.double()).square().sum())
+    return (missed / change) ** 0.5
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor) -> float:
+    return float(torch.exp(model(input_ids=ids, labels=ids).loss))
+
+
+def adapter_size(folder: Path) -> tuple[int, int]:
+    """(parameters, bytes) of an adapter folder's weights files."""
+    from safetensors import safe_open
+
+    params = size = 0
+    for path in folder.glob("*.safetensors"):
+        size += path.stat().st_size
+        with safe_open(path, "pt") as tensors:
+            for key in tensors.keys():
+                shape = tensors.get_slice(key).get_shape()
+                params += int(torch.tensor(shape).prod()) if shape else 1
+    return params, size
+
+
+def merged_with(base, folder: Path):
     from peft import PeftModel
-    from peft.tuners.lora.conversion import convert_to_lora
-    from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32), LOKR_ADAPTER)
-    start = time.perf_counter()
-    config, state = convert_to_lora(model, rank)
-    seconds = time.perf_counter() - start
-    pairs = {}
-    for key, tensor in state.items():
-        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-        pairs.setdefault(match[1], {})[match[2]] = tensor
-    return {name: (p["B"], p["A"]) for name, p in pairs.items()}, seconds
-
-
-def measure(base, factors: dict, ids, want, base_error) -> dict:
-    candidate = merge_(copy.deepcopy(base), factors)
-    return drift(logits(candidate, ids), want, base_error)
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).merge_and_unload().eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "bench-extract",
+                        help="where the adapters and each run's timing stay")
+    parser.add_argument("--reuse", action="store_true", help="evaluate adapters (and timings) already in --work")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
+    commands = {
+        "mergekit-extract-lora": lambda out, rank: [tool("mergekit-extract-lora"), "--model", str(FINETUNE),
+                                                    "--base-model", str(SMOLLM2), "--out-path", str(out),
+                                                    "--max-rank", str(rank)],
+        "lora-compress extract": lambda out, rank: [tool("lora-compress"), "extract", "--base", str(SMOLLM2),
+                                                    "--tuned", str(FINETUNE), "--out", str(out), "--rank",
+                                                    str(rank), "--quiet"]}
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    base, tuned = load_dense(resolve_source(str(SMOLLM2))), load_dense(resolve_source(str(FINETUNE)))
-    ids = tokenizer((TEXT / "alice29.txt").read_text(), return_tensors="pt")["input_ids"][:, :EVAL_TOKENS]
-    want = logits(tuned, ids)
-    reference = drift(logits(base, ids), want)
-    deltas = model_deltas(base, tuned)
-    weights = deltas.weights
-    dense_params = sum(w.numel() for w in weights.values())
-    calib = calibration_tokens(tokenizer, (TEXT / "asyoulik.txt").read_text(), args.calib_samples, 256)
-    start = time.perf_counter()
-    stats = forward_statistics(tuned, calib, {n: tuned.get_submodule(n) for n in weights},
-                               (InputGram(every_layer=True),), progress=False)
-    grams = lambda name: stats[name]["gram"]  # noqa: E731
-    calib_seconds = time.perf_counter() - start
-    rows = [["base alone (no adapter)", 0, 0, "-", reference["error"], reference["kl"], 0.0]]
+    base = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(FINETUNE, dtype=torch.float32).eval()
+    layers = changed_layers(base, tuned)
+    ids = {name: tokenizer((TEXT / name).read_text(), return_tensors="pt")["input_ids"][:, :PPL_TOKENS]
+           for name in TEXTS}
+    rows = [["base alone (no adapter)", 0, "-", "-", "-", "-", "-", 1.0, *(perplexity(base, i) for i in ids.values())],
+            ["tuned model", "-", "-", "-", "-", "-", "-", 0.0, *(perplexity(tuned, i) for i in ids.values())]]
     for rank in args.ranks:
-        config = ExtractConfig(rank=rank)
-        runs = []
-        start = time.perf_counter()
-        ours = factor_deltas(weights, config, progress=False)[0]
-        runs.append(("lora-compress extract", ours, time.perf_counter() - start))
-        start = time.perf_counter()
-        aware = factor_deltas(weights, config, grams, progress=False)[0]
-        runs.append(("lora-compress extract --calib (whitened)", aware, time.perf_counter() - start + calib_seconds))
-        start = time.perf_counter()
-        runs.append(("mergekit-extract-lora algorithm (full SVD)", mergekit_factors(weights, rank),
-                     time.perf_counter() - start))
-        peft, seconds = peft_factors(rank)
-        runs.append(("PEFT convert_to_lora (LoKr model)", peft, seconds))
-        for label, factors, seconds in runs:
-            pairs = {n: (f.B, f.A) for n, f in factors.items()} if label.startswith("lora-compress") else factors
-            params = sum(B.numel() + A.numel() for B, A in pairs.values())
-            figures = measure(base, pairs, ids, want, reference["error"])
-            rows.append([label, rank, params, seconds, figures["error"], figures["kl"], figures["recovered"]])
+        for label, command in commands.items():
+            out = args.work / f"{label.split()[0]}-{rank}"
+            timing = out.with_name(out.name + ".time.json")
+            if not (args.reuse and timing.is_file()):
+                shutil.rmtree(out, ignore_errors=True)
+                args.work.mkdir(parents=True, exist_ok=True)
+                timing.write_text(json.dumps(timed(command(out, rank))))
+            run = json.loads(timing.read_text())
+            params, size = adapter_size(out)
+            merged = merged_with(base, out)
+            rows.append([label, rank, run["wall"], run["cpu"], run["peak_gib"], params, size / 2**20,
+                         weight_error(merged, base, tuned, layers), *(perplexity(merged, i) for i in ids.values())])
             print(rows[-1], flush=True)
-        write(rows, dense_params, len(weights), calib_seconds, args)  # after each rank: partial runs keep rows
-    full = factor_deltas(weights, ExtractConfig(rank=100_000), progress=False)[0]
-    figures = measure(base, {n: (f.B, f.A) for n, f in full.items()}, ids, want, reference["error"])
-    rows.append(["lora-compress extract (full rank)", "min(m,n)", sum(f.B.numel() + f.A.numel() for f in full.values()),
-                 "-", figures["error"], figures["kl"], figures["recovered"]])
-    write(rows, dense_params, len(weights), calib_seconds, args)
+            del merged
+        write(rows, layers, args, args.ranks[:args.ranks.index(rank) + 1])  # a partial run keeps its rows
 
 
 def _cell(value) -> str:
@@ -144,24 +162,30 @@ def _cell(value) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def write(rows, dense_params: int, layers: int, calib_seconds: float, args) -> None:
-    header = ["method", "rank", "adapter params", "factoring s", "logits rel. error", "KL per token",
-              "fine-tune change recovered"]
+def write(rows, layers: list[str], args, ranks: list[int]) -> None:
+    header = ["command", "rank", "wall s", "CPU s", "peak GiB", "adapter params", "adapter MiB",
+              "weight error", *(f"ppl {name.removesuffix('.txt')}" for name in TEXTS)]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    ranks = " ".join(map(str, args.ranks))
+    import mergekit
+    import peft
+
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(f"""# Extracting a fine-tune as a LoRA adapter
+    OUT.write_text(f"""# Extracting a fine-tune as a LoRA adapter: lora-compress against mergekit
 
-Command: `python scripts/bench_extract.py --ranks {ranks} --calib-samples {args.calib_samples}`
-(after `python scripts/prepare_examples.py` and `python scripts/make_finetune.py`)
+Command: `python scripts/bench_extract.py --ranks {' '.join(map(str, ranks))}`
+(after `python scripts/prepare_examples.py`, `python scripts/make_finetune.py` and `pip install -e '.[bench]'`;
+mergekit {getattr(mergekit, '__version__', '0.1.5')}, PEFT {peft.__version__})
 
-Fine-tune: SmolLM2-135M-Instruct, PEFT LoKr (r=8) on all 7 linear layer types of 30 blocks, trained
-on movie-review snippets; {layers} changed layers, {dense_params:,} delta weights. Evaluation: first
-{EVAL_TOKENS:,} tokens of alice29.txt; every candidate is base + adapter merged, compared with the tuned
-model. "Factoring s" is the SVD work alone (whitened: plus {calib_seconds:.1f} s of calibration on
-{args.calib_samples}×256 tokens of asyoulik.txt); PEFT's figure is its `convert_to_lora` call. Model loading,
-the output check and writing are not timed. 2 shared CPU threads: compare times within this table only.
+Fine-tune: SmolLM2-135M-Instruct, PEFT LoKr (r=8) on all 7 linear layer types of 30 blocks, trained on
+movie-review snippets; {len(layers)} changed linear layers. Each command runs whole, as a user types it
+(loading, SVD, writing), under `/usr/bin/time -v`: wall seconds, CPU seconds (user + system) and peak
+resident memory. Each adapter folder is then loaded with PEFT onto the base and merged. Weight error:
+‖W_merged − W_tuned‖ / ‖W_tuned − W_base‖ over the changed layers (Frobenius; 0 = the fine-tune exactly,
+1 = the base alone). Perplexity: first {PPL_TOKENS:,} tokens of alice29.txt (held out) and of movie_reviews.txt
+(the fine-tune's training domain). mergekit also saves the untouched `lm_head` and norms whole
+(modules_to_save), hence its larger adapter. Shared 2-core machine, loaded by other jobs: compare times
+within this table only; CPU seconds are the steadier figure.
 
 {chr(10).join(table)}
 """)

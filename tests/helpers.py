@@ -74,7 +74,7 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
     try:
         cls.from_pretrained(folder)
         refusal = None
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: no model.safetensors (format 3 names its weights a variant)
         refusal = str(error)
     model = cls.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compress as lc
-from lora_compress.storage.checkpoint import INDEX, WEIGHTS
+from lora_compress.storage.checkpoint import COMPRESSED_WEIGHTS, INDEX, WEIGHTS
 from lora_compress.storage.compressed import ADAPTERS, MANIFEST
 from lora_compress.storage.remote_code import MODELING
 
@@ -34,14 +34,15 @@ def test_reload_is_bit_identical_to_the_model_right_after_compression(round_trip
 def test_output_folder_is_self_contained_and_stores_the_factors_once(round_trip):
     _, out, _, _ = round_trip
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", MODELING, WEIGHTS, MANIFEST, "tokenizer.json"} <= names
-    assert ADAPTERS not in names, "the factors are in model.safetensors; adapters.safetensors only with --adapters"
+    assert {"config.json", MODELING, COMPRESSED_WEIGHTS, MANIFEST, "tokenizer.json"} <= names
+    assert WEIGHTS not in names, "a dense class must find no model.safetensors in a compressed folder"
+    assert ADAPTERS not in names, "the factors are in the weights file; adapters.safetensors only with --adapters"
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["format_version"] == 2 and manifest["settings"]["ratio"] == 0.5
+    assert manifest["format_version"] == 3 and manifest["settings"]["ratio"] == 0.5
     assert {"torch", "transformers", "safetensors", "lora_compress"} <= set(manifest["versions"])
     layer = next(iter(manifest["layers"].values()))
     assert layer["rank"] >= 1 and len(layer["shape"]) == 2
-    keys = load_file(out / WEIGHTS).keys()
+    keys = load_file(out / COMPRESSED_WEIGHTS).keys()
     assert any(k.endswith(".lora_A") for k in keys) and any(k.endswith(".lora_B") for k in keys)
 
 
@@ -54,7 +55,7 @@ def test_the_folders_factors_applied_onto_the_base_give_the_same_outputs(round_t
 def test_adapters_file_on_request_holds_the_same_factors(tiny_models, tmp_path):
     out = tmp_path / "out"
     lc.compress(str(tiny_models["llama"]), out, lc.CompressConfig(ratio=0.5), progress=False, adapters=True)
-    adapters, weights = load_file(out / ADAPTERS), load_file(out / WEIGHTS)
+    adapters, weights = load_file(out / ADAPTERS), load_file(out / COMPRESSED_WEIGHTS)
     assert adapters and all(key.endswith((".lora_A", ".lora_B")) for key in adapters)
     assert all(torch.equal(adapters[key], weights[key]) for key in adapters)
     reference = lc.apply_adapters(dense(tiny_models["llama"]), out)

@@ -478,14 +478,15 @@ CATALOGUE: list[Fault] = [
           r"^(?!.*--out)cannot write to .*ro/folder \((Read-only file system|Permission denied)\); make .*ro/folder "
           r"writable or pass --no-report", lambda place: place.read_only(copy=place.folder)),
     Fault("evaluate", DAMAGED_FOLDER, "factor-nan", EVALUATE, NAN_FACTOR,
-          tensor_change("folder/model.safetensors", poison(float("nan"))), api_evaluate),
+          tensor_change("folder/model.lora_compressed.safetensors", poison(float("nan"))), api_evaluate),
     Fault("evaluate", DAMAGED_FOLDER, "factor-inf", EVALUATE, NAN_FACTOR,
-          tensor_change("folder/model.safetensors", poison(float("inf"))), api_load),
+          tensor_change("folder/model.lora_compressed.safetensors", poison(float("inf"))), api_load),
     Fault("evaluate", DAMAGED_FOLDER, "factor-missing", EVALUATE, r"folder does not match its manifest \(missing "
           r".*lora_A\); compress the model again", tensor_change(
-              "folder/model.safetensors", lambda t: t.pop(first_factor(t))), api_load),
+              "folder/model.lora_compressed.safetensors", lambda t: t.pop(first_factor(t))), api_load),
     Fault("evaluate", DAMAGED_FOLDER, "factor-of-another-rank", EVALUATE, r"does not match its manifest",
-          tensor_change("folder/model.safetensors", lambda t: t.update({first_factor(t): t[first_factor(t)][:1]}))),
+          tensor_change("folder/model.lora_compressed.safetensors",
+                        lambda t: t.update({first_factor(t): t[first_factor(t)][:1]}))),
     Fault("evaluate", DAMAGED_FOLDER, "config-ranks-disagree", EVALUATE, r"config.json in .*folder lists other "
           r"lora_layers than lora_compress.json \(at model.layers.0.self_attn.q_proj\); the folder is damaged",
           json_change(FOLDER_CONFIG, lambda c: c["lora_layers"]["model.layers.0.self_attn.q_proj"].__setitem__(2, 3)),
@@ -516,7 +517,7 @@ CATALOGUE: list[Fault] = [
     Fault("evaluate", DAMAGED_FOLDER, "manifest-missing", EVALUATE, r"has no lora_compress.json; pass a folder "
           r"written by `lora-compress compress`", remove("folder/lora_compress.json")),
     Fault("evaluate", DAMAGED_FOLDER, "weights-truncated", EVALUATE, r"not a readable safetensors file",
-          truncate("folder/model.safetensors", 3000), api_load),
+          truncate("folder/model.lora_compressed.safetensors", 3000), api_load),
     Fault("evaluate", BAD_OPTION, "base-of-another-architecture", ("{bert}", "{folder}", "--text", "{text}",
           "--no-report", "--quiet"), r"BASE .* is not the model this folder was compressed from"),
     Fault("evaluate", BAD_OPTION, "base-damaged", ("{model}", *EVALUATE[1:]), NOT_JSON, write("model/config.json", "")),
@@ -529,16 +530,16 @@ CATALOGUE: list[Fault] = [
           r"--limit and --include-path go with --tasks"),
     # export
     Fault("export", DAMAGED_FOLDER, "factor-nan", EXPORT, NAN_FACTOR,
-          tensor_change("folder/model.safetensors", poison(float("nan"))), api_export),
+          tensor_change("folder/model.lora_compressed.safetensors", poison(float("nan"))), api_export),
     Fault("export", DAMAGED_FOLDER, "factor-missing", EXPORT, r"does not match its manifest \(missing",
-          tensor_change("folder/model.safetensors", lambda t: t.pop(first_factor(t))), api_export),
+          tensor_change("folder/model.lora_compressed.safetensors", lambda t: t.pop(first_factor(t))), api_export),
     Fault("export", DAMAGED_FOLDER, "config-ranks-disagree", EXPORT, r"lists other lora_layers than",
           json_change(FOLDER_CONFIG, lambda c: c["lora_layers"]["model.layers.0.self_attn.q_proj"].__setitem__(2, 3)),
           api_export),
     Fault("export", DAMAGED_FOLDER, "manifest-empty", EXPORT, r"format_version None",
           write("folder/lora_compress.json", "{}"), api_export),
     Fault("export", DAMAGED_FOLDER, "upgrade-factor-nan", ("{folder}", "--upgrade", "--out", "{out}"), NAN_FACTOR,
-          tensor_change("folder/model.safetensors", poison(float("nan")))),
+          tensor_change("folder/model.lora_compressed.safetensors", poison(float("nan")))),
     Fault("export", BAD_OPTION, "neither-kind-of-folder", ("{model}", "--dense", "--out", "{out}"),
           r"holds neither lora_compress.json nor adapter_config.json"),
     Fault("export", BAD_OPTION, "dense-and-upgrade", ("{folder}", "--dense", "--upgrade", "--out", "{out}"),
@@ -568,9 +569,9 @@ CATALOGUE: list[Fault] = [
           check=busy_left_alone("extract")),
     # heal
     Fault("heal", DAMAGED_FOLDER, "factor-nan", HEAL, NAN_FACTOR,
-          tensor_change("folder/model.safetensors", poison(float("nan"))), api_heal),
+          tensor_change("folder/model.lora_compressed.safetensors", poison(float("nan"))), api_heal),
     Fault("heal", DAMAGED_FOLDER, "factor-missing", HEAL, r"does not match its manifest \(missing",
-          tensor_change("folder/model.safetensors", lambda t: t.pop(first_factor(t)))),
+          tensor_change("folder/model.lora_compressed.safetensors", lambda t: t.pop(first_factor(t)))),
     Fault("heal", DAMAGED_FOLDER, "config-ranks-disagree", HEAL, r"lists other lora_layers than",
           json_change(FOLDER_CONFIG, lambda c: c["lora_layers"]["model.layers.0.self_attn.q_proj"].__setitem__(2, 3)),
           api_heal),
@@ -691,7 +692,7 @@ def test_transformers_alone_refuses_a_folder_that_lacks_a_factor(place, request,
     """The modeling file written into the folder refuses it (transformers alone would fill the factor with
     uninitialised memory and only warn)."""
     request.node.user_properties.append((CATALOGUE_PROPERTY, ("from_pretrained", DAMAGED_FOLDER)))
-    edit_tensors(place.folder / "model.safetensors", lambda tensors: tensors.pop(first_factor(tensors)))
+    edit_tensors(place.folder / "model.lora_compressed.safetensors", lambda tensors: tensors.pop(first_factor(tensors)))
     before = snapshot(place.root)
     env = {**subprocess_env(), "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", FROM_PRETRAINED, str(place.folder)], capture_output=True, text=True,

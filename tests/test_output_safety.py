@@ -44,7 +44,7 @@ def test_export_and_heal_refuse_to_write_over_their_input(tiny_models, tmp_path,
     assert result.exit_code == 2 and "is the input" in result.output
     result = run("heal", out, "--calib", text_file, "--steps", "1", "--out", out / "healed", "--quiet")
     assert result.exit_code == 2 and "inside it" in result.output
-    assert read_manifest(out).format_version == 2
+    assert read_manifest(out).format_version == 3
 
 
 def test_an_unwritable_output_place_fails_before_any_compute(tiny_models, tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_a_failed_block_leaves_neither_output_nor_temporary_folder(tmp_path):
     (0, "format_version 0 .* is not an integer ≥ 1"),
     (True, "format_version True .* is not an integer ≥ 1"),
     (None, "format_version None .* is not an integer ≥ 1"),
-    (3, "written by a newer lora-compress \\(format 3, this one reads up to 2\\)"),
+    (4, "written by a newer lora-compress \\(format 4, this one reads up to 3\\)"),
 ])
 def test_format_version_must_be_a_known_positive_integer(tiny_models, tmp_path, version, message):
     out = tmp_path / "out"

@@ -18,7 +18,8 @@ from lora_compress import CompressConfig, LoraCompressError, load
 from lora_compress.methods.config import RunConfig, resolve
 from lora_compress.jobs.compress import compress
 from lora_compress.storage import shards, tensorfile
-from lora_compress.storage.checkpoint import INDEX, WEIGHTS, load_dense, resolve_source
+from lora_compress.storage.checkpoint import (COMPRESSED_INDEX, COMPRESSED_WEIGHTS, INDEX, WEIGHTS, load_dense,
+                                             resolve_source)
 from lora_compress.storage.compressed import ADAPTERS, MANIFEST
 from lora_compress.stream.block_loader import BlockLoader
 from lora_compress.pipelines.calibrated import compress_calibrated
@@ -62,7 +63,8 @@ def test_sharded_input_gives_sharded_output_that_loads_like_in_memory(tiny_model
     monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 10_000)
     compress(str(source), tmp_path / "stream", CompressConfig(rank=4), RunConfig(stream=True), progress=False)
     compress(str(tiny_models["llama"]), tmp_path / "memory", CompressConfig(rank=4), progress=False)
-    assert (tmp_path / "stream" / INDEX).exists() and not (tmp_path / "stream" / WEIGHTS).exists()
+    stream = tmp_path / "stream"
+    assert (stream / COMPRESSED_INDEX).exists() and not (stream / COMPRESSED_WEIGHTS).exists()
     ids = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         streamed, memory = load(tmp_path / "stream")(ids).logits, load(tmp_path / "memory")(ids).logits
@@ -156,7 +158,8 @@ def test_streamed_calibration_writes_shards_that_load(tiny_models, text_file, tm
     monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 10_000)
     compress(str(tiny_models["llama"]), tmp_path / "stream", *_calibrated(text_file, "whiten-ratio", stream=True), progress=False)
     compress(str(tiny_models["llama"]), tmp_path / "memory", *_calibrated(text_file, "whiten-ratio"), progress=False)
-    assert (tmp_path / "stream" / INDEX).exists() and not (tmp_path / "stream" / WEIGHTS).exists()
+    stream = tmp_path / "stream"
+    assert (stream / COMPRESSED_INDEX).exists() and not (stream / COMPRESSED_WEIGHTS).exists()
     batch = inputs_for(dense(tiny_models["llama"]))
     assert rel_error(outputs(load(tmp_path / "stream"), batch), outputs(load(tmp_path / "memory"), batch)) < 1e-5
 

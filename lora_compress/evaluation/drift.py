@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calibrate.blocks import block_stack
 from ..calibrate.seq2seq import decoder_input_ids, is_encoder_decoder
@@ -62,13 +63,14 @@ class _Sums:
 
 
 @torch.no_grad()
-def block_drift(dense: nn.Module, compressed: nn.Module, batches: list[dict]) -> dict | None:
+def block_drift(dense: nn.Module, compressed: nn.Module, batches: list[dict], progress: bool = False) -> dict | None:
     """Relative output error of every block of ``compressed`` against ``dense``.
 
     Args:
         dense, compressed: models of one architecture (compressed = some layers factored).
         batches: model inputs (dicts of tensors, e.g. tokenizer output); an ``attention_mask``
             entry keeps padding tokens out of the sums.
+        progress: a progress bar over the blocks replayed.
 
     Returns:
         ``{"stack": "model.layers", "tokens": N, "cumulative": [e0, e1, ...], "local": [...]}``,
@@ -84,6 +86,7 @@ def block_drift(dense: nn.Module, compressed: nn.Module, batches: list[dict]) ->
     compressed_blocks = compressed.get_submodule(stack)
     count = len(dense_blocks)
     cumulative, local, tokens = _Sums(count), _Sums(count), 0
+    bar = tqdm(total=count * len(batches), desc="drift per block", unit="block", disable=not progress)
     for inputs in batches:
         if is_encoder_decoder(dense) and "decoder_input_ids" not in inputs:  # the decoder reads the text shifted
             inputs = {**inputs, "decoder_input_ids": decoder_input_ids(dense, inputs["input_ids"])}
@@ -97,7 +100,9 @@ def block_drift(dense: nn.Module, compressed: nn.Module, batches: list[dict]) ->
             replay = _hidden(compressed_blocks[index](*args, **kwargs)).float()
             cumulative.add(index, compressed_out[index], dense_out[index], mask)
             local.add(index, replay, dense_out[index], mask)
+            bar.update()
         tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+    bar.close()
     return {"stack": stack, "tokens": tokens, "cumulative": cumulative.errors(), "local": local.errors()}
 
 

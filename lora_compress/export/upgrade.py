@@ -1,7 +1,9 @@
 """A compressed folder of an older format rewritten in today's (the same tensors, bit for bit).
 
 Format 1 folders carry the base model's own config.json, so transformers alone loads them with
-randomly initialised factored layers; format 2 adds the modeling file (storage/remote_code.py).
+randomly initialised factored layers; format 2 adds the modeling file (storage/remote_code.py) under a
+model_type of its own, which AutoTokenizer stops at to ask whether to run the folder's code; format 3 keeps
+the base's model_type and names the weights model.lora_compressed.safetensors (storage/manifest.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def upgrade_folder(folder: str | Path, out: str | Path, *, force: bool = False) 
     manifest = read_manifest(folder)
     check_output_folder(out, force, inputs=(folder,))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LoraCompressWarning)  # "format 1": what this rewrite is for
+        warnings.simplefilter("ignore", LoraCompressWarning)  # "format 1/2": what this rewrite is for
         model = load(folder)
     source = Source(folder.resolve(), str(folder))
     with atomic_folder(out, force, inputs=(folder,)) as tmp:

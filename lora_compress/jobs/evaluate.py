@@ -60,7 +60,7 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path | None
         figures.update(evaluate(dense, compressed, tokenizer, text, targets, config, progress))
         batches = drift_batches(tokenizer, text, figures["kind"] == "causal-lm",
                                 tokens=fit_context(dense, min(DRIFT_TOKENS, config.window, config.max_tokens)))
-        figures["blocks"] = block_drift(dense, compressed, batches)
+        figures["blocks"] = block_drift(dense, compressed, batches, progress)
         figures["text"] = str(text_file)
     if tasks is not None:
         figures["tasks"] = task_accuracy(dense, compressed, tokenizer, tasks, progress)

@@ -15,10 +15,12 @@ from torch import nn
 
 from ..errors import LoraCompressError
 from .manifest import read_json, refuse_compressed
-from .remote_code import MODEL_TYPE
+from .remote_code import MODEL_TYPE, VARIANT
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
+COMPRESSED_INDEX = f"model.safetensors.index.{VARIANT}.json"  # a compressed folder's (format 3 on): transformers'
+COMPRESSED_WEIGHTS = f"model.{VARIANT}.safetensors"  # variant names, which only the folder's own class asks for
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
               "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
               "generation_config.json", "chat_template.jinja")
@@ -79,12 +81,13 @@ def read_config(folder: Path) -> dict:
     config = read_json(path)
     if not isinstance(config, dict):
         raise LoraCompressError(f"{path} is not a JSON object; restore it from the checkpoint's source")
-    key = "base_model_type" if config.get("model_type") == MODEL_TYPE else "model_type"
-    if key not in config:
-        raise LoraCompressError(f"{path} names no {key}; restore it from the checkpoint's source")
-    if not isinstance(config[key], str) or config[key] not in CONFIG_MAPPING:
-        raise LoraCompressError(f"{path} has {key} {config[key]!r}, which transformers {__version__} does not "
-                                f"know; upgrade transformers, or restore the file from the checkpoint's source")
+    key = "base_model_type" if config.get("model_type") == MODEL_TYPE else "model_type"  # format 2: its own type
+    for key in (key, "base_model_type") if key == "model_type" and "base_model_type" in config else (key,):
+        if key not in config:
+            raise LoraCompressError(f"{path} names no {key}; restore it from the checkpoint's source")
+        if not isinstance(config[key], str) or config[key] not in CONFIG_MAPPING:
+            raise LoraCompressError(f"{path} has {key} {config[key]!r}, which transformers {__version__} does not "
+                                    f"know; upgrade transformers, or restore the file from the checkpoint's source")
     return config
 
 
@@ -98,16 +101,18 @@ def weight_files(folder: Path) -> list[Path]:
         gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
         hint = f" (or --gguf-file {gguf.name} to read the GGUF file there)" if gguf else ""
         raise LoraCompressError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder{hint}")
-    if (folder / INDEX).is_file():
-        index = read_json(folder / INDEX)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise LoraCompressError(f"{INDEX} in {folder} names shard {shard}, which is missing; "
-                                        f"copy the complete checkpoint")
-        return [folder / s for s in shards]
-    if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
+    for index_name in (INDEX, COMPRESSED_INDEX):
+        if (folder / index_name).is_file():
+            index = read_json(folder / index_name)
+            shards = sorted(set(index.get("weight_map", {}).values()))
+            for shard in shards:
+                if not (folder / shard).is_file():
+                    raise LoraCompressError(f"{index_name} in {folder} names shard {shard}, which is missing; "
+                                            f"copy the complete checkpoint")
+            return [folder / s for s in shards]
+    for name in (WEIGHTS, COMPRESSED_WEIGHTS):
+        if (folder / name).is_file():
+            return [folder / name]
     raise LoraCompressError(f"{folder} has no {WEIGHTS} or {INDEX}; only safetensors checkpoints are read "
                             f"(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
 

@@ -3,11 +3,11 @@
 A compressed folder is self-contained::
 
     DIR/
-      config.json, modeling_lora_compressed.py   the base's config with model_type "lora_compressed", and the
-                                                 code transformers runs for it (remote_code.py)
+      config.json, modeling_lora_compressed.py   the base's config with the factored layers and an auto_map, and
+                                                 the code transformers runs for it (remote_code.py)
       tokenizer files                            copied from the source
-      model.safetensors                          untouched tensors + <module>.lora_A / <module>.lora_B, each
-                                                 stored once, in the checkpoint's dtype
+      model.lora_compressed.safetensors          untouched tensors + <module>.lora_A / <module>.lora_B, each
+                                                 stored once, in the checkpoint's dtype (format 2: model.safetensors)
       adapters.safetensors                       only with --adapters: just the factors
       lora_compress.json                         the manifest: format, per-layer shapes and ranks, settings
 
@@ -29,7 +29,7 @@ from ..core.experts import expert_of, tie_shared_factors_, unfuse_experts_
 from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError, LoraCompressWarning
-from .checkpoint import WEIGHTS, check_weight_files, read_config, weight_files
+from .checkpoint import COMPRESSED_WEIGHTS, check_weight_files, read_config, weight_files
 from .manifest import ADAPTERS, FORMAT_VERSION, MANIFEST, METADATA, LayerEntry, Manifest, read_manifest, write_manifest
 from .remote_code import base_config, is_remote_config, remote_entries, write_remote_code
 from .shards import output_files, write_adapters
@@ -68,13 +68,13 @@ def write_compressed(folder: Path, model: nn.Module, manifest: Manifest, *, adap
 
 
 def save_weights(folder: Path, model: nn.Module) -> None:
-    """``model.safetensors``: every tensor of the model once (tied ones under one name), in its dtype.
+    """``model.lora_compressed.safetensors``: every tensor of the model once (tied ones under one name), in its dtype.
 
     Raises:
         LoraCompressError: the device has too little space for them; nothing is written then.
     """
     reserve(folder, tensor_bytes(model))
-    save_model(model, str(folder / WEIGHTS), metadata=METADATA)
+    save_model(model, str(folder / COMPRESSED_WEIGHTS), metadata=METADATA)
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -142,11 +142,14 @@ def folder_config(folder: Path, manifest: Manifest):
     from transformers import AutoConfig
 
     config = read_config(folder)
+    upgrade = f"`lora-compress export {folder} --upgrade --out NEW` rewrites it in format {FORMAT_VERSION}"
     if is_remote_config(config):
         _check_remote_entries(folder, config, manifest)
+        if manifest.format_version == 2:
+            warnings.warn(f"{folder} is in format 2, whose tokenizer transformers loads only after asking to run the "
+                          f"folder's code; {upgrade}", LoraCompressWarning, stacklevel=3)
         return base_config(config, manifest.model_class)
-    warnings.warn(f"{folder} is in format 1, which transformers alone loads with random factored layers; "
-                  f"`lora-compress export {folder} --upgrade --out NEW` rewrites it in format {FORMAT_VERSION}",
+    warnings.warn(f"{folder} is in format 1, which transformers alone loads with random factored layers; {upgrade}",
                   LoraCompressWarning, stacklevel=3)
     return AutoConfig.from_pretrained(folder)
 

@@ -6,6 +6,9 @@ never computed on as if it were the dense model it came from.
 
     format 1   config.json is the base model's own: transformers alone builds random factored layers
     format 2   config.json has model_type "lora_compressed" and the modeling file (remote_code.py)
+    format 3   config.json keeps the base's model_type (AutoTokenizer reads the folder with no flag or prompt), and the
+               weights are model.lora_compressed.safetensors, transformers' variant name that a dense class never
+               loads (``export --upgrade`` rewrites a folder of format 1 or 2)
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from ..errors import LoraCompressError
 
 MANIFEST = "lora_compress.json"
 ADAPTERS = "adapters.safetensors"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}  # of every weights file
 FIELDS = {"base_model": str, "dtype": str, "layers": dict, "model_class": str, "method": str, "settings": dict,
           "targeted_params": dict}  # what every reader uses, and its type

@@ -1,14 +1,19 @@
-"""The compressed folder as transformers sees it: a model type of its own and the code that builds it.
+"""The compressed folder as transformers sees it: the base's config, its factored layers, and the code that builds them.
 
     config.json                   the base model's config, plus
-                                    model_type       "lora_compressed" (unknown to transformers: refused
-                                                     without trust_remote_code, never loaded with random layers)
-                                    base_model_type  the base's own model_type, e.g. "llama"
+                                    model_type       the base's own (format 3 on), e.g. "llama": so AutoConfig and
+                                                     AutoTokenizer read the folder with no flag and no prompt
+                                    base_model_type  the base's model_type again (format 2 had "lora_compressed"
+                                                     as model_type: AutoTokenizer then asked to run the code)
                                     lora_layers      {module: [out, in, rank, bias]}, one entry per factored layer
                                     lora_experts     {experts module: layout}: fused MoE experts split into one
                                                      linear map per expert (core/experts.py) before the above
                                     lora_shared      {module: [factor, owner]}: a factor that is another layer's
                                     auto_map         AutoConfig and the task's Auto class → the modeling file
+    model.lora_compressed.safetensors  the weights under transformers' *variant* name (storage/checkpoint.py):
+                                  a dense class (AutoModel… without trust_remote_code) finds no model.safetensors
+                                  and refuses the folder, never builds random factored layers; the modeling
+                                  file's class asks for the variant
     modeling_lora_compressed.py   torch + transformers only: the base class with each listed layer
                                   swapped for a low-rank pair while it is built (from the template beside
                                   this module), so ``from_pretrained(DIR, trust_remote_code=True)`` loads the
@@ -25,7 +30,8 @@ from string import Template
 from ..errors import LoraCompressError
 from ..version import __version__
 
-MODEL_TYPE = "lora_compressed"
+MODEL_TYPE = "lora_compressed"  # config.json's model_type in format 2; the modeling file's name and weights variant
+VARIANT = MODEL_TYPE  # transformers' variant of the weights files: model.lora_compressed.safetensors
 MODELING = "modeling_lora_compressed.py"
 TEMPLATE = Path(__file__).with_name(MODELING + ".tmpl")
 OWN_KEYS = ("auto_map", "base_model_type", "lora_layers", "lora_experts", "lora_shared")  # not the base's keys
@@ -74,13 +80,13 @@ def write_remote_code(folder: Path, base: dict, model_class: str, layers: dict, 
                                 f"architectures that transformers ships")
     task, class_name = auto_class(model_class), f"LoraCompressed{model_class}"
     module = MODELING.removesuffix(".py")
-    config = {**base, "model_type": MODEL_TYPE, "base_model_type": base["model_type"], "architectures": [class_name],
+    config = {**base, "base_model_type": base["model_type"], "architectures": [class_name],
               "auto_map": {"AutoConfig": f"{module}.LoraCompressedConfig", task: f"{module}.{class_name}"},
               **remote_entries(layers, experts)}
     (folder / "config.json").write_text(_dump(config))
     (folder / MODELING).write_text(Template(TEMPLATE.read_text()).substitute(
         version=__version__, base_model=model_class, base_config=config_class, auto_class=task,
-        model_type=MODEL_TYPE, base_model_type=base["model_type"], class_name=class_name))
+        base_model_type=base["model_type"], class_name=class_name, variant=VARIANT))
 
 
 def _dump(config: dict) -> str:
@@ -114,8 +120,8 @@ def _config_class_name(model_type: str) -> str:
 
 
 def is_remote_config(config: dict) -> bool:
-    """True for the config.json of a compressed folder (format 2 on)."""
-    return config.get("model_type") == MODEL_TYPE
+    """True for the config.json of a compressed folder (format 2 on; format 1 had the base's config alone)."""
+    return isinstance(config.get("base_model_type"), str) and "lora_layers" in config
 
 
 def base_config(config: dict, model_class: str):

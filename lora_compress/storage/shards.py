@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import INDEX, WEIGHTS, tensor_names
+from .checkpoint import COMPRESSED_INDEX, COMPRESSED_WEIGHTS, INDEX, WEIGHTS, tensor_names
 from .manifest import ADAPTERS, METADATA
 from .tensorfile import HEADER_BYTES, TensorFileWriter
 
@@ -45,13 +45,13 @@ class ShardWriter:
         self.current, self.written = None, 0
 
     def close(self) -> None:
-        """Finish the last shard; name them ``model.safetensors`` or ``-0000k-of-0000N`` + index."""
+        """Finish the last shard; name them ``model.lora_compressed.safetensors`` or ``-0000k-of-0000N`` + index."""
         if self.current is None:  # no tensor at all: an empty weights file
             self.current = TensorFileWriter(self.folder / "model-00001.safetensors", self.metadata)
             self.shards.append([])
         self._finish()
         if len(self.shards) == 1:
-            (self.folder / "model-00001.safetensors").rename(self.folder / WEIGHTS)
+            (self.folder / "model-00001.safetensors").rename(self.folder / COMPRESSED_WEIGHTS)
             return
         weight_map = {}
         for number, keys in enumerate(self.shards, 1):
@@ -59,15 +59,17 @@ class ShardWriter:
             (self.folder / f"model-{number:05d}.safetensors").rename(self.folder / name)
             weight_map.update({key: name for key in keys})
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (self.folder / COMPRESSED_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def output_files(folder: Path) -> dict[str, Path]:
-    """Tensor name → file, for a compressed folder with one weights file or shards and an index."""
-    if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        return {key: folder / name for key, name in weight_map.items()}
-    return {key: folder / WEIGHTS for key in tensor_names(folder / WEIGHTS)}
+    """Tensor name → file, for a compressed folder with one weights file or shards and an index (any format)."""
+    for index in (COMPRESSED_INDEX, INDEX):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return {key: folder / name for key, name in weight_map.items()}
+    weights = folder / (COMPRESSED_WEIGHTS if (folder / COMPRESSED_WEIGHTS).is_file() else WEIGHTS)
+    return {key: weights for key in tensor_names(weights)}
 
 
 def write_adapters(folder: Path) -> None:
