@@ -48,7 +48,8 @@ def with_bos(rows: torch.Tensor, tokenizer) -> torch.Tensor:
     """``rows`` (N, T) with each row's first token replaced by the BOS token when ``tokenizer`` starts its
     encodings with one (Gemma does, SmolLM2 and BERT's [CLS] tokenizers do not): rows cut from the middle of
     a long text otherwise lack it, and a model trained to see BOS first computes activations off its
-    distribution without it (issue 23: Gemma-3-270m at a 20% cut, worst held-out domain 5.76× → 4.65× dense)."""
+    distribution without it (issue 23; a first, unmerged measurement: Gemma-3-270m at a 20% cut, worst
+    held-out domain 5.76× → 4.65× dense)."""
     bos = bos_added(tokenizer)
     if bos is None:
         return rows
