@@ -95,7 +95,7 @@ def method_help() -> str:
     from .methods.registry import methods
 
     listed = "; ".join(f"{m.name}: {m.summary}" for m in methods())
-    return f"How each layer is factored. {listed}. auto = sequential with --calib, else svd."
+    return f"How each layer is factored. {listed}. auto = sequential with --calib or --budget, else svd."
 
 
 def method_choices() -> list[str]:
@@ -142,12 +142,14 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--ratio", type=float, help="Keep this fraction of each layer's parameters.")
 @click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
 @click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
-              "layer (needs --calib or --calib-generated 1).")
+              "layer (calibrated on --calib, or without it on text the model writes itself).")
 @click.option("--method", type=click.Choice(method_choices()), help=method_help() + " [default: auto]")
 @calibration_options(samples=None, length=None, shown=(32, 256))
 @click.option("--calib-generated", type=float,
-              help="Share of the calibration sequences the model writes itself from its BOS token (top-k "
-              "sampling; causal LMs only, in memory only). 1 = data-free: no --calib needed. [default: 0]")
+              help="Share of the calibration sequences the model writes itself, continuing short prompts of many "
+              "kinds (code, legal, dialogue, reports, lists, maths; top-k sampling, seeded by --seed; causal LMs "
+              "only). 0 = the --calib text alone; 1 = data-free. [default: 0.25 for a causal LM, all of them "
+              "without --calib, 0 for an encoder]")
 @include_option
 @exclude_option
 @click.option("--solver", "--svd", "solver", help="SVD solver of the data-free methods: auto, full, randomized or "

@@ -12,7 +12,7 @@ The evaluation files of the extra domains are disjoint from their ``*_calib.txt`
 (prepare_examples.py --only domains), so those can be calibrated on too.
 
 Usage: python scripts/bench_domains.py --calib asyoulik,lcet10 --cuts 0.2,0.4 --out FILE
-       [--models smollm2,minilm] [--calib-generated 0.25] [--option input_shrinkage=0.2 ...]
+       [--models smollm2,gemma3,minilm] [--calib-generated 0.25] [--option input_shrinkage=0.2 ...]
 
 ``--option NAME=VALUE`` sets a field of the method's config (e.g. SequentialConfig's); ``--calib-generated``
 is CompressConfig's share of model-written calibration sequences, written inside the timed compression.
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench_quality import embed, markdown, perplexity
-from prepare_examples import CACHE, MINILM, SMOLLM2, TEXT
+from prepare_examples import CACHE, GEMMA, MINILM, SMOLLM2, TEXT
 
 from lora_compress.calibrate.tokens import calibration_tokens
 from lora_compress.pipelines.plan import compress_
@@ -80,11 +80,12 @@ def method_config(method: str, options: list[str]):
     return get_method(method).config_class(**fields)
 
 
-def compress_copy(dense, cut: float, tokens, method, calib: str, generated: float = 0.0):
+def compress_copy(dense, cut: float, tokens, method, calib: str, generated: float | None, tokenizer):
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     run = RunConfig(calib=None if generated == 1 else calib, calib_generated=generated)
-    report = compress_(model, CompressConfig(budget=1 - cut, method=method), run, progress=False, tokens=tokens)
+    report = compress_(model, CompressConfig(budget=1 - cut, method=method), run, progress=False, tokens=tokens,
+                       tokenizer=tokenizer)
     return model, report, time.perf_counter() - start
 
 
@@ -99,18 +100,20 @@ def summary(ratios: dict[str, float], calib: str, higher_is_better: bool = False
             f"{prose[worst_prose]:.3f} ({worst_prose})"]
 
 
-def smollm2_rows(calibs, cuts, samples, length, method, tokens_eval, generated):
-    source = resolve_source(str(SMOLLM2))
+def lm_rows(name, folder, calibs, cuts, samples, length, method, tokens_eval, generated):
+    """Rows of a causal LM's table: its dense perplexities, then each calibration text and cut as ratios."""
+    source = resolve_source(str(folder))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     texts = {d: TEXT / f for d, f in DOMAINS.items()}
-    base = dense_figures(f"smollm2/{tokens_eval}",
+    base = dense_figures(f"{name}/{tokens_eval}",
                          lambda: {d: perplexity(dense, tokenizer, p, tokens_eval) for d, p in texts.items()})
     yield ["dense", "-", *[f"{base[d]:.2f}" for d in DOMAINS], "-", "-", "-", "-"]
     for calib in calibs:
         tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
         for cut in cuts:
-            model, report, seconds = compress_copy(dense, cut, tokens, method, str(calib_path(calib)), generated)
-            RANKS[f"smollm2/{calib}/{cut}"] = {layer.name: layer.rank for layer in report.layers}
+            model, report, seconds = compress_copy(dense, cut, tokens, method, str(calib_path(calib)), generated,
+                                                   tokenizer)
+            RANKS[f"{name}/{calib}/{cut}"] = {layer.name: layer.rank for layer in report.layers}
             ratios = {d: perplexity(model, tokenizer, p, tokens_eval) / base[d] for d, p in texts.items()}
             yield [calib, f"{cut:.0%}", *[f"{ratios[d]:.3f}" for d in DOMAINS], *summary(ratios, calib),
                    f"{seconds:.0f}"]
@@ -121,7 +124,7 @@ def paragraph_sets() -> dict[str, list[str]]:
     return {d: paragraphs(read_text(TEXT / f))[:PARAGRAPHS] for d, f in DOMAINS.items()}
 
 
-def minilm_rows(calibs, cuts, samples, length, method, generated):
+def minilm_rows(calibs, cuts, samples, length, method):
     source = resolve_source(str(MINILM))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     sets = paragraph_sets()
@@ -129,7 +132,8 @@ def minilm_rows(calibs, cuts, samples, length, method, generated):
     for calib in calibs:
         tokens = calibration_tokens(tokenizer, read_text(calib_path(calib)), samples, length)
         for cut in cuts:
-            model, report, seconds = compress_copy(dense, cut, tokens, method, str(calib_path(calib)), generated)
+            model, report, seconds = compress_copy(dense, cut, tokens, method, str(calib_path(calib)), None,
+                                                   tokenizer)  # an encoder writes nothing: the default share is 0
             cosine = {d: float((embed(model, tokenizer, sets[d]) * reference[d]).sum(-1).mean()) for d in sets}
             yield [calib, f"{cut:.0%}", *[f"{cosine[d]:.4f}" for d in DOMAINS],
                    *summary(cosine, calib, higher_is_better=True), f"{seconds:.0f}"]
@@ -139,13 +143,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", default="asyoulik,lcet10", help="calibration domains (or files), comma-separated")
     parser.add_argument("--cuts", default="0.1,0.2,0.3,0.4", help="fractions of targeted parameters removed")
-    parser.add_argument("--models", default="smollm2,minilm")
+    parser.add_argument("--models", default="smollm2,gemma3,minilm")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--method", default="sequential")
     parser.add_argument("--option", action="append", default=[], help="NAME=VALUE: a field of the method's config")
     parser.add_argument("--calib-generated", type=float, default=RunConfig.calib_generated,
-                        help="share of the calibration sequences written by the model from its BOS token")
+                        help="share of the calibration sequences the causal LMs write from prompts (default: "
+                        "the library's, RunConfig.generated_share)")
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per domain (SmolLM2)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -153,8 +158,8 @@ def main() -> None:
     calibs, cuts = args.calib.split(","), [float(c) for c in args.cuts.split(",")]
     method = method_config(args.method, args.option)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    written = f" ({args.calib_generated:g} of them written by the model from its BOS token)" \
-        if args.calib_generated else ""
+    share = "the library's default share" if args.calib_generated is None else f"{args.calib_generated:g}"
+    written = f" (LMs: {share} of them written by the model from prompts, calibrate/generation.py)"
     method_named = " ".join([args.method, *args.option])
     parts = [f"# Cross-domain quality\n\n`{command}`\n\nCalibration: {args.calib_samples}×{args.calib_len} tokens of "
              f"the named text{written}; method {method_named}, `--budget 1-cut`. SmolLM2: perplexity ratio to "
@@ -162,15 +167,15 @@ def main() -> None:
              f"(all but the calibration text); *worst prose/legal*: the same without Python code. Seconds: the "
              f"compression, calibration included, on a shared 2-core CPU.\n"]
     summary_header = ["worst held-out", "mean held-out", "worst prose/legal", "seconds"]
-    tables = [("smollm2", lambda: smollm2_rows(calibs, cuts, args.calib_samples, args.calib_len, method,
-                                               args.tokens, args.calib_generated),
-               "## SmolLM2-135M: perplexity ÷ dense"),
-              ("minilm", lambda: minilm_rows(calibs, cuts, args.calib_samples, args.calib_len, method,
-                                             args.calib_generated),
+    lm = lambda name, folder: lambda: lm_rows(name, folder, calibs, cuts, args.calib_samples, args.calib_len,  # noqa: E731
+                                              method, args.tokens, args.calib_generated)
+    tables = [("smollm2", lm("smollm2", SMOLLM2), "## SmolLM2-135M: perplexity ÷ dense"),
+              ("gemma3", lm("gemma3", GEMMA), "## Gemma-3-270m: perplexity ÷ dense"),
+              ("minilm", lambda: minilm_rows(calibs, cuts, args.calib_samples, args.calib_len, method),
                "## all-MiniLM-L6-v2: embedding cosine to dense")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, rows_of, title in tables:
-        if name not in args.models:
+        if name not in args.models.split(","):
             continue
         header = ["calib", "cut", *DOMAINS, *summary_header]
         rows = []

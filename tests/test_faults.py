@@ -414,8 +414,8 @@ CATALOGUE: list[Fault] = [
     Fault("compress", BAD_OPTION, "calib-too-short", ("{model}", "--ratio", "0.5", "--method", "whiten", "--calib",
           "{text}", "--out", "{out}", "--quiet"), r"calibration text has [\d,]+ tokens but --calib-samples 32 × "
           r"--calib-len 256 needs"),
-    Fault("compress", BAD_OPTION, "budget-without-calibration", ("{model}", "--budget", "0.5", "--out", "{out}"),
-          r"--budget"),
+    Fault("compress", BAD_OPTION, "budget-without-calibration", ("{model}", "--budget", "0.5", "--calib-generated",
+          "0", "--out", "{out}"), r"--budget"),
     Fault("compress", BAD_OPTION, "memory-limit-too-small", ("{model}", "--rank", "2", "--memory-limit", "1K",
           "--out", "{out}", "--quiet"), r"^(?!.*--stream)compressing needs about .* but --memory-limit .*; pass "
           r"fewer --calib-samples"),

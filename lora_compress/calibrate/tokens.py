@@ -35,13 +35,36 @@ def calibration_tokens(tokenizer, text: str, samples: int | None, length: int, c
         if count < least:
             raise OptionError(f"the calibration text holds {len(ids):,} tokens; {least} sequences of {{calib_len}} "
                               f"{length} need {least * length:,}; pass a longer text or a shorter {{calib_len}}")
-        return ids[: count * length].view(count, length)  # (count, length)
+        return with_bos(ids[: count * length].view(count, length), tokenizer)  # (count, length)
     needed = samples * length
     if len(ids) < needed:
         raise OptionError(f"calibration text has {len(ids):,} tokens but {{calib_samples}} {samples} × "
                           f"{{calib_len}} {length} needs {needed:,}; pass a longer text or fewer/shorter samples")
     starts = torch.linspace(0, len(ids) - length, samples).long()
-    return torch.stack([ids[s: s + length] for s in starts.tolist()])  # (samples, length)
+    return with_bos(torch.stack([ids[s: s + length] for s in starts.tolist()]), tokenizer)  # (samples, length)
+
+
+def with_bos(rows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """``rows`` (N, T) with each row's first token replaced by the BOS token when ``tokenizer`` starts its
+    encodings with one (Gemma does, SmolLM2 and BERT's [CLS] tokenizers do not): rows cut from the middle of
+    a long text otherwise lack it, and a model trained to see BOS first computes activations off its
+    distribution without it (issue 23; a first, unmerged measurement: Gemma-3-270m at a 20% cut, worst
+    held-out domain 5.76× → 4.65× dense)."""
+    bos = bos_added(tokenizer)
+    if bos is None:
+        return rows
+    rows = rows.clone()
+    rows[:, 0] = bos
+    return rows
+
+
+def bos_added(tokenizer) -> int | None:
+    """The BOS token id ``tokenizer`` puts first in its encodings, or None when it adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return int(bos) if len(ids) and int(ids[0]) == bos else None
 
 
 def batches(tokens: torch.Tensor, size: int = BATCH_SAMPLES) -> list[torch.Tensor]:

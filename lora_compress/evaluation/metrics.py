@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..calibrate.timing import StageTimer
+from ..calibrate.tokens import with_bos
 from ..calibrate.seq2seq import is_encoder_decoder, is_seq2seq_lm, model_inputs, predictions
 from ..core.counting import COUNTED, targeted_params, total_params
 from ..errors import LoraCompressError
@@ -91,11 +92,13 @@ def fit_context(model: nn.Module, tokens: int) -> int:
 
 
 def _windows(tokenizer, text: str, config: EvalConfig, window: int) -> list[torch.Tensor]:
-    """Non-overlapping ``window``-token windows of the first max_tokens ids."""
+    """Non-overlapping ``window``-token windows of the first max_tokens ids, each starting with BOS where the
+    tokenizer adds one (calibrate/tokens.with_bos)."""
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0][: config.max_tokens]
     if len(ids) < 2:
         raise LoraCompressError("--text holds fewer than 2 tokens; pass a longer text")
-    return [ids[i: i + window].unsqueeze(0) for i in range(0, len(ids), window) if len(ids[i: i + window]) >= 2]
+    return [with_bos(ids[i: i + window].unsqueeze(0), tokenizer)  # each window starts as the model saw text in training
+            for i in range(0, len(ids), window) if len(ids[i: i + window]) >= 2]
 
 
 def _predictions(dense, compressed, tokenizer, text, config, timer, progress) -> dict:

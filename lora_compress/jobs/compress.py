@@ -23,7 +23,7 @@ from ..methods.registry import get_method
 from ..methods.results import CompressionReport
 from ..pipelines.calibrated import compress_calibrated
 from ..pipelines.distributed import join, launched, leave
-from ..pipelines.plan import CALIBRATED, Plan, compress_
+from ..pipelines.plan import CALIBRATED, Plan, calibration_mix, compress_, generated_share
 from ..pipelines.tensorwise import compress_tensorwise
 from ..report.folder import report_images, write_report
 from ..storage.card import compressed_card, write_card
@@ -112,9 +112,6 @@ def compress(model: str, out: str | Path, config: CompressConfig, run: RunConfig
     checkpoint = None if source.gguf_file and not streaming_asked else open_lazily(source, plan.config, run.torch_dtype)
     job = _Job(source, plan, out, force, command, progress, adapters, model)
     if _streams(source, checkpoint, plan, streaming_asked):
-        if run.calib_generated:
-            raise OptionError("{calib_generated} needs the whole model in memory to write text, and this run "
-                              "streams block by block; pass {calib} FILE with {calib_generated} 0")
         if calibrated:
             return job.calibrated_streamed(checkpoint, text)
         return job.streamed(checkpoint)
@@ -135,8 +132,8 @@ class _Job:
             tokenizer = load_tokenizer(self.source)
             tokens = calibration_batch(tokenizer, text, run) if text is not None else None
             with releasing_checkpoint_pages():  # loaded here from its files, never written to
-                report = compress_(dense, self.plan.config, run, tokens=tokens, progress=self.progress,
-                                   spill_folder=tmp)
+                report = compress_(dense, self.plan.config, run, tokens=tokens, tokenizer=tokenizer,
+                                   progress=self.progress, spill_folder=tmp)
             save_weights(tmp, dense)
             self._companions(tmp, dense, tokenizer, report)
         return report
@@ -162,8 +159,9 @@ class _Job:
         run = self.plan.run
         blocks = BlockLoader(checkpoint, run.device)
         tokenizer = load_tokenizer(self.source)
-        tokens = calibration_batch(tokenizer, text, run)
+        tokens = calibration_batch(tokenizer, text, run) if text is not None else None
         self.plan.check_model(checkpoint.model, checkpoint.targets)
+        tokens, written = self._written(checkpoint, tokenizer, tokens)
         with atomic_folder(self.out, self.force, inputs=self.inputs) as tmp:
             writer = ShardWriter(tmp)
             with releasing_checkpoint_pages():  # blocks read from the files here, never written to
@@ -172,9 +170,30 @@ class _Job:
                                              on_block=lambda index: _write(writer, blocks.tensors(index)))
             _write(writer, blocks.tensors())
             writer.close()
-            report.calibration["text"] = run.calib
+            report.calibration.update(text=run.calib, generated=written)
             self._companions(tmp, checkpoint.model, tokenizer, report)
         return report
+
+    def _written(self, checkpoint, tokenizer, tokens):
+        """A streamed run's calibration rows with the share the model writes, as an in-memory run has them: the
+        model is loaded whole for the writing alone (weights and a small KV cache, no statistics) where its
+        weights fit in memory. Written block by block, each token would read the whole checkpoint again."""
+        run = self.plan.run
+        share = generated_share(checkpoint.model, tokens, run, tokenizer)
+        if not share:
+            return tokens, 0
+        weights, room = weights_and_room(checkpoint.model, run)
+        if weights > room:
+            if run.calib_generated is None and tokens is not None:
+                warnings.warn(f"the model's weights ({memory.gib(weights)}) do not fit in memory to write calibration "
+                              f"text; calibrating on {run.calib} alone", LoraCompressWarning, stacklevel=4)
+                return tokens, 0
+            raise OptionError(f"{{calib_generated}}: writing text needs the model's weights in memory "
+                              f"({memory.gib(weights)}; streamed, every token would read the whole checkpoint "
+                              f"again) and {memory.gib(max(room, 0))} is free; pass {{calib}} FILE with "
+                              f"{{calib_generated}} 0")
+        model = load_dense(self.source, run.torch_dtype or "auto")
+        return calibration_mix(model, tokens, share, run, self.plan.config.seed, tokenizer)
 
     def _companions(self, tmp: Path, model, tokenizer, report: CompressionReport) -> None:
         """Config and modeling file, manifest, tokenizer, report and model card next to the weights."""
@@ -216,6 +235,13 @@ def _write(writer: ShardWriter, tensors) -> None:
 def calibration_batch(tokenizer, text: str, run: RunConfig):
     """The run's calibration sequences, (calib_samples, calib_len) token ids."""
     return calibration_tokens(tokenizer, text, run.calib_samples, run.calib_len)
+
+
+def weights_and_room(model, run: RunConfig) -> tuple[int, int]:
+    """The bytes of ``model``'s weights (a skeleton on meta will do) and the bytes this run has for them."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = memory.parse_size(run.memory_limit) if isinstance(run.memory_limit, str) else run.memory_limit
+    return weights, (limit or memory.available_bytes()) - memory.BASELINE
 
 
 def report_method(manifest: Manifest) -> str:

@@ -34,6 +34,7 @@ CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is gi
 MAX_KEEP = 0.9  # default max_keep: the speed rule (above)
 EXPERT_MIN_TOKENS = 16  # default expert_min_tokens (calibrate/experts.py; BENCHMARKS.md: whitening on fewer tokens)
 DTYPES = ("float32", "float16", "bfloat16")
+GENERATED_SHARE = 0.25  # default share of calibration sequences a causal LM writes from prompts (research-domains.md)
 
 
 FORMER_NAMES = {"svd": "solver", "fisher_damping": "output_damping", "fisher_floor": "output_floor",
@@ -152,7 +153,8 @@ class RunConfig:
     calib: str | None = None  # calibration text (a file, or a datasets name), recorded in the manifest
     calib_samples: int = 32  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
-    calib_generated: float = 0.0  # share of the calibration sequences the model writes from its BOS (1: data-free)
+    calib_generated: float | None = None  # share of the calibration sequences the model writes from prompts
+    # (1: data-free; None: GENERATED_SHARE for a causal LM with a tokenizer, all of them without calib, 0 for others)
     device: str = "cpu"  # where the passes and the SVDs run: cpu | cuda | cuda:N (factors are stored on the CPU)
     workers: int = 0  # layers factored at once (calibrated: a group's), each on its share of the threads; 0 = auto
     stream: bool = False  # one tensor (data-free) or one block (calibrated) in memory at a time
@@ -162,7 +164,7 @@ class RunConfig:
     def __post_init__(self):
         if self.workers < 0:
             raise OptionError(f"{{workers}} {self.workers} is negative; pass 0 (auto) or a count of layers")
-        if not 0 <= self.calib_generated <= 1:
+        if self.calib_generated is not None and not 0 <= self.calib_generated <= 1:
             raise OptionError(f"{{calib_generated}} {self.calib_generated} is outside [0, 1]; pass a share of the "
                               f"calibration sequences such as 0.25")
         if self.calib_samples < 1 or self.calib_len < 2:
@@ -174,8 +176,17 @@ class RunConfig:
 
     @property
     def data_free(self) -> bool:
-        """True when the model writes every calibration sequence itself (``calib_generated == 1``)."""
-        return self.calib_generated == 1
+        """True when the model writes every calibration sequence itself: ``calib_generated`` 1, or left to its
+        default with no ``calib`` text."""
+        return self.calib_generated == 1 or (self.calib_generated is None and not self.calib)
+
+    def generated_share(self, can_write: bool, has_text: bool) -> float:
+        """The share of calibration sequences the model writes: the one asked, else :data:`GENERATED_SHARE` when
+        the model ``can_write`` (a causal LM with a tokenizer for the prompts) and the run ``has_text``, all of
+        them with no text, none for a model that cannot write (an encoder)."""
+        if self.calib_generated is not None:
+            return self.calib_generated
+        return 0.0 if not can_write else GENERATED_SHARE if has_text else 1.0
 
     @property
     def calibrated(self) -> bool:
@@ -205,10 +216,12 @@ def resolve(config: CompressConfig, run: RunConfig, tokens_given: bool = False) 
         OptionError: settings that contradict each other, naming the fields and the fix.
     """
     calibrated = run.calibrated or tokens_given
-    if config.method == "auto":
-        config = dataclasses.replace(config, method=CALIBRATED_DEFAULT if calibrated else "svd")
+    if config.method == "auto":  # --budget alone calibrates on text the model writes (its default share: all)
+        writes = run.calib_generated == 1 or (run.calib_generated is None and config.budget is not None)
+        config = dataclasses.replace(config, method=CALIBRATED_DEFAULT if run.calib or tokens_given or writes
+                                     else "svd")
     method = config.record
-    if 0 < run.calib_generated < 1 and not run.calib:
+    if run.calib_generated is not None and 0 < run.calib_generated < 1 and not run.calib:
         raise OptionError(f"{{calib_generated}} {run.calib_generated:g} mixes written sequences into the {{calib}} "
                           f"text; pass {{calib}} FILE, or {{calib_generated}} 1 for no text at all")
     if run.calib_generated and not method.calibration:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..calibrate.block_source import ResidentBlocks
-from ..calibrate.generation import with_generated, generated_sequences
+from ..calibrate.generation import generated_rows, generation_problem, with_generated
 from ..core.targets import expose_experts_, find_targets
 from ..errors import OptionError
 from ..methods.config import CompressConfig, RunConfig, resolve
@@ -52,9 +52,6 @@ class Plan:
         if distributed and plan.pipeline == CALIBRATED:
             raise OptionError(f"{{method}} {config.method} streams block by block in one process; drop torchrun "
                               f"(torchrun splits the data-free methods only)")
-        if plan.pipeline == CALIBRATED and run.calib_generated and (run.stream or distributed):
-            raise OptionError("{calib_generated} needs the whole model in memory to write text, and this run "
-                              "streams block by block; pass {calib} FILE with {calib_generated} 0")
         return plan
 
     @property
@@ -78,7 +75,7 @@ class Plan:
 
 
 def compress_(model: nn.Module, config: CompressConfig, run: RunConfig = RunConfig(), *,
-              tokens: torch.Tensor | None = None, progress: bool = True,
+              tokens: torch.Tensor | None = None, tokenizer=None, progress: bool = True,
               spill_folder: Path | None = None) -> CompressionReport:
     """Factor every targeted layer of ``model`` in place, by the pipeline ``config``'s method calls for.
 
@@ -90,7 +87,9 @@ def compress_(model: nn.Module, config: CompressConfig, run: RunConfig = RunConf
         tokens: calibration token ids (samples, length), needed by every calibrated method
             (:func:`lora_compress.calibrate.tokens.calibration_tokens`) unless the model writes them all
             (``run.calib_generated == 1``); a share ``run.calib_generated`` of the rows is replaced by
-            sequences the model writes from its BOS token (:mod:`lora_compress.calibrate.generation`).
+            sequences the model writes (:mod:`lora_compress.calibrate.generation`).
+        tokenizer: the model's tokenizer, to encode the prompts the model writes from; without one it writes
+            from its BOS token alone.
         spill_folder: where a calibrated run parks large intermediate tensors on disk (default: a
             temporary folder of its own).
 
@@ -114,16 +113,26 @@ def compress_(model: nn.Module, config: CompressConfig, run: RunConfig = RunConf
     if tokens is None and not run.data_free:
         raise OptionError(f"{{method}} {plan.config.method} needs calibration text; pass tokens= (calibration_tokens"
                           f"(tokenizer, text, samples, length)), or {{calib_generated}} 1: the model writes its own")
-    tokens, written = calibration_mix(model, tokens, run, plan.config.seed)
+    share = generated_share(model, tokens, run, tokenizer)
+    tokens, written = calibration_mix(model, tokens, share, run, plan.config.seed, tokenizer)
     report = compress_calibrated(ResidentBlocks(model, run.device), plan.config, tokens, targets,
                                  workers=run.workers, progress=progress, spill_folder=spill_folder)
     report.calibration.update(text=run.calib, generated=written)
     return report
 
 
-def calibration_mix(model: nn.Module, tokens: torch.Tensor | None, run: RunConfig, seed: int):
-    """The calibration tokens a run uses: ``tokens`` with a share ``run.calib_generated`` of its rows written by
-    ``model`` (all of them when there are no tokens); and how many rows were written."""
+def generated_share(model: nn.Module, tokens: torch.Tensor | None, run: RunConfig, tokenizer=None) -> float:
+    """The share of the calibration rows ``model`` writes in this run (:meth:`RunConfig.generated_share`): all of
+    them without ``tokens``; by default a share only where a ``tokenizer`` can encode the prompts of a causal LM."""
+    if tokens is None:
+        return 1.0
+    return run.generated_share(tokenizer is not None and generation_problem(model) is None, has_text=True)
+
+
+def calibration_mix(model: nn.Module, tokens: torch.Tensor | None, share: float, run: RunConfig, seed: int,
+                    tokenizer=None) -> tuple[torch.Tensor, int]:
+    """The calibration tokens a run uses: ``tokens`` with a ``share`` of its rows written by ``model`` (all of
+    them when there are no tokens: ``run.calib_samples`` rows of ``run.calib_len``); and how many were written."""
     if tokens is None:  # data-free: every sequence written
-        return generated_sequences(model, run.calib_samples, run.calib_len, seed), run.calib_samples
-    return with_generated(model, tokens, run.calib_generated, seed), round(run.calib_generated * len(tokens))
+        return generated_rows(model, run.calib_samples, run.calib_len, seed, tokenizer), run.calib_samples
+    return with_generated(model, tokens, share, seed, tokenizer), round(share * len(tokens))
