@@ -86,7 +86,7 @@ class HealReport:
     held_out_before: float = math.nan
     held_out_after: float = math.nan
     history: list[dict] = field(default_factory=list)  # {"step", "minutes", "loss"} per step
-    stopped: str = ""  # steps | time | nan
+    stopped: str = ""  # steps | time | nan | callback (the callback asked)
     note: str = ""
     minutes: float = 0.0  # training wall time
     teacher_minutes: float = 0.0  # teacher forwards: held-out set first, training sequences on first use
