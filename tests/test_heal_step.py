@@ -135,3 +135,19 @@ def test_compress_heal_refuses_bad_input_in_one_line(arch, args, message, tiny_m
 def test_run_config_refuses_a_bad_heal_in_python():
     with pytest.raises(LoraCompressError, match="^heal_minutes 0 must be positive"):
         lc.RunConfig(calib="x.txt", heal_minutes=0)
+
+
+def test_a_heal_that_cannot_start_keeps_the_compressed_model(tiny_models, text_file, tmp_path, unhealed, monkeypatch):
+    step = importlib.import_module("lora_compress.jobs.heal_step")
+
+    def too_slow(*args, **kwargs):
+        raise lc.LoraCompressError("writing 112 teacher sequences took 6.0 of the 5 minutes")
+
+    monkeypatch.setattr(step, "heal_", too_slow)
+    with pytest.warns(lc.LoraCompressWarning, match="^healing stopped before training: writing 112"):
+        _compress(tiny_models["llama"], text_file, tmp_path / "healed", heal_minutes=5)
+    healing = json.loads((tmp_path / "healed" / MANIFEST).read_text())["healing"]
+    assert healing["kept"] == "unhealed" and healing["steps"] == 0
+    healed, before = _factors(tmp_path / "healed"), _factors(unhealed)
+    assert all(torch.equal(healed[k], before[k]) for k in before)
+    assert "Kept the unhealed factors" in (tmp_path / "healed" / "report" / "report.md").read_text()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import LoraCompressWarning, OptionError
+from ..errors import LoraCompressError, LoraCompressWarning, OptionError
 from ..healing.config import HealConfig, HealStep
 from ..healing.loop import heal_
 from ..methods.config import RunConfig
@@ -104,8 +104,16 @@ def heal_compressed(model: nn.Module, source: Source, tokens: torch.Tensor, toke
               for name, m in factored_modules(model).items()}
     guard = _Guard()
     config = heal_config(run, tokens)
-    report = heal_(model, teacher, tokenizer, None, config, progress=progress, callback=guard, sequences=tokens)
-    del teacher
+    try:
+        report = heal_(model, teacher, tokenizer, None, config, progress=progress, callback=guard, sequences=tokens)
+    except LoraCompressError as error:  # e.g. writing text ate the budget: the compressed model is still good
+        _restore(model, before)
+        warnings.warn(f"healing stopped before training: {error}; kept the unhealed factors", LoraCompressWarning,
+                      stacklevel=3)
+        return {"settings": config.settings(), "kept": "unhealed", "why_unhealed": f"stopped before training: {error}",
+                "source": "compress --heal", "steps": 0, "history": []}
+    finally:
+        del teacher
     why = _why_unhealed(report, guard)
     if why:
         _restore(model, before)
