@@ -98,7 +98,7 @@ def report() -> None:
             print(f"\n- lr {r['lr']:g}: held-out calibration loss {h['held_out_before']:.4f} → "
                   f"{h['held_out_after']:.4f} (kept: {h['kept']}); {h['tokens_seen']:,} training tokens seen "
                   f"(a set of {h['tokens']['train']:,}, {h['generation_minutes']:.1f} min writing "
-                  f"{h['settings']['generate']} teacher sequences); whole step {r['seconds'] / 60:.1f} min; "
+                  f"{h['written']} teacher sequences); whole step {r['seconds'] / 60:.1f} min; "
                   f"load average {', '.join(f'{x:.1f}' for x in r['load'])}")
         print()
 

@@ -151,3 +151,16 @@ def test_a_heal_that_cannot_start_keeps_the_compressed_model(tiny_models, text_f
     healed, before = _factors(tmp_path / "healed"), _factors(unhealed)
     assert all(torch.equal(healed[k], before[k]) for k in before)
     assert "Kept the unhealed factors" in (tmp_path / "healed" / "report" / "report.md").read_text()
+
+
+def test_writing_teacher_text_stops_at_its_time_limit():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_compress.healing.teacher_text import DEADLINE_BATCH, teacher_sequences
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=4)).eval()
+    sequences = torch.randint(64, (8, 32))
+    assert teacher_sequences(teacher, sequences, 40, seed=0).shape == (40, 32)
+    assert teacher_sequences(teacher, sequences, 40, seed=0, minutes=1e-9).shape == (DEADLINE_BATCH, 32)

@@ -118,7 +118,7 @@ def _add_teacher_text(teacher: nn.Module, data: TeacherCache, config: HealConfig
         raise OptionError("{generate} needs a causal LM (a KL loss); drop it for this model")
     with timer.stage("generation"):
         written = teacher_sequences(teacher, data.train_ids, config.generate, config.seed,
-                                    report.precision == "bfloat16")
+                                    report.precision == "bfloat16", config.generate_minutes)
     data.train_ids = torch.cat([data.train_ids, written])
     report.generation_minutes = timer.seconds["generation"] / 60
     if config.minutes is None:

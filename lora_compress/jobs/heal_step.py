@@ -32,6 +32,7 @@ from ..storage.compressed import factored_modules
 HEAL_LR = 3e-4  # peak AdamW learning rate (benchmarks/heal.md: the sweep on SmolLM2, 20% cut)
 HELD_OUT_SHARE = 8  # one calibration sequence in this many (at least 1, at most 8) is held out of training
 WRITTEN_PER_SEQUENCE = 4  # teacher-written continuations per training sequence, when the budget allows
+WRITE_SHARE = 0.2  # at most about this share of the budget goes to writing them (a loaded machine writes fewer)
 WRITE_FROM_MINUTES = 5.0  # below this budget no text is written: the steps are worth more
 DIVERGED = 1.5  # a training loss this many times its first window's mean (over a window) stops the heal
 WINDOW = 10  # steps averaged by that test
@@ -89,7 +90,7 @@ def heal_config(run: RunConfig, tokens: torch.Tensor) -> HealConfig:
     held_out = min(8, max(1, len(tokens) // HELD_OUT_SHARE))
     written = WRITTEN_PER_SEQUENCE * (len(tokens) - held_out) if run.heal_minutes >= WRITE_FROM_MINUTES else 0
     return HealConfig(minutes=run.heal_minutes, lr=run.heal_lr or HEAL_LR, held_out=held_out, generate=written,
-                      seed=0)
+                      generate_minutes=WRITE_SHARE * run.heal_minutes, seed=0)
 
 
 def heal_compressed(model: nn.Module, source: Source, tokens: torch.Tensor, tokenizer, run: RunConfig, *,
@@ -121,7 +122,8 @@ def heal_compressed(model: nn.Module, source: Source, tokens: torch.Tensor, toke
                       f"`lora-compress heal`)", LoraCompressWarning, stacklevel=3)
     entry = report.manifest(calib=run.calib, teacher=source.name, command=None)
     entry.update(kept="unhealed" if why else "healed", why_unhealed=why or None, source="compress --heal",
-                 tokens_seen=report.steps * config.batch_size * tokens.shape[1])
+                 tokens_seen=report.steps * config.batch_size * tokens.shape[1],
+                 written=report.tokens["train"] // tokens.shape[1] - (len(tokens) - config.held_out))
     if report.stopped == "callback":
         entry["stopped"] = "diverged"
     return entry
