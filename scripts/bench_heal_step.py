@@ -56,12 +56,12 @@ def setup(folder: Path):
 def heal_once(folder: Path, run: RunConfig, source: Source, tokenizer, tokens, base, minutes: float, lr: float | None,
               before: dict | None = None):
     model = lc.load(folder)
-    before = before or ratios(model, tokenizer, base)
+    before = ratios(model, tokenizer, base) if before is None else before  # {}: held-out calibration loss only
     start = time.perf_counter()
     healing = heal_compressed(model, source, tokens, tokenizer, RunConfig(**{**run.to_dict(), "heal_minutes": minutes,
                                                                              "heal_lr": lr}), progress=False)
     seconds = time.perf_counter() - start
-    after = ratios(model, tokenizer, base)
+    after = ratios(model, tokenizer, base) if before else None
     return {"minutes": minutes, "lr": healing["settings"]["lr"], "before": before, "after": after,
             "seconds": seconds, "load": os.getloadavg(), "healing": {k: v for k, v in healing.items() if k != "history"},
             "curve": healing["history"][:: max(1, len(healing["history"]) // 20)]}
@@ -87,15 +87,17 @@ def report() -> None:
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         results = result if isinstance(result, list) else [result]
-        print(f"### {path.stem}\n\n{header}")
-        print("| " + row("before", results[0], "before") + " |")
+        print(f"### {path.stem}\n")
+        if results[0]["before"]:
+            print(header)
+            print("| " + row("before", results[0], "before") + " |")
+            for r in results:
+                h = r["healing"]
+                print("| " + row(f"after, lr {r['lr']:g}, {h['steps']} steps in {h['minutes']:.1f} min", r, "after")
+                      + " |")
         for r in results:
             h = r["healing"]
-            print("| " + row(f"after, lr {r['lr']:g}, {h['steps']} steps in {h['minutes']:.1f} min", r, "after")
-                  + " |")
-        for r in results:
-            h = r["healing"]
-            print(f"\n- lr {r['lr']:g}: held-out calibration loss {h['held_out_before']:.4f} → "
+            print(f"\n- lr {r['lr']:g}, {h['steps']} steps in {h['minutes']:.1f} min: held-out calibration loss {h['held_out_before']:.4f} → "
                   f"{h['held_out_after']:.4f} (kept: {h['kept']}); {h['tokens_seen']:,} training tokens seen "
                   f"(a set of {h['tokens']['train']:,}, {h['generation_minutes']:.1f} min writing "
                   f"{h['written']} teacher sequences); whole step {r['seconds'] / 60:.1f} min; "
@@ -116,7 +118,7 @@ def main() -> None:
         return report()
     run, source, tokenizer, tokens, base = setup(args.folder)
     if args.mode == "sweep":
-        before = ratios(lc.load(args.folder), tokenizer, base)
+        before = {}  # the sweep compares the held-out calibration loss alone (no time for perplexities)
         results = [heal_once(args.folder, run, source, tokenizer, tokens, base, args.minutes, float(lr), before)
                    for lr in args.lrs.split(",")]
         print(save(f"sweep{args.tag}", results))
