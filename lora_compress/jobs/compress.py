@@ -188,7 +188,7 @@ class _Job:
         """Config and modeling file, manifest, tokenizer, report and model card next to the weights."""
         manifest = build_manifest(self.source, model, self.plan, report, self.command)
         if self.healing:
-            manifest["healing"] = self.healing
+            manifest = manifest.replace(healing=self.healing)
         copy_side_files(self.source, model, tokenizer, tmp)
         finish_compressed(tmp, model.config, manifest, adapters=self.adapters)
         write_report(tmp, manifest)

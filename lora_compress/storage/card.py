@@ -180,7 +180,7 @@ def compressed_card(manifest: Manifest, method: str | None = None, evaluation: d
                "targeted weight parameters, compressed": params["compressed"],
                "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
     figures.update(evaluation_figures(evaluation or {}))
-    figures.update(healing_figures(manifest.get("healing")))
+    figures.update(healing_figures(manifest.healing))
     notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
                                    "run `lora-compress evaluate BASE DIR --text FILE --tasks T`.",)
     return Card("compressed", manifest.base_model, method or manifest.method, manifest.command,
