@@ -42,7 +42,7 @@ def ratios(model, tokenizer, base: dict) -> dict[str, float]:
 
 def setup(folder: Path):
     manifest = read_manifest(folder)
-    run = RunConfig.from_dict(manifest["run"])
+    run = RunConfig.from_dict(manifest.run)
     source = resolve_source(str(SMOLLM2))
     tokenizer = load_tokenizer(source)
     tokens = calibration_batch(tokenizer, read_calibration_text(run.calib), run)
