@@ -177,6 +177,10 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
               "available). The path is chosen to fit it before any compute: in memory, else streamed.")
 @click.option("--adapters", is_flag=True, help="Also write adapters.safetensors: the factors alone, for "
               "lc.apply_adapters on the original checkpoint (the folder's weights file holds them already).")
+@click.option("--heal", "--heal-minutes", "heal_minutes", type=float, help="Then heal the factors for this many "
+              "wall-clock minutes: distilled from the dense model on the calibration tokens (plus text it writes), "
+              "only the factors trained; kept only if the held-out loss falls (the report says by how much).")
+@click.option("--heal-lr", type=float, help="Peak learning rate of --heal. [default: 3e-4]")
 @force_option
 @quiet_option
 @gguf_option

@@ -33,6 +33,7 @@ class HealConfig:
     clip: float = 1.0  # gradient-norm clipping
     held_out: int = 8  # calibration sequences kept out of training (the text's last ones)
     generate: int = 0  # teacher-written sequences added to the training set (causal LMs; their time counts)
+    generate_minutes: float | None = None  # stop writing them after this long (those written are kept)
     seed: int = 0  # batch order and extra-LoRA init
     checkpointing: bool = False  # gradient checkpointing: less activation memory, more time
     precision: str = "auto"  # student body matmuls: bfloat16 autocast (auto: where the device has fast bf16
@@ -48,7 +49,7 @@ class HealConfig:
         if self.steps is None and self.minutes is None:
             raise OptionError("give {steps} or {minutes} (or both) to bound healing")
         for name in ("steps", "minutes", "lr", "lora_rank", "calib_len", "calib_samples", "batch_size", "clip",
-                     "block_weight"):
+                     "block_weight", "generate_minutes"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise OptionError(f"{{{name}}} {value} must be positive")
@@ -86,7 +87,7 @@ class HealReport:
     held_out_before: float = math.nan
     held_out_after: float = math.nan
     history: list[dict] = field(default_factory=list)  # {"step", "minutes", "loss"} per step
-    stopped: str = ""  # steps | time | nan
+    stopped: str = ""  # steps | time | nan | callback (the callback asked)
     note: str = ""
     minutes: float = 0.0  # training wall time
     teacher_minutes: float = 0.0  # teacher forwards: held-out set first, training sequences on first use

@@ -36,8 +36,9 @@ from .trainable import autocast, resolve_precision, restore, trainable
 SEQ_LEN = 512  # default tokens per training sequence (capped at the model's context)
 
 
-def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: HealConfig, *,
-          progress: bool = True, callback: Callable[[HealStep], None] | None = None) -> HealReport:
+def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str | None, config: HealConfig, *,
+          progress: bool = True, callback: Callable[[HealStep], bool | None] | None = None,
+          sequences: torch.Tensor | None = None) -> HealReport:
     """Fine-tune ``model``'s factors in place so its outputs match ``teacher``'s on ``text``.
 
     Args:
@@ -46,7 +47,10 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
         tokenizer: their tokenizer.
         text: calibration text; its last ``held_out`` sequences are never trained on.
         config: steps / time budget, learning rate, trained set, loss.
-        callback: called with a :class:`HealStep` after every optimizer step.
+        callback: called with a :class:`HealStep` after every optimizer step; returning True stops
+            training there (``report.stopped == "callback"``).
+        sequences: calibration token ids (S, T) to train on instead of tokenizing ``text`` (e.g. the
+            very tokens a compression used); ``calib_len`` and ``calib_samples`` then come from them.
 
     Returns:
         A HealReport. On a NaN loss training stops and the last weights with a finite loss are kept.
@@ -55,13 +59,16 @@ def heal_(model: nn.Module, teacher: nn.Module, tokenizer, text: str, config: He
         LoraCompressError: no factored layers, text too short, teacher shapes differ, or the loss is
             not finite before training.
     """
+    if sequences is not None:
+        config = replace(config, calib_len=sequences.shape[1], calib_samples=len(sequences))
     config = _with_calib_len(config, model)
     _check_pair(model, teacher, config)
     report = HealReport(config, resolve_loss(config.loss, model),
                         resolve_precision(next(model.parameters()).device, config.precision))
     timer = StageTimer()
-    data = TeacherCache.of(teacher, _sequences(tokenizer, text, config, next(teacher.parameters()).device),
-                           config.held_out, report.loss, config.batch_size, timer)
+    device = next(teacher.parameters()).device
+    ids = _sequences(tokenizer, text, config, device) if sequences is None else _given(sequences, device)
+    data = TeacherCache.of(teacher, ids, config.held_out, report.loss, config.batch_size, timer)
     config = _add_teacher_text(teacher, data, config, report, timer)
     report.tokens = {"train": data.train_ids.numel(), "held_out": data.held_ids.numel()}
     dtype, grad_flags = next(model.parameters()).dtype, {p: p.requires_grad for p in model.parameters()}
@@ -93,6 +100,14 @@ def _sequences(tokenizer, text: str, config: HealConfig, device) -> torch.Tensor
     return sequences.to(device)
 
 
+def _given(sequences: torch.Tensor, device) -> torch.Tensor:
+    """Token ids handed over by the caller, checked: at least two sequences (one to train on, one held out)."""
+    if sequences.ndim != 2 or len(sequences) < 2:
+        raise OptionError(f"healing needs at least 2 calibration sequences (one is held out), got "
+                          f"{tuple(sequences.shape)}; raise {{calib_samples}}")
+    return sequences.to(device)
+
+
 def _add_teacher_text(teacher: nn.Module, data: TeacherCache, config: HealConfig, report: HealReport,
                       timer: StageTimer) -> HealConfig:
     """Append ``config.generate`` teacher-written sequences to the training set; returns the config
@@ -103,7 +118,7 @@ def _add_teacher_text(teacher: nn.Module, data: TeacherCache, config: HealConfig
         raise OptionError("{generate} needs a causal LM (a KL loss); drop it for this model")
     with timer.stage("generation"):
         written = teacher_sequences(teacher, data.train_ids, config.generate, config.seed,
-                                    report.precision == "bfloat16")
+                                    report.precision == "bfloat16", config.generate_minutes)
     data.train_ids = torch.cat([data.train_ids, written])
     report.generation_minutes = timer.seconds["generation"] / 60
     if config.minutes is None:
@@ -179,8 +194,9 @@ def _train(model, params, data: TeacherCache, config: HealConfig, report: HealRe
         report.history.append({"step": step, "minutes": (elapsed + last) / 60, "loss": loss.item()})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", minutes=f"{(elapsed + last) / 60:.1f}")
-        if callback:
-            callback(HealStep(step, (elapsed + last) / 60, loss.item(), model))
+        if callback and callback(HealStep(step, (elapsed + last) / 60, loss.item(), model)) is True:
+            report.stopped = "callback"
+            break
     bar.close()
     report.minutes = (time.perf_counter() - start) / 60
 

@@ -36,6 +36,7 @@ from ..stream.block_loader import BlockLoader
 from ..stream.lazy import open_lazily
 from ..version import versions
 from . import memory
+from .heal_step import check_heal, heal_compressed
 
 
 def configs_from(recipe: str | None, options: dict) -> tuple[CompressConfig, RunConfig]:
@@ -106,12 +107,15 @@ def compress(model: str, out: str | Path, config: CompressConfig, run: RunConfig
     check_output_folder(Path(out), force, inputs=(model,))
     plan = Plan.make(config, run, distributed=launched())
     calibrated = plan.pipeline == CALIBRATED
-    text = read_calibration_text(run.calib) if calibrated and run.calib and not run.data_free else None
+    wants_text = calibrated or run.heal_minutes is not None  # a data-free method heals on the text too
+    text = read_calibration_text(run.calib) if wants_text and run.calib and not run.data_free else None
     source = resolve_source(model, gguf_file)
     streaming_asked = run.stream or launched()
     checkpoint = None if source.gguf_file and not streaming_asked else open_lazily(source, plan.config, run.torch_dtype)
     job = _Job(source, plan, out, force, command, progress, adapters, model)
-    if _streams(source, checkpoint, plan, streaming_asked):
+    streams = _streams(source, checkpoint, plan, streaming_asked)
+    check_heal(run, plan.config.method, source, streams)
+    if streams:
         if calibrated:
             return job.calibrated_streamed(checkpoint, text)
         return job.streamed(checkpoint)
@@ -124,6 +128,7 @@ class _Job:
     def __init__(self, source, plan: Plan, out, force: bool, command, progress: bool, adapters: bool, model: str):
         self.source, self.plan, self.out, self.force, self.command = source, plan, Path(out), force, command
         self.progress, self.adapters, self.inputs = progress, adapters, (model,)
+        self.healing: dict | None = None  # the manifest's healing entry after compress --heal
 
     def in_memory(self, text: str | None) -> CompressionReport:
         run = self.plan.run
@@ -134,6 +139,9 @@ class _Job:
             with releasing_checkpoint_pages():  # loaded here from its files, never written to
                 report = compress_(dense, self.plan.config, run, tokens=tokens, tokenizer=tokenizer,
                                    progress=self.progress, spill_folder=tmp)
+            if run.heal_minutes is not None:
+                ids = report.tokens if report.tokens is not None else tokens
+                self.healing = heal_compressed(dense, self.source, ids, tokenizer, run, progress=self.progress)
             save_weights(tmp, dense)
             self._companions(tmp, dense, tokenizer, report)
         return report
@@ -198,6 +206,8 @@ class _Job:
     def _companions(self, tmp: Path, model, tokenizer, report: CompressionReport) -> None:
         """Config and modeling file, manifest, tokenizer, report and model card next to the weights."""
         manifest = build_manifest(self.source, model, self.plan, report, self.command)
+        if self.healing:
+            manifest = manifest.replace(healing=self.healing)
         copy_side_files(self.source, model, tokenizer, tmp)
         finish_compressed(tmp, model.config, manifest, adapters=self.adapters)
         write_report(tmp, manifest)

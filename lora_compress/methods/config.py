@@ -160,8 +160,15 @@ class RunConfig:
     stream: bool = False  # one tensor (data-free) or one block (calibrated) in memory at a time
     dtype: str | None = None  # the output's dtype: float32 | float16 | bfloat16 (None: the checkpoint's)
     memory_limit: int | str | None = None  # bytes (or "20G") this run may take; None: what the machine has
+    heal_minutes: float | None = None  # compress job only: then heal the factors this long on the calibration tokens
+    heal_lr: float | None = None  # peak learning rate of that healing (None: jobs/heal_step.py's HEAL_LR)
 
     def __post_init__(self):
+        for name in ("heal_minutes", "heal_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise OptionError(f"{{{name}}} {value} must be positive (minutes of healing / a learning rate); "
+                                  f"drop it for no healing")
         if self.workers < 0:
             raise OptionError(f"{{workers}} {self.workers} is negative; pass 0 (auto) or a count of layers")
         if self.calib_generated is not None and not 0 <= self.calib_generated <= 1:
@@ -236,7 +243,7 @@ def resolve(config: CompressConfig, run: RunConfig, tokens_given: bool = False) 
     if run.calib and run.data_free:
         warnings.warn(OptionWarning("{calib} is unused with {calib_generated} 1 (the model writes every "
                                     "calibration sequence)"), stacklevel=3)
-    if run.calib and not method.calibration:
+    if run.calib and not method.calibration and run.heal_minutes is None:  # healing trains on it
         warnings.warn(OptionWarning(f"{{calib}} is unused by {{method}} {method.name} (plain SVD needs no "
                                     f"calibration text)"), stacklevel=3)
     if method.calibration and config.solver != "auto":

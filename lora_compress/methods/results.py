@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -46,6 +47,8 @@ class CompressionReport:
     config: CompressConfig
     layers: list[LayerResult] = field(default_factory=list)
     calibration: dict | None = None  # calibrated methods: settings, sensitivity, peak memory, seconds
+    tokens: Any = field(default=None, repr=False)  # the calibration token ids (S, T) the run used, written ones
+    # included (not recorded in the manifest): compress --heal trains on them
 
     @property
     def dense_params(self) -> int:

@@ -118,6 +118,7 @@ def compress_(model: nn.Module, config: CompressConfig, run: RunConfig = RunConf
     report = compress_calibrated(ResidentBlocks(model, run.device), plan.config, tokens, targets,
                                  workers=run.workers, progress=progress, spill_folder=spill_folder)
     report.calibration.update(text=run.calib, generated=written)
+    report.tokens = tokens  # what healing trains on (jobs/heal_step.py)
     return report
 
 

@@ -240,6 +240,12 @@ def _healing(report: dict, images: dict[str, str]) -> str:
     lines = ["## Healing", "", f"{healing.get('steps')} steps in {healing.get('minutes', 0):.3g} min "
              f"(stopped: {healing.get('stopped') or '?'}); held-out loss {number(healing.get('held_out_before'))} → "
              f"{number(healing.get('held_out_after'))}."]
+    if healing.get("tokens_seen"):
+        tokens = healing.get("tokens") or {}
+        lines[-1] += (f" It saw {healing['tokens_seen']:,} training tokens (a training set of {tokens.get('train', 0):,}"
+                      f" tokens, {tokens.get('held_out', 0):,} held out).")
+    if healing.get("kept") == "unhealed":
+        lines += ["", f"**Kept the unhealed factors**: healing {healing.get('why_unhealed')}."]
     if "healing" in images:
         lines += ["", f"![healing loss]({images['healing']})"]
     return "\n".join(lines)

@@ -180,11 +180,24 @@ def compressed_card(manifest: Manifest, method: str | None = None, evaluation: d
                "targeted weight parameters, compressed": params["compressed"],
                "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
     figures.update(evaluation_figures(evaluation or {}))
+    figures.update(healing_figures(manifest.healing))
     notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
                                    "run `lora-compress evaluate BASE DIR --text FILE --tasks T`.",)
     return Card("compressed", manifest.base_model, method or manifest.method, manifest.command,
                 {**manifest_settings(manifest), "versions": manifest.versions}, figures, notes,
                 auto_class(manifest.model_class), tuple(images))
+
+
+def healing_figures(healing: dict | None) -> dict:
+    """The healing entry's figures worth a line on the card: held-out distillation loss before → after."""
+    if not healing:
+        return {}
+    loss = f"{_format(healing.get('held_out_before'))} → {_format(healing.get('held_out_after'))}"
+    kept = healing.get("kept")
+    figures = {"healing, held-out calibration loss": loss, "healing, minutes": round(healing.get("minutes", 0), 2)}
+    if kept:
+        figures["healing, factors kept"] = kept if kept == "healed" else f"unhealed: {healing.get('why_unhealed')}"
+    return figures
 
 
 def evaluation_figures(evaluation: dict) -> dict:
