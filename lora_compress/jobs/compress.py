@@ -116,6 +116,9 @@ def compress(model: str, out: str | Path, config: CompressConfig, run: RunConfig
         if run.calib_generated:
             raise OptionError("{calib_generated} needs the whole model in memory to write text, and this run "
                               "streams block by block; pass {calib} FILE with {calib_generated} 0")
+        if plan.config.max_loss_rise is not None:
+            raise OptionError("{max_loss_rise} measures the whole model's loss on held-out text and the model does "
+                              "not fit in memory here; raise {memory_limit} or pass {budget} instead")
         if calibrated:
             return job.calibrated_streamed(checkpoint, text)
         return job.streamed(checkpoint)

@@ -178,12 +178,23 @@ def compressed_card(manifest: dict, method: str | None = None, evaluation: dict 
                "targeted weight parameters, dense": params["dense"],
                "targeted weight parameters, compressed": params["compressed"],
                "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
+    figures.update(loss_target_figures((manifest.get("calibration") or {}).get("loss_target")))
     figures.update(evaluation_figures(evaluation or {}))
     notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
                                    "run `lora-compress evaluate BASE DIR --text FILE --tasks T`.",)
     return Card("compressed", manifest["base_model"], method or manifest["method"], manifest["command"],
                 {**manifest_settings(manifest), "versions": manifest.get("versions")}, figures, notes,
                 auto_class(manifest["model_class"]), tuple(images))
+
+
+def loss_target_figures(found: dict | None) -> dict:
+    """The quality target's line on the card (``compress --max-loss-rise``): predicted and measured rise."""
+    if not found:
+        return {}
+    tightened = f", after {len(found['tries']) - 1} tightening(s)" if len(found["tries"]) > 1 else ""
+    return {f"mean next-token loss rise on {found['held_out_sequences']} held-out calibration sequences, "
+            f"predicted / measured (nats)": f"{found['predicted']:.4f} / {found['measured']:.4f} "
+            f"(target {found['max_loss_rise']:g}, {'met' if found['met'] else 'missed'}{tightened})"}
 
 
 def evaluation_figures(evaluation: dict) -> dict:
