@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench_domains import DOMAINS, calib_path, dense_figures
+from bench_domains import DOMAINS, calib_path
 from bench_quality import markdown, perplexity
 from prepare_examples import SMOLLM2, TEXT
 
@@ -47,8 +47,8 @@ def main() -> None:
     source = resolve_source(str(SMOLLM2))
     dense, tokenizer = load_dense(source), load_tokenizer(source)
     texts = {d: TEXT / DOMAINS[d] for d in OTHER}
-    base = dense_figures(f"smollm2/{args.tokens}",
-                         lambda: {d: perplexity(dense, tokenizer, TEXT / f, args.tokens) for d, f in DOMAINS.items()})
+    with torch.no_grad():
+        base = {d: perplexity(dense, tokenizer, p, args.tokens) for d, p in texts.items()}
     calib = str(calib_path(args.calib))
     tokens = calibration_tokens(tokenizer, read_text(calib), args.calib_samples, args.calib_len)
     header = ["target (nats)", "params kept", "predicted", "measured (held out)", "tries: predicted → measured",
@@ -61,7 +61,8 @@ def main() -> None:
                            tokens=tokens, progress=False)
         seconds = time.perf_counter() - start
         result = report.calibration["loss_target"]
-        rises = {d: math.log(perplexity(model, tokenizer, p, args.tokens) / base[d]) for d, p in texts.items()}
+        with torch.no_grad():
+            rises = {d: math.log(perplexity(model, tokenizer, p, args.tokens) / base[d]) for d, p in texts.items()}
         found[str(target)] = {**result, "params": report.params, "dense_params": report.dense_params,
                               "domain_rise": rises, "seconds": seconds,
                               "ranks": {layer.name: layer.rank for layer in report.layers}}

@@ -105,4 +105,5 @@ def rule_rank(config: CompressConfig, weight: torch.Tensor, stats: LayerStatisti
 
 
 __all__ = ["COST_DAMPING", "COST_STATISTICS", "RULE_STATISTICS", "SENSITIVITY", "channel_weights",
-           "check_fixed_rank", "cost_limit", "predicted_rise", "layer_cost", "layer_rank", "layer_whitening", "rule_rank"]
+           "check_fixed_rank", "cost_limit", "layer_cost", "layer_rank", "layer_whitening", "predicted_rise",
+           "rule_rank"]
