@@ -37,7 +37,7 @@ def compressed_folder(cut: float, recompress: bool) -> tuple[Path, float]:
     """The default compression at ``cut``, written (or reused when its settings match); (folder, seconds)."""
     folder, budget = FOLDERS / f"smollm2-cut{round(cut * 100)}", round(1 - cut, 4)
     if not recompress and folder.is_dir():
-        settings = read_manifest(folder)["settings"]
+        settings = read_manifest(folder).settings
         if settings.get("budget") == budget and settings.get("calib") == str(CALIB):
             return folder, float("nan")
     start = time.perf_counter()

@@ -8,12 +8,13 @@ forward+backward pass over the same calibration tokens (the model's own loss, ac
 only, in the compute dtype) is timed as the reference the ratios are quoted against.
 
 Models: SmolLM2-135M (real; its alice29 perplexity too) and random-weight bf16 checkpoints shaped like
-Qwen2-1.5B and Llama-3-8B (scripts/make_scale_checkpoints.py; random weights: time and memory only).
-The Llama-3-8B shape runs as a checkpoint of its first --blocks blocks (all other shapes equal) when
---blocks is given, and the figures for 32 blocks are extrapolated from two such runs.
+Qwen2-1.5B, Llama-3-8B and Llama-3-70B (scripts/make_scale_checkpoints.py; random weights: time and
+memory only). The Llama shapes run as checkpoints of their first --blocks blocks (all other shapes
+equal) when --blocks is given, and the figures for all their blocks (32, 80) are extrapolated from two
+such runs. ``--estimate-only NAME`` gives, for that model, jobs/memory.py's estimates alone (no run).
 
-Usage: python scripts/bench_scale.py [--models smollm2,qwen2-1.5b,llama3-8b] [--modes memory,stream]
-                                     [--blocks 2,4] [--out benchmarks/scale.md]
+Usage: python scripts/bench_scale.py [--models smollm2,qwen2-1.5b,llama3-8b,llama3-70b] [--modes memory,stream]
+                                     [--blocks 2,4] [--estimate-only llama3-70b] [--out benchmarks/scale.md]
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_scale_checkpoints import make  # noqa: E402
+from make_scale_checkpoints import BLOCKS, make  # noqa: E402
 from prepare_examples import SMOLLM2, TEXT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +145,17 @@ def extrapolated(label: str, mode: str, runs: list[tuple[int, int, dict, float]]
     return row(label, mode, int(size), run, plain, estimate(model, mode == "stream", blocks))
 
 
+def estimate_rows(label: str, model: Path, modes: list[str], blocks: int) -> list[list[str]]:
+    """Rows of jobs/memory.py's estimate alone for ``model``'s shapes with ``blocks`` blocks (nothing run)."""
+    rows = []
+    for mode in modes:
+        guess = estimate(model, mode == "stream", blocks)
+        rows.append([f"{label}, {blocks} blocks (estimate only, not run)", mode, "-", "-", "-",
+                     f"{guess / GIB:.2f}", "-", "-", "-"])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def perplexity(model: Path, folder: Path) -> float:
     output = subprocess.run([str(Path(sys.executable).with_name("lora-compress")), "evaluate", str(model),
                              str(folder), "--text", str(EVAL), "--quiet", "--no-report"], capture_output=True,
@@ -171,7 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,qwen2-1.5b,llama3-8b")
     parser.add_argument("--modes", default="memory,stream")
-    parser.add_argument("--blocks", default="2,4", help="llama3-8b: run checkpoints of these many blocks")
+    parser.add_argument("--blocks", default="2,4", help="the Llama shapes: run checkpoints of these many blocks")
+    parser.add_argument("--estimate-only", default="", help="models given only the memory estimate, no run")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     rows, notes = [], []
@@ -179,10 +192,16 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             models = {"smollm2": [("SmolLM2-135M (real)", SMOLLM2)]}.get(name)
-            if models is None and name == "llama3-8b" and args.blocks:
-                models = [(f"Llama-3-8B shape, {b} of 32 blocks", truncated(name, int(b))) for b in args.blocks.split(",")]
+            total = BLOCKS.get(name)
+            shape = {"llama3-8b": "Llama-3-8B", "llama3-70b": "Llama-3-70B"}.get(name, name)
+            if models is None and total and args.blocks:
+                models = [(f"{shape} shape, {b} of {total} blocks", truncated(name, int(b)))
+                          for b in args.blocks.split(",")]
             elif models is None:
                 models = [(f"{name} shape (random bf16)", make(name))]
+            if name in args.estimate_only.split(","):
+                rows.extend(estimate_rows(f"{shape} shape", models[-1][1], args.modes.split(","), total))
+                continue
             measured = {}  # mode → [(blocks, checkpoint bytes, run, plain seconds)] of the few-block runs
             for label, model in models:
                 plain, plain_peak = plain_pass(model)
@@ -192,7 +211,7 @@ def main() -> None:
                     out = work / f"{model.name}-{mode}"
                     run = compress_run(model, out, mode == "stream")
                     rows.append(row(label, mode, checkpoint_bytes(model), run, plain, estimate(model, mode == "stream")))
-                    if name == "llama3-8b" and args.blocks:
+                    if total and args.blocks:
                         blocks = int(label.split(", ")[1].split()[0])
                         measured.setdefault(mode, []).append((blocks, checkpoint_bytes(model), run, plain))
                     if name == "smollm2":
@@ -201,8 +220,8 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
             for mode, runs in measured.items():
                 if len(runs) >= 2:
-                    rows.append(extrapolated(f"**Llama-3-8B shape, 32 blocks (extrapolated from {runs[0][0]} and "
-                                             f"{runs[1][0]})**", mode, runs[:2], 32, models[-1][1]))
+                    rows.append(extrapolated(f"**{shape} shape, {total} blocks (extrapolated from {runs[0][0]} and "
+                                             f"{runs[1][0]})**", mode, runs[:2], total, models[-1][1]))
                     print(" | ".join(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,10 +6,11 @@ a time into 2 GiB shards with an index (the layout the Hub uses), from the archi
 meta device, so making an 8B checkpoint never holds more than one tensor. SmolLM2's tokenizer is
 copied in (its ids are a subset of both vocabularies).
 
-    python scripts/make_scale_checkpoints.py [--only qwen2-1.5b|llama3-8b]   → .cache/models/<name>-random
+    python scripts/make_scale_checkpoints.py [--only qwen2-1.5b|llama3-8b|llama3-70b]   → .cache/models/<name>-random
 
 Shapes: Qwen2-1.5B (hidden 1536, MLP 8960, 28 layers, vocab 151,936, 12 heads / 2 KV heads, q/k/v
-biases, tied embeddings); Llama-3-8B (hidden 4096, MLP 14,336, 32 layers, vocab 128,256, 32/8 heads).
+biases, tied embeddings); Llama-3-8B (hidden 4096, MLP 14,336, 32 layers, vocab 128,256, 32/8 heads);
+Llama-3-70B (hidden 8192, MLP 28,672, 80 layers, vocab 128,256, 64/8 heads).
 """
 from __future__ import annotations
 
@@ -46,7 +47,17 @@ def llama3_8b(layers: int = 32):
         dtype="bfloat16")
 
 
-SHAPES = {"qwen2-1.5b": qwen2_1_5b, "llama3-8b": llama3_8b}
+def llama3_70b(layers: int = 80):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM, LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=layers, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=5e5, tie_word_embeddings=False,
+        dtype="bfloat16")
+
+
+SHAPES = {"qwen2-1.5b": qwen2_1_5b, "llama3-8b": llama3_8b, "llama3-70b": llama3_70b}
+BLOCKS = {"llama3-8b": 32, "llama3-70b": 80}  # the shapes benchmarked as checkpoints of their first few blocks
 
 
 def folder_of(name: str, layers: int | None = None) -> Path:
@@ -92,10 +103,11 @@ def make(name: str, layers: int | None = None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(SHAPES))
+    parser.add_argument("--blocks", type=int, help="only the first N blocks (the 70B shape is made only so)")
     args = parser.parse_args()
     prepare_smollm2()
-    for name in [args.only] if args.only else SHAPES:
-        folder = make(name)
+    for name in [args.only] if args.only else [name for name in SHAPES if name != "llama3-70b"]:
+        folder = make(name, args.blocks)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         print(f"{folder}: {size / 2**30:.2f} GiB, {json.loads((folder / 'config.json').read_text())['model_type']}")
 

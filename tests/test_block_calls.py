@@ -42,7 +42,7 @@ def test_sequential_compression_of_mixed_attention_streams_like_in_memory(tiny_m
     run = RunConfig(calib=str(text_file), calib_samples=6, calib_len=16)
     compress(str(tiny_models["gemma2"]), tmp_path / "memory", config, run, progress=False)
     compress(str(tiny_models["gemma2"]), tmp_path / "stream", config, replace(run, stream=True), progress=False)
-    assert read_manifest(tmp_path / "memory")["layers"] == read_manifest(tmp_path / "stream")["layers"]
+    assert read_manifest(tmp_path / "memory").layers == read_manifest(tmp_path / "stream").layers
     memory, streamed = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "stream")
     assert memory.keys() == streamed.keys() and any(k.endswith("lora_A") for k in memory)
     for key in memory:

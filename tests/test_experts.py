@@ -145,7 +145,7 @@ def test_an_expert_routed_few_tokens_is_factored_from_its_weights(tiny_models, t
     assert "factored from its weight spectrum" in layer.note
     weight = dense(tiny_models["qwen3_moe"])
     unfuse_experts_(weight)
-    plain = factorize(weight.get_submodule(name).weight, layer.rank, svd="full")
+    plain = factorize(weight.get_submodule(name).weight, layer.rank, solver="full")
     factored = model.get_submodule(name)
     torch.testing.assert_close(factored.lora_B @ factored.lora_A, plain.B @ plain.A, rtol=1e-4, atol=1e-6)
 

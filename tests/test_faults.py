@@ -684,7 +684,7 @@ def test_a_second_compress_into_the_same_out_stops_before_any_compute(place, req
                                                   f"{os.getpid()} on {os.uname().nodename}); wait for it to finish "
                                                   f"or choose another --out"]
     assert "out" not in seen["place"], "the second run wrote something"
-    assert lc.load(place.out) is not None and read_manifest(place.out)["settings"]["rank"] == 2
+    assert lc.load(place.out) is not None and read_manifest(place.out).settings["rank"] == 2
     assert sorted(p.name for p in place.root.iterdir()) == ["folder", "model", "out", "text.txt"]
 
 

@@ -182,7 +182,7 @@ def test_a_registered_method_runs_end_to_end_with_its_knob(scaled_method, tiny_m
     assert torch.allclose(model.get_submodule(name).lora_B, 0.25 * reference.get_submodule(name).lora_B)
     compress(str(tiny_models["llama"]), tmp_path / "out", CompressConfig(rank=4, method="scaled-svd"), progress=False)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["method"] == "scaled-svd" and manifest["settings"]["options"] == {"scale": 0.5}
+    assert manifest.method == "scaled-svd" and manifest.settings["options"] == {"scale": 0.5}
     assert "test: plain SVD with lora_B scaled" in (tmp_path / "out" / "README.md").read_text()
 
 

@@ -49,7 +49,7 @@ def test_export_and_heal_refuse_to_write_over_their_input(tiny_models, tmp_path,
     assert result.exit_code == 2 and "is the input" in result.output
     result = run("heal", out, "--calib", text_file, "--steps", "1", "--out", out / "healed", "--quiet")
     assert result.exit_code == 2 and "inside it" in result.output
-    assert read_manifest(out)["format_version"] == 2
+    assert read_manifest(out).format_version == 2
 
 
 def test_an_unwritable_output_place_fails_before_any_compute(tiny_models, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from lora_compress.cli import main
 from lora_compress.calibrate.blocks import block_stack, split_name
 from lora_compress.core.targets import find_targets
 from lora_compress.errors import LoraCompressError
+from lora_compress.storage.manifest import Manifest
 from lora_compress.evaluation.drift import block_drift
 from lora_compress.jobs.compress import compress
 from lora_compress.pipelines.plan import compress_
@@ -202,8 +203,9 @@ def _fake_manifest(blocks: int = 4) -> dict:
 @pytest.mark.slow
 def test_plots_render_without_a_display_and_without_pyplot(tmp_path):
     script = (f"import json, sys; from pathlib import Path; from lora_compress.report import folder as report; "
+              f"from lora_compress.storage.manifest import Manifest; "
               f"manifest = json.loads(Path({str(tmp_path / 'manifest.json')!r}).read_text()); "
-              f"images, note = report.draw_plots(report.build_report(manifest, {{'blocks': "
+              f"images, note = report.draw_plots(report.build_report(Manifest.from_dict(manifest), {{'blocks': "
               f"{{'stack': 'model.layers', 'tokens': 9, 'cumulative': [0.1, 0.2, 0.4, 0.5], "
               f"'local': [0.1, 0.15, 0.3, 0.1]}}}}), Path({str(tmp_path)!r})); "
               f"print(sorted(images), 'matplotlib.pyplot' in sys.modules)")
@@ -227,7 +229,7 @@ def test_healing_history_in_the_manifest_gets_a_section_and_a_plot(tmp_path):
 
 def test_calibration_facts_appear_in_the_markdown():
     calibration = {"samples": 32, "length": 256, "text": "asyoulik.txt", "seconds": 48.0, "peak_memory_mb": 900.5}
-    built = report.build_report({**_fake_manifest(), "calibration": calibration})
+    built = report.build_report(Manifest.from_dict({**_fake_manifest(), "calibration": calibration}))
     markdown = report.render_markdown(built, {})
     assert "- calibration: 32 × 256 tokens of `asyoulik.txt`, 48.0 s, peak memory 900.5 MiB" in markdown
 

@@ -64,7 +64,7 @@ def evaluate(dense: nn.Module, compressed: nn.Module, tokenizer, text: str, targ
         ``seconds`` (forward wall time of each model).
 
     Example:
-        >>> figures = evaluate(dense, load("out"), tokenizer, text, manifest["layers"])
+        >>> figures = evaluate(dense, load("out"), tokenizer, text, list(read_manifest("out").layers))
         >>> figures["perplexity"]["compressed"]
     """
     if tokenizer is None:

@@ -59,10 +59,10 @@ def export_dense(folder: str | Path, out: str | Path, *, base: str | None = None
 
 def _dense_from_compressed(folder: Path, command: str | None):
     manifest = read_manifest(folder)
-    model = densify_(load(folder), {name for name, layer in manifest["layers"].items() if layer.get("conv1d")})
-    card = Card("dense", manifest["base_model"], f"the compressed folder `{folder}` ({manifest['method']}) with "
+    model = densify_(load(folder), {name for name, layer in manifest.layers.items() if layer.conv1d})
+    card = Card("dense", manifest.base_model, f"the compressed folder `{folder}` ({manifest.method}) with "
                 f"each layer's B·A multiplied back into a dense weight", command or f"export_dense({str(folder)!r})",
-                {**manifest_settings(manifest), "compressed with": manifest.get("command")})
+                {**manifest_settings(manifest), "compressed with": manifest.command})
     return model, Source(folder, str(folder)), card
 
 

@@ -44,7 +44,7 @@ def upgrade_folder(folder: str | Path, out: str | Path, *, force: bool = False) 
         if (folder / REPORT_DIR).is_dir():
             shutil.copytree(folder / REPORT_DIR, tmp / REPORT_DIR)
         images = tuple((path.stem, f"{REPORT_DIR}/{path.name}") for path in sorted((tmp / REPORT_DIR).glob("*.png")))
-        card = compressed_card(manifest, _method_summary(manifest["method"]), _evaluation(folder), images)
+        card = compressed_card(manifest, _method_summary(manifest.method), _evaluation(folder), images)
         write_card(tmp, card, load_path=str(out))
     return out
 

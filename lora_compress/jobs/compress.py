@@ -28,8 +28,8 @@ from ..pipelines.tensorwise import compress_tensorwise
 from ..report.folder import report_images, write_report
 from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import copy_side_files, load_dense, load_tokenizer, resolve_source
-from ..storage.compressed import FORMAT_VERSION, finish_compressed, save_weights
-from ..storage.manifest import read_recipe
+from ..storage.compressed import finish_compressed, save_weights
+from ..storage.manifest import Manifest, read_recipe
 from ..storage.output import atomic_folder, check_output_folder, holds_outputs
 from ..storage.shards import ShardWriter
 from ..stream.block_loader import BlockLoader
@@ -58,26 +58,25 @@ def configs_from(recipe: str | None, options: dict) -> tuple[CompressConfig, Run
     return CompressConfig.from_dict(config), RunConfig.from_dict(run)
 
 
-def build_manifest(source, model, plan: Plan, report: CompressionReport, command=None) -> dict:
-    """The ``lora_compress.json`` content for a compressed model: what was read, the two configs that
-    repeat the run (``settings`` and ``run``), what each layer became."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "base_model": source.name,
-        "base_model_folder": str(source.folder.resolve()),  # where it was read: the name may be relative
-        "gguf_file": source.gguf_file,
-        "model_class": type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "method": plan.config.method,
-        "settings": plan.config.to_dict(),
-        "run": {**plan.run.to_dict(), "calib": _recorded(plan.run.calib)},
-        "command": command or " ".join(sys.argv),
-        "versions": versions(),
-        "targeted_params": {"dense": report.dense_params, "compressed": report.params},
-        "layers": report.manifest_layers(),
-        "experts": experts_manifest(model),  # split experts modules: a loader splits these before the factors go in
-        "calibration": report.calibration,
-    }
+def build_manifest(source, model, plan: Plan, report: CompressionReport, command=None) -> Manifest:
+    """The ``lora_compress.json`` of a compressed model: what was read, the two configs that repeat the run
+    (``settings`` and ``run``), what each layer became."""
+    return Manifest(
+        base_model=source.name,
+        base_model_folder=str(source.folder.resolve()),  # where it was read: the name may be relative
+        gguf_file=source.gguf_file,
+        model_class=type(model).__name__,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        method=plan.config.method,
+        settings=plan.config.to_dict(),
+        run={**plan.run.to_dict(), "calib": _recorded(plan.run.calib)},
+        command=command or " ".join(sys.argv),
+        versions=versions(),
+        targeted_params={"dense": report.dense_params, "compressed": report.params},
+        layers=report.manifest_layers(),
+        experts=experts_manifest(model),  # split experts modules: a loader splits these before the factors go in
+        calibration=report.calibration,
+    )
 
 
 @holds_outputs()
@@ -222,6 +221,6 @@ def calibration_batch(tokenizer, text: str, run: RunConfig):
     return calibration_tokens(tokenizer, text, run.calib_samples, run.calib_len)
 
 
-def report_method(manifest: dict) -> str:
+def report_method(manifest: Manifest) -> str:
     """The one-line description of the manifest's method, from the registry."""
-    return get_method(manifest["method"]).summary
+    return get_method(manifest.method).summary

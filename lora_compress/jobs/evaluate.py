@@ -23,6 +23,7 @@ from ..report.folder import check_report_place, report_fix, report_images, write
 from ..storage.card import compressed_card, write_card
 from ..storage.checkpoint import Source, is_causal_lm, load_dense, load_tokenizer, resolve_source
 from ..storage.compressed import load, read_manifest, weight_bytes
+from ..storage.manifest import Manifest
 from ..storage.output import atomic_file, check_file_output
 from ..storage.text import read_text
 
@@ -49,11 +50,11 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path | None
         raise LoraCompressError("nothing to measure; give --text FILE, --tasks T[,T...], or both")
     text = read_text(text_file) if text_file is not None else None
     manifest = read_manifest(Path(folder))
-    source = resolve_source(model, gguf_file or manifest.get("gguf_file"))
+    source = resolve_source(model, gguf_file or manifest.gguf_file)
     dense, compressed = load_dense(source), load(folder)
     check_same_architecture(dense, compressed, manifest, source.name)
     warn_other_base(source, manifest, folder)
-    tokenizer, targets = load_tokenizer(source), list(manifest["layers"])
+    tokenizer, targets = load_tokenizer(source), list(manifest.layers)
     figures = {"kind": "causal-lm" if is_causal_lm(dense) else "encoder"}
     if text is not None:
         figures.update(evaluate(dense, compressed, tokenizer, text, targets, config, progress))
@@ -65,49 +66,49 @@ def evaluate_folder(model: str, folder: str | Path, text_file: str | Path | None
         figures["tasks"] = task_accuracy(dense, compressed, tokenizer, tasks, progress)
     figures["params"] = count_summary(dense, compressed, targets)
     figures["disk"] = disk_figures(source.folder, Path(folder))
-    figures["ranks"] = {name: layer["rank"] for name, layer in manifest["layers"].items()}
+    figures["ranks"] = {name: layer.rank for name, layer in manifest.layers.items()}
     figures["model"], figures["compressed"] = source.name, str(folder)
     return figures
 
 
-def warn_other_base(source: Source, manifest: dict, folder) -> None:
+def warn_other_base(source: Source, manifest: Manifest, folder) -> None:
     """One warning line when BASE is neither the folder nor the name the manifest records."""
-    recorded = manifest.get("base_model_folder")
+    recorded = manifest.base_model_folder
     same_folder = recorded is not None and os.path.exists(recorded) and Path(recorded).resolve() == source.folder
-    if not same_folder and source.name != manifest["base_model"]:
-        warnings.warn(f"BASE {source.name} is not the base model recorded in {folder} ({manifest['base_model']}); "
+    if not same_folder and source.name != manifest.base_model:
+        warnings.warn(f"BASE {source.name} is not the base model recorded in {folder} ({manifest.base_model}); "
                       f"the figures compare against {source.name}", LoraCompressWarning, stacklevel=3)
 
 
-def check_same_architecture(dense: nn.Module, compressed: nn.Module, manifest: dict, name: str) -> None:
+def check_same_architecture(dense: nn.Module, compressed: nn.Module, manifest: Manifest, name: str) -> None:
     """Refuse a BASE that is not the architecture and vocabulary the folder was compressed from.
 
     Raises:
         LoraCompressError: naming what differs and the base to pass instead.
     """
     problem = None
-    if type(dense).__name__ != manifest["model_class"]:
-        problem = f"it is a {type(dense).__name__}, the folder a {manifest['model_class']}"
+    if type(dense).__name__ != manifest.model_class:
+        problem = f"it is a {type(dense).__name__}, the folder a {manifest.model_class}"
     elif dense.get_input_embeddings().weight.shape != compressed.get_input_embeddings().weight.shape:
         problem = (f"its vocabulary × width is {tuple(dense.get_input_embeddings().weight.shape)}, the folder's "
                    f"{tuple(compressed.get_input_embeddings().weight.shape)}")
     else:
         modules = dict(dense.named_modules())
-        experts = tuple(f"{name}." for name in manifest.get("experts") or {})  # split only in the compressed model
-        missing = [name for name in manifest.get("experts") or {} if name not in modules]
+        experts = tuple(f"{name}." for name in manifest.experts)  # split only in the compressed model
+        missing = [name for name in manifest.experts if name not in modules]
         if missing:
             problem = f"it has no experts module {missing[0]}"
-        for layer, entry in manifest["layers"].items():
+        for layer, entry in manifest.layers.items():
             if problem or layer.startswith(experts):
                 continue
             shape = _shape(modules.get(layer))
-            if shape != tuple(entry["shape"]):
+            if shape != entry.shape:
                 problem = f"its {layer} is {'missing' if shape is None else '×'.join(map(str, shape))}, " \
-                          f"the folder's {'×'.join(map(str, entry['shape']))}"
+                          f"the folder's {'×'.join(map(str, entry.shape))}"
                 break
     if problem:
         raise LoraCompressError(f"BASE {name} is not the model this folder was compressed from ({problem}); pass "
-                                f"its base, {manifest['base_model']}")
+                                f"its base, {manifest.base_model}")
 
 
 def _shape(module: nn.Module | None) -> tuple[int, int] | None:
@@ -147,7 +148,7 @@ def record_evaluation(folder: str | Path, figures: dict, command: str | None = N
     folder = Path(folder)
     manifest = read_manifest(folder)
     report = write_report(folder, evaluation=figures, evaluate_command=command, fix=report_fix(folder))
-    card = compressed_card(manifest, _summary(manifest["method"]), figures, report_images(folder))
+    card = compressed_card(manifest, _summary(manifest.method), figures, report_images(folder))
     if command:
         card = replace(card, notes=(*card.notes, f"Figures measured with `{command}`."))
     write_card(folder, card, load_path=str(folder))

@@ -28,6 +28,7 @@ import torch
 
 from ..core import svd as svdmath
 from ..errors import OptionError, OptionWarning
+from ..storage.manifest import Manifest
 from .registry import Method, MethodConfig, get_method, method_of
 
 RANK_OPTIONS = ("rank", "ratio", "energy", "budget", "max_loss_rise")
@@ -267,10 +268,10 @@ def check_device(device: str) -> None:
                           f"(torch {torch.__version__}); pass cpu or install a CUDA build of torch")
 
 
-def recipe_configs(manifest: dict) -> tuple[dict, dict]:
+def recipe_configs(manifest: Manifest) -> tuple[dict, dict]:
     """The settings of the two configs a manifest records, as plain data: ``settings`` (the method's config)
     and ``run`` (a folder written before the split recorded both under ``settings``)."""
-    settings = dict(manifest.get("settings") or {})
-    run = dict(manifest.get("run") or settings)
+    settings = dict(manifest.settings)
+    run = dict(manifest.run or settings)
     return ({key: value for key, value in settings.items() if key in CompressConfig.__dataclass_fields__},
             {key: value for key, value in run.items() if key in RunConfig.__dataclass_fields__})

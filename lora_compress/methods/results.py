@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core.layers import dense_weight, is_conv1d
+from ..storage.manifest import LayerEntry
 from .config import CompressConfig
 
 
@@ -54,17 +55,11 @@ class CompressionReport:
     def params(self) -> int:
         return sum(layer.params for layer in self.layers)
 
-    def manifest_layers(self) -> dict:
-        return {layer.name: {"shape": list(layer.shape), "rank": layer.rank, "bias": layer.bias,
-                             "conv1d": layer.conv1d, "energy_kept": layer.energy_kept, "note": layer.note,
-                             **_shared_entry(layer)}
+    def manifest_layers(self) -> dict[str, LayerEntry]:
+        """The manifest's layer table: what each layer became."""
+        return {layer.name: LayerEntry(tuple(layer.shape), layer.rank, layer.bias, layer.conv1d, layer.energy_kept,
+                                       layer.note, tuple(layer.shared) if layer.shared else None)
                 for layer in self.layers}
-
-
-
-def _shared_entry(layer: LayerResult) -> dict:
-    """``{"shared": {"factor": "lora_A", "with": owner}}`` for a layer using another's factor, else ``{}``."""
-    return {"shared": {"factor": layer.shared[0], "with": layer.shared[1]}} if layer.shared else {}
 
 
 def new_layer_result(name: str, module: nn.Module) -> LayerResult:

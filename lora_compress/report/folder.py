@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..evaluation.drift import describe
 from ..storage.compressed import read_manifest
+from ..storage.manifest import Manifest
 from ..storage.output import atomic_folder, check_output_folder
 from . import plots
 from .tables import TASK_HEADER, task_rows
@@ -40,22 +41,22 @@ def cut_label(settings: dict) -> str:
     return f"{option}, {settings.get('method', 'svd')}"
 
 
-def build_report(manifest: dict, evaluation: dict | None = None, evaluate_command: str | None = None) -> dict:
+def build_report(manifest: Manifest, evaluation: dict | None = None, evaluate_command: str | None = None) -> dict:
     """The report.json content: what the manifest says, plus evaluation figures when given."""
-    healed = "healing" in manifest
+    healed = manifest.healing is not None
     return {
-        "base_model": manifest["base_model"],
-        "base_model_folder": manifest.get("base_model_folder"),
-        "model_class": manifest.get("model_class"),
-        "cut": cut_label(manifest["settings"]) + (", healed" if healed else ""),
-        "method": manifest.get("method"),
-        "settings": manifest["settings"],
-        "command": manifest.get("command"),
-        "versions": manifest.get("versions"),
-        "targeted_params": manifest["targeted_params"],
-        "layers": manifest["layers"],
-        "calibration": manifest.get("calibration"),
-        "healing": manifest.get("healing"),
+        "base_model": manifest.base_model,
+        "base_model_folder": manifest.base_model_folder,
+        "model_class": manifest.model_class,
+        "cut": cut_label(manifest.settings) + (", healed" if healed else ""),
+        "method": manifest.method,
+        "settings": manifest.settings,
+        "command": manifest.command,
+        "versions": manifest.versions,
+        "targeted_params": manifest.targeted_params,
+        "layers": manifest.layer_table(),
+        "calibration": manifest.calibration,
+        "healing": manifest.healing,
         "evaluation": evaluation,
         "evaluate_command": evaluate_command,
     }
@@ -66,7 +67,7 @@ def title(report: dict) -> str:
     return f"{Path(os.path.normpath(report['base_model'])).name}, {report['cut']}"
 
 
-def write_report(folder: str | Path, manifest: dict | None = None, evaluation: dict | None = None,
+def write_report(folder: str | Path, manifest: Manifest | None = None, evaluation: dict | None = None,
                  evaluate_command: str | None = None, fix: str | None = None) -> Path:
     """(Re)write ``folder/report/`` from the manifest and, when given, evaluation figures.
 

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .manifest import Manifest
 from .remote_code import auto_class
 
 CARD = "README.md"
@@ -162,7 +163,7 @@ model = {auto}.from_pretrained("{path}")
 }
 
 
-def compressed_card(manifest: dict, method: str | None = None, evaluation: dict | None = None,
+def compressed_card(manifest: Manifest, method: str | None = None, evaluation: dict | None = None,
                     images: tuple[tuple[str, str], ...] = ()) -> Card:
     """The card of a compressed folder, from its manifest (``lora_compress.json``).
 
@@ -171,9 +172,9 @@ def compressed_card(manifest: dict, method: str | None = None, evaluation: dict 
         evaluation: the figures of ``lora-compress evaluate`` (jobs.evaluate), when measured.
         images: the report's plots, as (what it shows, path relative to the folder).
     """
-    layers = manifest["layers"].values()
-    factored = sum(1 for layer in layers if layer.get("rank") is not None)
-    params = manifest["targeted_params"]
+    layers = manifest.layers.values()
+    factored = sum(1 for layer in layers if layer.factored)
+    params = manifest.targeted_params
     figures = {"layers factored": f"{factored} of {len(layers)} targeted",
                "targeted weight parameters, dense": params["dense"],
                "targeted weight parameters, compressed": params["compressed"],
@@ -182,9 +183,9 @@ def compressed_card(manifest: dict, method: str | None = None, evaluation: dict 
     figures.update(evaluation_figures(evaluation or {}))
     notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
                                    "run `lora-compress evaluate BASE DIR --text FILE --tasks T`.",)
-    return Card("compressed", manifest["base_model"], method or manifest["method"], manifest["command"],
-                {**manifest_settings(manifest), "versions": manifest.get("versions")}, figures, notes,
-                auto_class(manifest["model_class"]), tuple(images))
+    return Card("compressed", manifest.base_model, method or manifest.method, manifest.command,
+                {**manifest_settings(manifest), "versions": manifest.versions}, figures, notes,
+                auto_class(manifest.model_class), tuple(images))
 
 
 def loss_target_figures(found: dict | None) -> dict:
@@ -213,8 +214,8 @@ def evaluation_figures(evaluation: dict) -> dict:
     return figures
 
 
-def manifest_settings(manifest: dict) -> dict:
+def manifest_settings(manifest: Manifest) -> dict:
     """The compress settings worth stating (calibration sizes only when there was calibration, given or written)."""
-    settings = manifest["settings"]
+    settings = {**manifest.settings, **manifest.run}
     return {key: value for key, value in settings.items() if settings.get("calib") or settings.get("calib_generated")
             or not key.startswith("calib_")}

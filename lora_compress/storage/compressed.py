@@ -30,7 +30,7 @@ from ..core.layers import LowRankLinear, dense_weight
 from ..core.patch import replace_module
 from ..errors import LoraCompressError, LoraCompressWarning
 from .checkpoint import WEIGHTS, check_weight_files, read_config, weight_files
-from .manifest import ADAPTERS, FORMAT_VERSION, MANIFEST, METADATA, read_manifest, write_manifest
+from .manifest import ADAPTERS, FORMAT_VERSION, MANIFEST, METADATA, LayerEntry, Manifest, read_manifest, write_manifest
 from .remote_code import base_config, is_remote_config, remote_entries, write_remote_code
 from .shards import output_files, write_adapters
 from .space import reserve
@@ -58,7 +58,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_compressed(folder: Path, model: nn.Module, manifest: dict, *, adapters: bool = False) -> None:
+def write_compressed(folder: Path, model: nn.Module, manifest: Manifest, *, adapters: bool = False) -> None:
     """Weights, config, modeling file and manifest of a compressed model into ``folder``.
 
     ``adapters`` also writes ``adapters.safetensors`` (the factors a second time, on their own).
@@ -83,14 +83,14 @@ def tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def finish_compressed(folder: Path, config, manifest: dict, *, adapters: bool = False) -> None:
+def finish_compressed(folder: Path, config, manifest: Manifest, *, adapters: bool = False) -> None:
     """Everything but the weights (already in ``folder``): config.json and the modeling file for
     transformers, the manifest, and ``adapters.safetensors`` when asked (read back from the weights).
 
     Args:
         config: the base model's transformers config.
     """
-    write_remote_code(folder, config.to_dict(), manifest["model_class"], manifest["layers"], manifest.get("experts"))
+    write_remote_code(folder, config.to_dict(), manifest.model_class, manifest.layer_table(), manifest.experts)
     write_manifest(folder, manifest)
     if adapters:
         write_adapters(folder)
@@ -109,11 +109,11 @@ def load(folder: str | os.PathLike) -> nn.Module:
     folder = Path(folder)
     manifest = read_manifest(folder)
     config = folder_config(folder, manifest)
-    dtype = getattr(torch, manifest["dtype"])
+    dtype = getattr(torch, manifest.dtype)
     model = _manifest_class(folder, manifest)._from_config(config, dtype=dtype)
-    _split_experts(model, manifest.get("experts", {}), folder)
-    _install_factored(model, manifest["layers"], dtype)
-    tie_shared_factors_(model, manifest["layers"])
+    _split_experts(model, manifest.experts, folder)
+    _install_factored(model, manifest.layers, dtype)
+    tie_shared_factors_(model, manifest.layer_table())
     files = weight_files(folder)
     check_weight_files(files)
     _load_weights(model, files)
@@ -121,19 +121,19 @@ def load(folder: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def _manifest_class(folder: Path, manifest: dict) -> type:
+def _manifest_class(folder: Path, manifest: Manifest) -> type:
     """The transformers class the manifest names (the class the model was compressed as)."""
     import transformers
 
-    found = getattr(transformers, manifest["model_class"], None)
+    found = getattr(transformers, manifest.model_class, None)
     if not isinstance(found, type) or not hasattr(found, "_from_config"):
-        raise LoraCompressError(f"{folder / MANIFEST} names model_class {manifest['model_class']!r}, which is no model "
+        raise LoraCompressError(f"{folder / MANIFEST} names model_class {manifest.model_class!r}, which is no model "
                                 f"class of transformers {transformers.__version__}; upgrade transformers, or compress "
                                 f"the model again if the manifest is damaged")
     return found
 
 
-def folder_config(folder: Path, manifest: dict):
+def folder_config(folder: Path, manifest: Manifest):
     """The base model's transformers config, from config.json in either format (see manifest.py).
 
     Raises:
@@ -144,16 +144,16 @@ def folder_config(folder: Path, manifest: dict):
     config = read_config(folder)
     if is_remote_config(config):
         _check_remote_entries(folder, config, manifest)
-        return base_config(config, manifest["model_class"])
+        return base_config(config, manifest.model_class)
     warnings.warn(f"{folder} is in format 1, which transformers alone loads with random factored layers; "
                   f"`lora-compress export {folder} --upgrade --out NEW` rewrites it in format {FORMAT_VERSION}",
                   LoraCompressWarning, stacklevel=3)
     return AutoConfig.from_pretrained(folder)
 
 
-def _check_remote_entries(folder: Path, config: dict, manifest: dict) -> None:
+def _check_remote_entries(folder: Path, config: dict, manifest: Manifest) -> None:
     """config.json's factored layers (what transformers alone builds) are the manifest's."""
-    for key, expected in remote_entries(manifest["layers"], manifest.get("experts")).items():
+    for key, expected in remote_entries(manifest.layer_table(), manifest.experts).items():
         found = config.get(key) or {}
         if found != expected:
             names = sorted({*found, *expected}) if isinstance(found, dict) else []
@@ -198,13 +198,13 @@ def _split_experts(model: nn.Module, experts: dict, folder: Path) -> None:
                                     f"load it with the transformers version that wrote it")
 
 
-def _install_factored(model: nn.Module, layers: dict, dtype: torch.dtype) -> None:
+def _install_factored(model: nn.Module, layers: dict[str, LayerEntry], dtype: torch.dtype) -> None:
     """Swap in empty LowRankLinear modules at the ranks the manifest records."""
     for name, layer in layers.items():
-        if layer.get("rank") is None:
+        if not layer.factored:
             continue
-        out_features, in_features = layer["shape"]
-        module = LowRankLinear(in_features, out_features, layer["rank"], bias=layer["bias"], dtype=dtype)
+        out_features, in_features = layer.shape
+        module = LowRankLinear(in_features, out_features, layer.rank, bias=layer.bias, dtype=dtype)
         replace_module(model, name, module)
 
 

@@ -9,7 +9,9 @@ never computed on as if it were the dense model it came from.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import LoraCompressError
@@ -20,9 +22,98 @@ FORMAT_VERSION = 2
 METADATA = {"format": "pt", "lora_compress_format": str(FORMAT_VERSION)}  # of every weights file
 FIELDS = {"base_model": str, "dtype": str, "layers": dict, "model_class": str, "method": str, "settings": dict,
           "targeted_params": dict}  # what every reader uses, and its type
-OPTIONAL = {"base_model_folder": (str, type(None)), "gguf_file": (str, type(None)), "experts": dict,
-            "calibration": (dict, type(None)), "healing": dict}
+OPTIONAL = {"base_model_folder": (str, type(None)), "gguf_file": (str, type(None)), "experts": (dict, type(None)),
+            "calibration": (dict, type(None)), "healing": (dict, type(None)), "run": (dict, type(None)),
+            "command": (str, type(None)), "versions": (dict, type(None))}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """What one targeted layer became: its dense shape (out, in), its rank (None: left dense) and why."""
+
+    shape: tuple[int, int]
+    rank: int | None
+    bias: bool
+    conv1d: bool = False  # GPT-2's Conv1D (weight stored in×out)
+    energy_kept: float | None = None
+    note: str | None = None  # why it was left dense, or how it was factored when that is unusual
+    shared: tuple[str, str] | None = None  # (its factor lora_A|lora_B, the layer that owns it): one basis, experts
+
+    @property
+    def factored(self) -> bool:
+        return self.rank is not None
+
+    def to_dict(self) -> dict:
+        entry = {"shape": list(self.shape), "rank": self.rank, "bias": self.bias, "conv1d": self.conv1d,
+                 "energy_kept": self.energy_kept, "note": self.note}
+        return {**entry, "shared": {"factor": self.shared[0], "with": self.shared[1]}} if self.shared else entry
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerEntry":
+        """The entry :meth:`to_dict` wrote (checked by :func:`read_manifest` first)."""
+        shared = data.get("shared")
+        return cls(tuple(data["shape"]), data.get("rank"), bool(data["bias"]), bool(data.get("conv1d", False)),
+                   data.get("energy_kept"), data.get("note"), (shared["factor"], shared["with"]) if shared else None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``lora_compress.json``, typed: what was read, the two configs that repeat the run (``settings``: the
+    method's, ``run``: how it went, as their ``to_dict``), what each layer became, and the figures of the
+    steps that followed. ``to_dict``/``from_dict`` round-trip; keys this version does not know are kept.
+
+    Example:
+        >>> manifest = read_manifest("out/smol-80")
+        >>> manifest.layers["model.layers.0.self_attn.q_proj"].rank
+        >>> CompressConfig.from_dict(manifest.settings)         # methods/config.py: the recipe
+    """
+
+    base_model: str
+    model_class: str
+    dtype: str
+    method: str
+    settings: dict
+    targeted_params: dict  # {"dense": n, "compressed": n}
+    layers: dict[str, LayerEntry]
+    run: dict = field(default_factory=dict)  # empty in folders written before the configs split
+    base_model_folder: str | None = None  # where the base was read (its name may be relative or a Hub id)
+    gguf_file: str | None = None
+    command: str | None = None
+    versions: dict = field(default_factory=dict)
+    experts: dict = field(default_factory=dict)  # split experts modules: name → layout
+    calibration: dict | None = None
+    healing: dict | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # keys of another version, written back as they were
+
+    @property
+    def factored(self) -> dict[str, LayerEntry]:
+        """The layers that were factored (a rank), by name."""
+        return {name: layer for name, layer in self.layers.items() if layer.factored}
+
+    def layer_table(self) -> dict[str, dict]:
+        """The layers as plain data (what config.json's entries and the report are built from)."""
+        return {name: layer.to_dict() for name, layer in self.layers.items()}
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers", "extra")}
+        return {**data, "layers": self.layer_table(), **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        """The manifest :meth:`to_dict` wrote (or an older one); call :func:`read_manifest` on a folder, which
+        checks the data first."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known and key != "extra"}
+        values["layers"] = {name: LayerEntry.from_dict(entry) for name, entry in data["layers"].items()}
+        values["experts"] = values.get("experts") or {}
+        values["run"] = values.get("run") or {}
+        values["versions"] = values.get("versions") or {}
+        return cls(**values, extra={key: value for key, value in data.items() if key not in known})
+
+    def replace(self, **changes) -> "Manifest":
+        return dataclasses.replace(self, **changes)
 
 
 def read_json(path: Path) -> dict:
@@ -42,8 +133,9 @@ def is_compressed(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a compressed folder, checked: a known format version and the keys every reader uses.
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of a compressed folder, checked (a known format version, the keys every reader uses and
+    their types) and typed.
 
     Raises:
         LoraCompressError: the folder is not a lora-compress output, or its manifest is damaged or newer.
@@ -58,7 +150,7 @@ def read_manifest(folder: str | Path) -> dict:
     problem = _fields_problem(manifest)
     if problem:
         raise LoraCompressError(f"{folder / MANIFEST} {problem}; the manifest is damaged: compress the model again")
-    return manifest
+    return Manifest.from_dict(manifest)
 
 
 def _fields_problem(manifest: dict) -> str | None:
@@ -110,9 +202,9 @@ def check_format_version(folder: Path, version) -> None:
                                 f"up to {FORMAT_VERSION}); upgrade lora-compress")
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: Manifest) -> None:
     """``lora_compress.json`` as indented JSON, stamped with this format version."""
-    manifest = {**manifest, "format_version": FORMAT_VERSION}
+    manifest = {**manifest.to_dict(), "format_version": FORMAT_VERSION}
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -132,7 +224,7 @@ def refuse_compressed(folder: Path, name: str) -> None:
                             f"compressed from{base}, or `lora-compress export {name} --dense --out DIR` first")
 
 
-def read_recipe(path: str | Path) -> dict:
+def read_recipe(path: str | Path) -> Manifest:
     """The manifest a recipe names: a compressed folder, or its ``lora_compress.json`` itself.
 
     Raises:
