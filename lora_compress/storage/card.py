@@ -179,7 +179,7 @@ def compressed_card(manifest: Manifest, method: str | None = None, evaluation: d
                "targeted weight parameters, dense": params["dense"],
                "targeted weight parameters, compressed": params["compressed"],
                "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
-    figures.update(loss_target_figures((manifest.get("calibration") or {}).get("loss_target")))
+    figures.update(loss_target_figures((manifest.calibration or {}).get("loss_target")))
     figures.update(evaluation_figures(evaluation or {}))
     notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
                                    "run `lora-compress evaluate BASE DIR --text FILE --tasks T`.",)
