@@ -143,6 +143,9 @@ def inspect(model, gguf_file, include, exclude, spectrum, plot, calib, calib_sam
 @click.option("--energy", type=float, help="Keep this fraction of each layer's squared singular values.")
 @click.option("--budget", type=float, help="Keep this fraction of all targeted parameters; ranks differ per "
               "layer (calibrated on --calib, or without it on text the model writes itself).")
+@click.option("--max-loss-rise", type=float, help="Quality target instead of a size: the smallest model whose "
+              "mean next-token loss rises by at most this many nats (e.g. 0.2), predicted from the layers' costs, "
+              "then measured on 1 in 8 calibration sequences held out and tightened if over (needs --calib).")
 @click.option("--method", type=click.Choice(method_choices()), help=method_help() + " [default: auto]")
 @calibration_options(samples=None, length=None, shown=(32, 256))
 @click.option("--calib-generated", type=float,

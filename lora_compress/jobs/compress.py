@@ -116,6 +116,9 @@ def compress(model: str, out: str | Path, config: CompressConfig, run: RunConfig
     streams = _streams(source, checkpoint, plan, streaming_asked)
     check_heal(run, plan.config.method, source, streams)
     if streams:
+        if plan.config.max_loss_rise is not None:
+            raise OptionError("{max_loss_rise} measures the whole model's loss on held-out text and the model does "
+                              "not fit in memory here; raise {memory_limit} or pass {budget} instead")
         if calibrated:
             return job.calibrated_streamed(checkpoint, text)
         return job.streamed(checkpoint)

@@ -140,3 +140,34 @@ def _fill(costs: dict[str, LayerCost], ranks: dict[str, int | None], limit: int,
             return ranks
         ranks[best[0]] = best[1]
         spare -= best[2]
+
+
+def total_cost(costs: dict[str, LayerCost], ranks: dict[str, int | None]) -> float:
+    """Σ of each layer's cost at its rank (0 for a layer left dense)."""
+    return sum(costs[name].cost(rank) for name, rank in ranks.items())
+
+
+def allocate_within(costs: dict[str, LayerCost], max_cost: float, max_keep: float = 1.0,
+                    tolerance: float = 1e-4) -> dict[str, int | None]:
+    """The fewest parameters whose total cost stays at most ``max_cost``: the smallest budget fraction (found by
+    bisection to ``tolerance``) for which :func:`allocate` (least cost for a budget) meets it.
+
+    Everything dense (cost 0) always meets it; rank 1 everywhere is the smallest model there is.
+
+    Example:
+        >>> ranks = allocate_within(costs, max_cost=0.25 * sum(float(c.tail[0]) for c in costs.values()))
+    """
+    low = smallest_budget(costs)
+    ranks = allocate(costs, low, max_keep)
+    if total_cost(costs, ranks) <= max_cost:
+        return ranks
+    high = 1.0
+    best = allocate(costs, high, max_keep)
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        found = allocate(costs, mid, max_keep)
+        if total_cost(costs, found) <= max_cost:
+            high, best = mid, found
+        else:
+            low = mid
+    return best

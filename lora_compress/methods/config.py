@@ -5,7 +5,9 @@ once and names the method ``auto`` stands for.
 
 Rank options (exactly one): ``rank`` (same r everywhere), ``ratio`` (keep fraction p of each
 layer's parameters, r = floor(p·m·n/(m+n))), ``energy`` (smallest r keeping fraction E of Σσ²),
-``budget`` (keep fraction p of all targeted parameters, ranks per layer). A layer whose rank would
+``budget`` (keep fraction p of all targeted parameters, ranks per layer), ``max_loss_rise`` (the smallest
+model whose predicted rise of the mean next-token loss, in nats, stays under X; measured on held-out
+calibration sequences and tightened when over: pipelines/target.py). A layer whose rank would
 not save parameters (r ≥ m·n/(m+n)) stays dense and is reported so.
 
 Speed rule (``max_keep``, default 0.9): a factored layer does r·(m+n) multiply-adds per token
@@ -29,7 +31,8 @@ from ..errors import OptionError, OptionWarning
 from ..storage.manifest import Manifest
 from .registry import Method, MethodConfig, get_method, method_of
 
-RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
+RANK_OPTIONS = ("rank", "ratio", "energy", "budget", "max_loss_rise")
+SIZE_OPTIONS = RANK_OPTIONS[:4]  # the options that state a size; max_loss_rise states a quality
 CALIBRATED_DEFAULT = "sequential"  # the method used when calibration text is given and none is named
 MAX_KEEP = 0.9  # default max_keep: the speed rule (above)
 EXPERT_MIN_TOKENS = 16  # default expert_min_tokens (calibrate/experts.py; BENCHMARKS.md: whitening on fewer tokens)
@@ -54,6 +57,7 @@ class CompressConfig:
     ratio: float | None = None  # keep this fraction of each layer's parameters
     energy: float | None = None  # keep this fraction of each layer's Σσ²
     budget: float | None = None  # keep this fraction of all targeted parameters, ranks per layer
+    max_loss_rise: float | None = None  # the smallest model whose mean next-token loss rises by at most this (nats)
     method: str | MethodConfig = "auto"  # a registered name or a method's config; auto = sequential with calibration
     options: MethodConfig | None = None  # the method's knobs (None: its defaults); set from ``method`` when a config is given
     include: tuple[str, ...] = ()  # regexes on module names; empty = all linear layers
@@ -66,9 +70,11 @@ class CompressConfig:
 
     def __post_init__(self):
         chosen = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
+        check_loss_target(self.max_loss_rise, chosen)
         if len(chosen) != 1:
             given = ", ".join("{" + n + "}" for n in chosen) or "none"
-            raise OptionError(f"give exactly one of {{rank}}, {{ratio}}, {{energy}}, {{budget}} (got {given})")
+            raise OptionError(f"give exactly one of {{rank}}, {{ratio}}, {{energy}}, {{budget}}, {{max_loss_rise}} "
+                              f"(got {given})")
         if self.rank is not None and self.rank <= 0:
             raise OptionError(f"{{rank}} {self.rank} must be a positive integer")
         if self.expert_min_tokens < 0:
@@ -99,7 +105,12 @@ class CompressConfig:
     def needs_gradients(self) -> bool:
         """True when the method or the budget uses the output-gradient moments (a backward pass):
         the budget allocation's cost is the Fisher-weighted truncation loss (methods/ranks.py)."""
-        return self.record.gradients or self.budget is not None
+        return self.record.gradients or self.allocated
+
+    @property
+    def allocated(self) -> bool:
+        """True when ranks come from the allocation over every layer's cost (``budget`` or ``max_loss_rise``)."""
+        return self.budget is not None or self.max_loss_rise is not None
 
     @property
     def allocation_max_keep(self) -> float:
@@ -237,6 +248,9 @@ def resolve(config: CompressConfig, run: RunConfig, tokens_given: bool = False) 
     if config.budget is not None and not method.calibration:
         raise OptionError("{budget} needs calibration text and an activation-aware method; pass {calib} FILE or "
                           "{calib_generated} 1, and {method} whiten or sequential (not svd)")
+    if config.max_loss_rise is not None and not ((run.calib or tokens_given) and method.calibration):
+        raise OptionError("{max_loss_rise} measures the loss on held-out calibration text; pass {calib} FILE and a "
+                          "calibrated method (sequential, whiten)")
     if method.calibration and not calibrated:
         raise OptionError(f"{{method}} {method.name} needs calibration text; pass {{calib}} FILE (or "
                           f"{{calib_generated}} 1: the model writes its own)")
@@ -251,6 +265,18 @@ def resolve(config: CompressConfig, run: RunConfig, tokens_given: bool = False) 
                                     f"method decomposes each whitened matrix exactly (eigh); the solver serves the "
                                     f"data-free methods"), stacklevel=3)
     return config
+
+
+def check_loss_target(value: float | None, chosen: list[str]) -> None:
+    """Refuse a ``max_loss_rise`` that is not a positive number of nats, or that comes with a size option."""
+    if value is None:
+        return
+    sizes = [name for name in chosen if name in SIZE_OPTIONS]
+    if sizes:
+        given = ", ".join("{" + n + "}" for n in sizes)
+        raise OptionError(f"{{max_loss_rise}} chooses the size itself; drop {given} (or drop {{max_loss_rise}})")
+    if not value > 0 or value == float("inf"):
+        raise OptionError(f"{{max_loss_rise}} {value} must be a positive loss rise in nats, such as 0.2")
 
 
 def check_device(device: str) -> None:

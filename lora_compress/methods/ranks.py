@@ -4,6 +4,15 @@ With ``budget``, ranks come from :func:`lora_compress.methods.allocate.allocate`
 cost: the Fisher-weighted whitened truncation loss Σ_{i>r} σ_i²(Rᵀ·W·L) (SENSITIVITY), an estimate
 of the loss increase of cutting that layer to rank r. The costs need the statistics COST_STATISTICS,
 gathered in the gradient pass whatever the method (a budget always runs it).
+
+With ``max_loss_rise`` the same costs predict the loss itself (:func:`predicted_rise`). With labels drawn from
+the model's own prediction, E[g·gᵀ] of the loss gradient at a layer's outputs is the curvature (Gauss–Newton)
+of the expected loss there, so cutting a layer by ΔW raises the summed loss by about
+½·Σ_t Δy_tᵀ·F_t·Δy_t, Δy_t = ΔW·x_t. Taking F_t as its mean F over the tokens (independent of x_t):
+½·tr(F·ΔW·C·ΔWᵀ) = ½·‖Rᵀ·ΔW·L‖² = ½·cost, with C = Σ_t x_t·x_tᵀ. So the mean next-token loss rises by about
+Σ_layers cost / (2·N), N the predicted tokens. What it leaves out: the F damping (adds), the layers'
+interactions and the first-order term on the text's own labels (either sign), a closed-loop fit correcting
+earlier layers' errors (lowers); measured against the held-out loss by pipelines/target.py.
 """
 from __future__ import annotations
 
@@ -30,6 +39,16 @@ SENSITIVITY = ("fisher-weighted whitened truncation loss: sum over dropped i of 
                f"diagonal by the Ledoit-Wolf intensity (its diagonal g, R = diag(sqrt(g)), for layers wider than "
                f"{FULL_FISHER_MAX} outputs), L L^T = X^T X of the layer's calibration inputs, shrunk towards its "
                "diagonal as the method's fit shrinks it")
+
+
+def predicted_rise(total_cost: float, predicted_tokens: int) -> float:
+    """The mean next-token loss rise (nats) the summed costs predict: Σ cost / (2·N) (module docstring)."""
+    return total_cost / (2 * max(predicted_tokens, 1))
+
+
+def cost_limit(rise: float, predicted_tokens: int) -> float:
+    """The summed cost whose :func:`predicted_rise` is ``rise``."""
+    return rise * 2 * max(predicted_tokens, 1)
 
 
 def check_fixed_rank(targets: dict[str, nn.Module], rank: int | None) -> None:
@@ -86,4 +105,5 @@ def rule_rank(config: CompressConfig, weight: torch.Tensor, stats: LayerStatisti
 
 
 __all__ = ["COST_DAMPING", "COST_STATISTICS", "RULE_STATISTICS", "SENSITIVITY", "channel_weights",
-           "check_fixed_rank", "layer_cost", "layer_rank", "layer_whitening", "rule_rank"]
+           "check_fixed_rank", "cost_limit", "layer_cost", "layer_rank", "layer_whitening", "predicted_rise",
+           "rule_rank"]

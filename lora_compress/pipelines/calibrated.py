@@ -31,9 +31,9 @@ from ..calibrate.timing import StageTimer, peak_memory_mb
 from ..core.experts import experts_by_matrix
 from ..core.layers import dense_weight
 from ..core.workers import layer_workers, ordered_map
-from ..methods.allocate import allocate
+from ..methods.allocate import allocate, allocate_within, total_cost
 from ..methods.config import CompressConfig
-from ..methods.ranks import SENSITIVITY, layer_cost, rule_rank
+from ..methods.ranks import SENSITIVITY, cost_limit, layer_cost, predicted_rise, rule_rank
 from ..methods.results import CompressionReport
 from .factoring import GroupFactoring
 from .fit_pass import FitPass
@@ -44,7 +44,7 @@ from .passes import PassPlan
 def compress_calibrated(source: BlockSource, config: CompressConfig, tokens: torch.Tensor,
                         targets: dict[str, nn.Module], *, workers: int = 0, progress: bool = True,
                         on_block: Callable[[int], None] | None = None,
-                        spill_folder: Path | None = None) -> CompressionReport:
+                        spill_folder: Path | None = None, rise_limit: float | None = None) -> CompressionReport:
     """Factor ``targets`` of ``source``'s model by a calibrated method, block by block (module docstring).
 
     Args:
@@ -56,11 +56,15 @@ def compress_calibrated(source: BlockSource, config: CompressConfig, tokens: tor
         on_block: called with each block's index once it is compressed.
         spill_folder: where what the gradient pass leaves for the fit goes when it is large (a temporary
             folder if None).
+        rise_limit: with ``config.max_loss_rise``, the predicted loss rise the allocation may reach (default:
+            ``max_loss_rise`` itself; pipelines/target.py passes a tighter one when the measured rise was over).
 
     Returns:
         The CompressionReport, with ``calibration`` (settings, sensitivity, peak memory, seconds, time split).
     """
-    return CalibratedRun(source, config, tokens, targets, workers, progress).run(on_block, spill_folder)
+    run = CalibratedRun(source, config, tokens, targets, workers, progress)
+    run.rise_limit = config.max_loss_rise if rise_limit is None else rise_limit
+    return run.run(on_block, spill_folder)
 
 
 class CalibratedRun:
@@ -74,6 +78,7 @@ class CalibratedRun:
         self.factoring = GroupFactoring(source.model, config, targets, workers, str(source.device), self.timer)
         self.costs, self.groups = {}, {}
         self.spill: Spill | None = None
+        self.rise_limit: float | None = config.max_loss_rise
 
     def run(self, on_block, spill_folder) -> CompressionReport:
         start = time.perf_counter()
@@ -86,9 +91,8 @@ class CalibratedRun:
             if self.plan.gradient_pass:
                 GradientPass(self.source, self.tokens, self.targets, self.plan.gradient_pass, self._collect,
                              self.spill, self.timer, self.config.seed, self.progress).run(calls)
-            if self.config.budget is not None:
-                costs = {name: self.costs[name] for name in self.targets}  # in model order: ties go to the first
-                self.factoring.ranks.update(allocate(costs, self.config.budget, self.config.allocation_max_keep))
+            if self.config.allocated:
+                self.factoring.ranks.update(self._allocate())
             elif self.config.energy is None:  # a rank or ratio: known from the shapes, before any statistics
                 self.factoring.ranks.update({name: rule_rank(self.config, dense_weight(module), None)
                                              for name, module in self.targets.items()})
@@ -112,7 +116,7 @@ class CalibratedRun:
         kept = {f"{name}|{c.key}": stats[name][c.key] for name in modules for c in self.plan.kept
                 if c.key in stats[name] and name not in sparse}
         self.spill.put(f"kept-{key}", kept)
-        if self.config.budget is not None:
+        if self.config.allocated:
             shapes = [tuple(dense_weight(m).shape) for m in modules.values()]
             workers = layer_workers(self.workers, shapes, str(self.source.device))
             shrinkage = self.config.options.input_shrinkage
@@ -122,6 +126,19 @@ class CalibratedRun:
         elif self.config.energy is not None:
             self.factoring.ranks.update({name: rule_rank(self.config, dense_weight(module), stats[name])
                                          for name, module in modules.items()})
+
+    def _allocate(self) -> dict[str, int | None]:
+        """The ranks of the budget, or of the loss target: the fewest parameters whose predicted rise stays
+        under ``rise_limit`` (methods/ranks.predicted_rise)."""
+        costs = {name: self.costs[name] for name in self.targets}  # in model order: ties go to the first
+        if self.config.budget is not None:
+            return allocate(costs, self.config.budget, self.config.allocation_max_keep)
+        return allocate_within(costs, cost_limit(self.rise_limit, self._predicted_tokens()),
+                               self.config.allocation_max_keep)
+
+    def _predicted_tokens(self) -> int:
+        """The tokens whose next-token loss the calibration sums: every position but each sequence's last."""
+        return int(self.tokens.shape[0] * (self.tokens.shape[1] - 1))
 
     def _kept(self, key: str) -> dict[str, dict[str, torch.Tensor]]:
         """What the gradient pass left for the block whose first target is ``key``, per layer, taken once."""
@@ -148,10 +165,15 @@ class CalibratedRun:
         report.calibration = {"samples": int(self.tokens.shape[0]), "length": int(self.tokens.shape[1]),
                               "tokens": int(self.tokens.numel()), "text": None,
                               "generated": 0,  # sequences the model wrote itself (set by the caller)
-                              "sensitivity": SENSITIVITY if self.config.budget is not None else None,
+                              "sensitivity": SENSITIVITY if self.config.allocated else None,
                               "peak_memory_mb": round(peak_memory_mb(), 1),
                               "seconds": round(time.perf_counter() - start, 1),
                               "seconds_by_stage": self.timer.rounded()}
+        if self.config.max_loss_rise is not None:
+            ranks = {name: results[name].rank for name in self.targets}
+            report.calibration["predicted_loss_rise"] = round(predicted_rise(
+                total_cost(self.costs, ranks), self._predicted_tokens()), 6)
+            report.calibration["predicted_loss_limit"] = round(self.rise_limit, 6)
         if self.factoring.sparse:  # experts factored from their weights: too few tokens routed to them
             report.calibration["sparse_experts"] = {"min_tokens": self.config.expert_min_tokens,
                                                     "tokens": dict(sorted(self.factoring.sparse.items()))}

@@ -66,6 +66,7 @@ class GroupFactoring:
         if self.ranks[name] is not None:
             return True
         self.results[name].note = ("left dense by the budget" if self.config.budget
+                                   else "left dense by the loss target" if self.config.max_loss_rise
                                    else "its rank would save no parameters or pass max_keep; left dense")
         return False
 

@@ -39,7 +39,7 @@ class PassPlan:
         energy = RULE_STATISTICS if config.energy is not None else ()
         gradient = ()
         if config.needs_gradients:
-            gradient = _unique(COST_STATISTICS if config.budget is not None else (), energy,
+            gradient = _unique(COST_STATISTICS if config.allocated else (), energy,
                                method.gradient_statistics, extra)
         fit = _unique(method.forward_statistics, extra, () if gradient else energy)
         return cls(gradient, fit, method.gradient_statistics, method.closed_loop, method.dense_stream)

@@ -27,6 +27,7 @@ from ..methods.ranks import check_fixed_rank
 from ..methods.results import CompressionReport
 from .calibrated import compress_calibrated
 from .datafree import compress_datafree_
+from .target import check_language_model, compress_to_target
 
 DATA_FREE, CALIBRATED = "data-free", "calibrated"
 
@@ -52,6 +53,9 @@ class Plan:
         if distributed and plan.pipeline == CALIBRATED:
             raise OptionError(f"{{method}} {config.method} streams block by block in one process; drop torchrun "
                               f"(torchrun splits the data-free methods only)")
+        if config.max_loss_rise is not None and (run.stream or distributed):
+            raise OptionError("{max_loss_rise} measures the whole model's loss on held-out text, which needs it in "
+                              "memory; drop {stream} (and torchrun)")
         return plan
 
     @property
@@ -67,6 +71,8 @@ class Plan:
             OptionError: naming the layer or the model's limit, and the fix.
         """
         check_fixed_rank(targets, self.config.rank)
+        if self.config.max_loss_rise is not None:
+            check_language_model(model)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         length = self.run.calib_len if length is None else length
         if self.pipeline == CALIBRATED and positions and length > positions:
@@ -114,12 +120,19 @@ def compress_(model: nn.Module, config: CompressConfig, run: RunConfig = RunConf
         raise OptionError(f"{{method}} {plan.config.method} needs calibration text; pass tokens= (calibration_tokens"
                           f"(tokenizer, text, samples, length)), or {{calib_generated}} 1: the model writes its own")
     share = generated_share(model, tokens, run, tokenizer)
-    tokens, written = calibration_mix(model, tokens, share, run, plan.config.seed, tokenizer)
-    report = compress_calibrated(ResidentBlocks(model, run.device), plan.config, tokens, targets,
-                                 workers=run.workers, progress=progress, spill_folder=spill_folder)
-    report.calibration.update(text=run.calib, generated=written)
-    report.tokens = tokens  # what healing trains on (jobs/heal_step.py)
-    return report
+
+    def compress_once(tokens: torch.Tensor, rise_limit: float | None = None) -> CompressionReport:
+        tokens, written = calibration_mix(model, tokens, share, run, plan.config.seed, tokenizer)
+        report = compress_calibrated(ResidentBlocks(model, run.device), plan.config, tokens, targets,
+                                     workers=run.workers, progress=progress, spill_folder=spill_folder,
+                                     rise_limit=rise_limit)
+        report.calibration.update(text=run.calib, generated=written)
+        report.tokens = tokens  # what healing trains on (jobs/heal_step.py)
+        return report
+
+    if plan.config.max_loss_rise is not None:
+        return compress_to_target(model, dict(targets), tokens, plan.config.max_loss_rise, compress_once)
+    return compress_once(tokens)
 
 
 def generated_share(model: nn.Module, tokens: torch.Tensor | None, run: RunConfig, tokenizer=None) -> float:

@@ -30,7 +30,7 @@ from .tables import TASK_HEADER, task_rows
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-RANK_OPTIONS = ("rank", "ratio", "energy", "budget")
+RANK_OPTIONS = ("rank", "ratio", "energy", "budget", "max_loss_rise")
 IMAGES = {"ranks.png": "rank and parameters kept per layer", "energy.png": "energy kept per factored layer",
           "drift_per_block.png": "output drift per block", "healing_loss.png": "healing loss"}
 
@@ -169,6 +169,14 @@ def _header(report: dict) -> str:
         lines.append(f"- calibration: {calibration.get('samples')} × {calibration.get('length')} tokens of "
                      f"`{calibration.get('text')}`, {calibration.get('seconds')} s, peak memory "
                      f"{calibration.get('peak_memory_mb')} MiB")
+        target = calibration.get("loss_target")
+        if target:
+            lines.append(f"- loss target: mean next-token loss rise on {target['held_out_sequences']} held-out "
+                         f"calibration sequences ({target['held_out_tokens']} tokens), predicted "
+                         f"{target['predicted']:.4f}, measured {target['measured']:.4f} nats, target "
+                         f"{target['max_loss_rise']:g} ({'met' if target['met'] else 'missed'}"
+                         f"{', after tightening' if len(target['tries']) > 1 else ''}; dense loss "
+                         f"{target['dense_loss']:.4f})")
         sparse = calibration.get("sparse_experts")
         if sparse:
             lines.append(f"- experts routed fewer than {sparse['min_tokens']} calibration tokens, factored from their "

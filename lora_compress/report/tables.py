@@ -22,7 +22,24 @@ def compression_table(report: CompressionReport) -> str:
     table = render(rows, ["layer", "out×in", "rank", "energy kept", "params"])
     dense = sum(1 for layer in report.layers if layer.rank is None)
     return (f"{table}\n\ntargeted weights: {report.dense_params:,} → {report.params:,} "
-            f"({report.params / report.dense_params:.1%}); {dense} of {len(report.layers)} layers left dense")
+            f"({report.params / report.dense_params:.1%}); {dense} of {len(report.layers)} layers left dense"
+            + "".join(f"\n{line}" for line in loss_target_lines((report.calibration or {}).get("loss_target"))))
+
+
+def loss_target_lines(found: dict | None) -> list[str]:
+    """The quality target's figures (pipelines/target.py): predicted against measured rise, each try."""
+    if not found:
+        return []
+    lines = [f"loss rise on {found['held_out_sequences']} held-out calibration sequences "
+             f"({found['held_out_tokens']:,} tokens): predicted {found['predicted']:.4f}, measured "
+             f"{found['measured']:.4f} nats (target {found['max_loss_rise']:g}, dense loss {found['dense_loss']:.4f})"]
+    if len(found["tries"]) > 1:
+        lines.append("tries: " + "; ".join(f"limit {t['limit']:.4g} → predicted {t['predicted']:.4f}, measured "
+                                          f"{t['measured']:.4f}, {t['params']:,} params" for t in found["tries"]))
+    if not found["met"]:
+        lines.append(f"target missed: the measured rise is over {found['max_loss_rise']:g} after "
+                     f"{len(found['tries'])} tries")
+    return lines
 
 
 def _fmt(value) -> str:

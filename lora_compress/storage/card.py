@@ -179,6 +179,7 @@ def compressed_card(manifest: Manifest, method: str | None = None, evaluation: d
                "targeted weight parameters, dense": params["dense"],
                "targeted weight parameters, compressed": params["compressed"],
                "kept fraction": round(params["compressed"] / max(params["dense"], 1), 4)}
+    figures.update(loss_target_figures((manifest.calibration or {}).get("loss_target")))
     figures.update(evaluation_figures(evaluation or {}))
     figures.update(healing_figures(manifest.healing))
     notes = () if evaluation else ("Output drift, perplexity and task accuracy were not measured at compress time; "
@@ -198,6 +199,16 @@ def healing_figures(healing: dict | None) -> dict:
     if kept:
         figures["healing, factors kept"] = kept if kept == "healed" else f"unhealed: {healing.get('why_unhealed')}"
     return figures
+
+
+def loss_target_figures(found: dict | None) -> dict:
+    """The quality target's line on the card (``compress --max-loss-rise``): predicted and measured rise."""
+    if not found:
+        return {}
+    tightened = f", after {len(found['tries']) - 1} tightening(s)" if len(found["tries"]) > 1 else ""
+    return {f"mean next-token loss rise on {found['held_out_sequences']} held-out calibration sequences, "
+            f"predicted / measured (nats)": f"{found['predicted']:.4f} / {found['measured']:.4f} "
+            f"(target {found['max_loss_rise']:g}, {'met' if found['met'] else 'missed'}{tightened})"}
 
 
 def evaluation_figures(evaluation: dict) -> dict:
