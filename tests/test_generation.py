@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from lora_compress.cli import main
+from click.testing import CliRunner
 import torch
 
 import lora_compress as lc
@@ -193,8 +195,8 @@ def test_a_causal_lm_calibrates_on_a_quarter_of_prompted_rows_by_default_and_an_
 
 def test_budget_without_calib_text_calibrates_on_text_the_model_writes(tiny_models, tmp_path):
     out = tmp_path / "free"
-    result = CliRunner().invoke(main, ["compress", str(tiny_models["llama"]), "--out", str(out), "--budget", "0.7",
-                                       "--calib-samples", "4", "--calib-len", "16", "--quiet"])
+    result = run("compress", tiny_models["llama"], "--out", out, "--budget", "0.7", "--calib-samples", "4",
+                 "--calib-len", "16", "--quiet")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["settings"]["method"] == "sequential" and manifest["calibration"]["generated"] == 4

@@ -6,6 +6,8 @@ import sys
 import warnings
 
 import pytest
+from lora_compress.cli import main
+from click.testing import CliRunner
 import torch
 
 import lora_compress as lc

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..methods.registry import get_method
 from ..errors import LoraCompressError, LoraCompressWarning, OptionError
 from ..healing.config import HealConfig, HealStep
 from ..healing.loop import heal_
@@ -34,6 +35,7 @@ HELD_OUT_SHARE = 8  # one calibration sequence in this many (at least 1, at most
 WRITTEN_PER_SEQUENCE = 4  # teacher-written continuations per training sequence, when the budget allows
 WRITE_SHARE = 0.2  # at most about this share of the budget goes to writing them (a loaded machine writes fewer)
 WRITE_FROM_MINUTES = 5.0  # below this budget no text is written: the steps are worth more
+NOISE = 0.01  # nats per step: the training loss's rise that counts as divergence at the least
 DIVERGED = 1.5  # a training loss this many times its first window's mean (over a window) stops the heal
 WINDOW = 10  # steps averaged by that test
 SHARED_METHODS = ("shared-basis",)  # one basis across experts: heal trains each layer's own factors
@@ -47,7 +49,7 @@ def check_heal(run: RunConfig, method: str, source: Source, streamed: bool) -> N
     """
     if run.heal_minutes is None:
         return
-    if not run.calibrated:
+    if not run.calib and not run.calib_generated and not get_method(method).calibration:
         raise OptionError("{heal_minutes} trains on the calibration text, and this run has none; pass {calib} FILE "
                           "(or {calib_generated} 1)")
     if method in SHARED_METHODS:
@@ -81,7 +83,8 @@ class _Guard:
         self.losses.append(step.loss)
         if len(self.losses) >= 2 * WINDOW:
             first, recent = self.losses[:WINDOW], self.losses[-WINDOW:]
-            self.diverged = sum(recent) > DIVERGED * sum(first)
+            # a rise within NOISE nats a step is no divergence (a nearly lossless cut's KL is ~0, even < 0)
+            self.diverged = sum(recent) > DIVERGED * max(sum(first), 0.0) + WINDOW * NOISE
         return self.diverged
 
 
