@@ -385,7 +385,7 @@ CATALOGUE: list[Fault] = [
     Fault("compress", DAMAGED_CHECKPOINT, "bos-outside-vocabulary", ("{gpt2}", "--calib-generated", "1", "--budget",
           "0.5", "--calib-len", "8", "--calib-samples", "2", "--out", "{out}", "--quiet"), r"--calib-generated: "
           r"GPT2LMHeadModel's start token 50256 .* lies outside its vocabulary of \d+ tokens; pass "
-          r"--calib-generated 0"),
+          r"--calib FILE with --calib-generated 0"),
     # compress: bad options and inputs
     Fault("compress", BAD_OPTION, "model-missing", ("{root}/nope", "--rank", "2", "--out", "{out}"),
           r"model folder .*nope does not exist; pass a checkpoint folder or a Hub id"),
