@@ -12,7 +12,6 @@ Each writes a JSON under .cache/bench/heal_step/; ``report`` renders them as mar
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

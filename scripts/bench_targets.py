@@ -93,7 +93,7 @@ def row(target: float, found: dict) -> list[str]:
 def write(out: Path, commands: list[str], args, rows: list[list[str]], found: dict) -> None:
     """The markdown table (and the runs' figures as .json beside it)."""
     first = next(iter(found.values()))
-    text = (f"# Compression to a quality target\n\n" + "".join(f"`{c}`\n\n" for c in commands) +
+    text = ("# Compression to a quality target\n\n" + "".join(f"`{c}`\n\n" for c in commands) +
             f"SmolLM2-135M-Instruct, method {args.method}, calibrated on {args.calib_samples}×{args.calib_len} tokens "
             f"of {args.calib}, of which 1 in 8 sequences ({first['held_out_sequences']}, {first['held_out_tokens']} "
             f"predicted tokens) are held out of the statistics to measure the rise on. *params kept*: targeted "

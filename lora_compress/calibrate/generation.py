@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import LoraCompressError, OptionError
+from ..errors import OptionError
 
 TOP_K = 50  # top-k sampling: coherent text without the loops of greedy decoding (top-p sorts the vocabulary: slower)
 GENERATE_BATCH = 64  # sequences generated at once

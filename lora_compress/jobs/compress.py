@@ -17,7 +17,7 @@ from pathlib import Path
 from ..calibrate.tokens import calibration_tokens, read_calibration_text
 from ..core.experts import experts_manifest
 from ..core.pages import releasing_checkpoint_pages
-from ..errors import LoraCompressError, LoraCompressWarning, OptionError
+from ..errors import LoraCompressWarning, OptionError
 from ..methods.config import RANK_OPTIONS, CompressConfig, RunConfig, recipe_configs
 from ..methods.registry import get_method
 from ..methods.results import CompressionReport

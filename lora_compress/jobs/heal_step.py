@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..methods.registry import get_method
 from ..errors import LoraCompressError, LoraCompressWarning, OptionError
 from ..healing.config import HealConfig, HealStep
 from ..healing.loop import heal_
 from ..methods.config import RunConfig
+from ..methods.registry import get_method
 from ..storage.checkpoint import Source, load_dense
 from ..storage.compressed import factored_modules
 
